@@ -1,0 +1,1 @@
+"""std-daq backend: readout, buffers, writers, broker, REST, control, EPICS."""

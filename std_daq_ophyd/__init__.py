@@ -1,0 +1,1 @@
+"""Ophyd devices for std-daq."""
