@@ -1,0 +1,1 @@
+"""Broker protocol (request / kill / status) over RabbitMQ or an embedded transport."""

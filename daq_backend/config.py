@@ -1,0 +1,191 @@
+"""Detector configuration: the std-daq detector JSON (reference §1.5), validated once at the edge.
+
+Accepts both the Era B names (``image_height``/``image_width``) and the later ones
+(``image_pixel_height``/``image_pixel_width``). Every error names the offending field and why.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+JUNGFRAU_MODULE_SHAPE = (512, 1024)  # rows, columns of one Jungfrau module
+EIGER_HALF_MODULE_SHAPE = (256, 512)  # rows, columns of one Eiger UDP "module" (half module)
+
+
+class DetectorType(str, Enum):
+    JUNGFRAU = "jungfrau"
+    EIGER = "eiger"
+    GIGAFROST = "gigafrost"
+
+
+class ImageIdSource(str, Enum):
+    """Where a Jungfrau image id comes from: SwissFEL's ``bunchid`` (pulse id) or the frame number.
+
+    ``auto`` uses the bunch id when the detector sends a non-zero one, else the frame number
+    (slsDetectorPackage's virtual Jungfrau sends ``bunchid = 0``)."""
+
+    AUTO = "auto"
+    PULSE_ID = "pulse_id"
+    FRAME_INDEX = "frame_index"
+
+
+class ConfigError(ValueError):
+    """A detector configuration that cannot work; the message names the field."""
+
+
+class DetectorConfig(BaseModel):
+    """One detector as the whole pipeline sees it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    detector_name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", min_length=1, max_length=64)
+    detector_type: DetectorType
+    n_modules: int = Field(ge=1, le=128)
+    bit_depth: Literal[8, 16, 32]
+    image_pixel_height: int = Field(ge=1, le=20000, validation_alias="image_pixel_height")
+    image_pixel_width: int = Field(ge=1, le=20000)
+    start_udp_port: int = Field(ge=1, le=65535)
+    module_positions: dict[int, tuple[int, int, int, int]] = Field(default_factory=dict)
+    image_id_source: ImageIdSource = ImageIdSource.AUTO
+    udp_host: str = "127.0.0.1"
+    frame_ring_slots: int = Field(default=1000, ge=4)
+    image_ring_slots: int = Field(default=1000, ge=4)
+    module_sync_queue_size: int = Field(default=50, ge=1)
+    module_sync_timeout: float = Field(default=0.5, gt=0, description="seconds an incomplete id may wait")
+    pedestal_gain_file: str | None = None
+    writer_user_id: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _era_b_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for old, new in (("image_height", "image_pixel_height"), ("image_width", "image_pixel_width")):
+                if old in data and new not in data:
+                    data[new] = data.pop(old)
+            if data.get("detector_type") == "gf":
+                data["detector_type"] = "gigafrost"
+        return data
+
+    @field_validator("module_positions", mode="before")
+    @classmethod
+    def _positions_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {int(k): v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _geometry(self) -> DetectorConfig:
+        h, w = self.image_pixel_height, self.image_pixel_width
+        for module, (x0, y0, x1, y1) in self.module_positions.items():
+            if not 0 <= module < self.n_modules:
+                raise ValueError(f"module_positions: module {module} is outside 0..{self.n_modules - 1}")
+            for name, v, limit in (("start_x", x0, w), ("end_x", x1, w), ("start_y", y0, h), ("end_y", y1, h)):
+                if not 0 <= v < limit:
+                    raise ValueError(
+                        f"module_positions[{module}]: {name}={v} lies outside the {h}x{w} image"
+                    )
+            dx, dy = abs(x1 - x0) + 1, abs(y1 - y0) + 1
+            expected = {
+                DetectorType.JUNGFRAU: (1024, 512),
+                DetectorType.EIGER: (514, 256),
+            }.get(self.detector_type)
+            if expected and (dx, dy) != expected:
+                raise ValueError(
+                    f"module_positions[{module}]: box is {dx}x{dy} px, a {self.detector_type.value} "
+                    f"module needs {expected[0]}x{expected[1]} (width x height)"
+                )
+        if self.detector_type is DetectorType.JUNGFRAU and self.bit_depth != 16:
+            raise ValueError(f"bit_depth: jungfrau sends 16-bit pixels, got {self.bit_depth}")
+        if self.detector_type is DetectorType.GIGAFROST:
+            if self.n_modules != 8:
+                raise ValueError(f"n_modules: gigafrost streams over 8 links, got {self.n_modules}")
+            if h % 4 or w % 24:
+                raise ValueError(
+                    f"image_pixel_height/width: gigafrost needs height % 4 == 0 and width % 24 == 0, got {h}x{w}"
+                )
+        if self.detector_type is DetectorType.JUNGFRAU and not self.module_positions:
+            if (h, w) != (512 * self.n_modules, 1024):
+                raise ValueError(
+                    "module_positions: required unless the image is the modules stacked vertically "
+                    f"({512 * self.n_modules}x1024), got {h}x{w}"
+                )
+        if self.detector_type is DetectorType.EIGER and not self.module_positions:
+            raise ValueError("module_positions: required for eiger (half-module boxes incl. flips)")
+        return self
+
+    # -- derived values -------------------------------------------------------------------
+    @property
+    def required_modules(self) -> tuple[int, ...]:
+        """Modules the synchroniser waits for: the keys of ``module_positions`` (deactivated modules
+        are simply left out), or every module when no positions are given."""
+        if self.module_positions and self.detector_type is not DetectorType.GIGAFROST:
+            return tuple(sorted(self.module_positions))
+        return tuple(range(self.n_modules))
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return (self.image_pixel_height, self.image_pixel_width)
+
+    @property
+    def converted(self) -> bool:
+        """Jungfrau pedestal/gain conversion to float32 is on."""
+        return self.detector_type is DetectorType.JUNGFRAU and self.pedestal_gain_file is not None
+
+    @property
+    def image_dtype(self) -> str:
+        if self.converted:
+            return "float32"
+        return {8: "uint8", 16: "uint16", 32: "uint32"}[self.bit_depth]
+
+    @property
+    def image_nbytes(self) -> int:
+        import numpy as np
+
+        return self.image_pixel_height * self.image_pixel_width * np.dtype(self.image_dtype).itemsize
+
+    def udp_port(self, module_id: int) -> int:
+        return self.start_udp_port + module_id
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        data["module_positions"] = {str(k): list(v) for k, v in self.module_positions.items()}
+        return data
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if not msg.startswith(loc) else msg)
+    return "; ".join(parts)
+
+
+def parse_config(data: dict[str, Any]) -> DetectorConfig:
+    """Validate a detector config dict; raises ConfigError naming each bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a JSON object, got {type(data).__name__}")
+    try:
+        return DetectorConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid detector config: {_explain(exc)}") from None
+
+
+def load_config(path: str | Path) -> DetectorConfig:
+    """Read and validate a detector JSON file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read detector config {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return parse_config(data)

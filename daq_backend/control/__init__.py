@@ -1,0 +1,1 @@
+"""Detector control: one interface (base), slsdet implementation (sls), virtual-server helpers."""

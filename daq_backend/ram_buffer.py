@@ -1,0 +1,198 @@
+"""Shared-memory slot rings in ``/dev/shm`` (frame rings per module, the image ring).
+
+Layout: a 4 KiB ring header, ``n_slots`` slot headers of 128 bytes, then the data region
+(4 KiB aligned, one contiguous block per slot so numpy views and ``write_direct_chunk`` need no copy).
+
+A slot header is a seqlock: ``begin`` (id+1 being written) is set before the data changes and ``end``
+(id+1 completely written) after, followed by up to 112 bytes of the producer's metadata. A reader
+checks ``end == id+1`` before using a slot and ``begin == id+1`` after: if the writer lapped it the
+reader is *told* (``SlotOverwritten``) instead of silently using newer data (reference weakness 10).
+Only the creating process unlinks the segment; readers just unmap.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHM_DIR = Path("/dev/shm")
+MAGIC = b"STDDAQR1"
+RING_HEADER = struct.Struct("<8sQQQQ")  # magic, n_slots, slot_nbytes, data_offset, slot_stride
+RING_HEADER_BYTES = 4096
+SLOT_HEADER_BYTES = 128
+SLOT_META_BYTES = SLOT_HEADER_BYTES - 16
+_PAGE = 4096
+
+
+class SlotOverwritten(RuntimeError):
+    """The slot no longer (or not yet) holds the requested id: the reader fell behind."""
+
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def shm_path(name: str) -> Path:
+    if "/" in name or not name:
+        raise ValueError(f"invalid shared-memory name {name!r}")
+    return SHM_DIR / name
+
+
+class RingBuffer:
+    """One writer, many readers. ``slot = id % n_slots``."""
+
+    def __init__(self, name: str, fd: int, owner: bool) -> None:
+        self.name = name
+        self.owner = owner
+        size = os.fstat(fd).st_size
+        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.close(fd)
+        magic, self.n_slots, self.slot_nbytes, data_offset, self.slot_stride = RING_HEADER.unpack_from(
+            self._mm, 0
+        )
+        if magic != MAGIC:
+            self._mm.close()
+            raise ValueError(f"/dev/shm/{name} is not a std-daq ring (bad magic)")
+        buf = np.frombuffer(self._mm, dtype=np.uint8)
+        hdr = buf[RING_HEADER_BYTES : RING_HEADER_BYTES + self.n_slots * SLOT_HEADER_BYTES]
+        hdr = hdr.reshape(self.n_slots, SLOT_HEADER_BYTES)
+        self._seq = hdr[:, :16].view("<u8")  # [:, 0] begin, [:, 1] end
+        self._meta = hdr[:, 16:]
+        data = buf[data_offset : data_offset + self.n_slots * self.slot_stride]
+        self._data = data.reshape(self.n_slots, self.slot_stride)[:, : self.slot_nbytes]
+        self._closed = False
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, name: str, slot_nbytes: int, n_slots: int) -> RingBuffer:
+        """Create (or re-create after a crash) the ring; the caller becomes its owner."""
+        if slot_nbytes <= 0 or n_slots <= 0:
+            raise ValueError("slot_nbytes and n_slots must be positive")
+        path = shm_path(name)
+        stride = _align(slot_nbytes, 64)
+        data_offset = _align(RING_HEADER_BYTES + n_slots * SLOT_HEADER_BYTES, _PAGE)
+        size = _align(data_offset + n_slots * stride, _PAGE)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o660)
+        try:
+            os.ftruncate(fd, size)
+            os.pwrite(fd, RING_HEADER.pack(MAGIC, n_slots, slot_nbytes, data_offset, stride), 0)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return cls(name, fd, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, timeout: float | None = None) -> RingBuffer:
+        """Open an existing ring as a reader, waiting up to ``timeout`` s for its owner to create it."""
+        path = shm_path(name)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR)
+                if os.fstat(fd).st_size >= RING_HEADER_BYTES:
+                    head = os.pread(fd, 8, 0)
+                    if head == MAGIC:
+                        return cls(name, fd, owner=False)
+                os.close(fd)
+            except FileNotFoundError:
+                pass
+            if deadline is not None and time.monotonic() >= deadline:
+                raise FileNotFoundError(f"ring /dev/shm/{name} does not exist (is its producer running?)")
+            time.sleep(0.02)
+
+    # -- writer side --------------------------------------------------------------------------
+    def slot_index(self, image_id: int) -> int:
+        return image_id % self.n_slots
+
+    def begin_write(self, image_id: int) -> np.ndarray:
+        """Mark the slot of ``image_id`` as being written and return its bytes (uint8 view)."""
+        i = image_id % self.n_slots
+        self._seq[i, 1] = 0
+        self._seq[i, 0] = image_id + 1
+        return self._data[i]
+
+    def commit(self, image_id: int, meta: bytes = b"") -> None:
+        """Publish the slot: metadata first, then ``end`` so readers see a complete slot."""
+        i = image_id % self.n_slots
+        if len(meta) > SLOT_META_BYTES:
+            raise ValueError(f"slot metadata is limited to {SLOT_META_BYTES} bytes")
+        if meta:
+            self._meta[i, : len(meta)] = np.frombuffer(meta, dtype=np.uint8)
+        self._seq[i, 1] = image_id + 1
+
+    def write(self, image_id: int, data: bytes | np.ndarray, meta: bytes = b"") -> None:
+        """Copy ``data`` into the slot and commit (convenience for producers that own a buffer)."""
+        dst = self.begin_write(image_id)
+        src = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else data
+        src = np.ascontiguousarray(src).reshape(-1).view(np.uint8)
+        dst[: src.size] = src
+        self.commit(image_id, meta)
+
+    # -- reader side --------------------------------------------------------------------------
+    def view(self, image_id: int) -> np.ndarray:
+        """The slot's bytes if it holds ``image_id`` completely; else ``SlotOverwritten``.
+
+        The view aliases shared memory: call ``check(image_id)`` after using it."""
+        i = image_id % self.n_slots
+        if self._seq[i, 1] != image_id + 1 or self._seq[i, 0] != image_id + 1:
+            raise SlotOverwritten(self._describe(i, image_id))
+        return self._data[i]
+
+    def check(self, image_id: int) -> None:
+        """Raise ``SlotOverwritten`` if the writer started overwriting ``image_id``'s slot."""
+        i = image_id % self.n_slots
+        if self._seq[i, 0] != image_id + 1:
+            raise SlotOverwritten(self._describe(i, image_id))
+
+    def holds(self, image_id: int) -> bool:
+        i = image_id % self.n_slots
+        return self._seq[i, 1] == image_id + 1 and self._seq[i, 0] == image_id + 1
+
+    def read(self, image_id: int) -> bytes:
+        """A consistent copy of the slot (for consumers that need to own the bytes)."""
+        data = bytes(self.view(image_id))
+        self.check(image_id)
+        return data
+
+    def meta(self, image_id: int, nbytes: int) -> bytes:
+        i = image_id % self.n_slots
+        if self._seq[i, 1] != image_id + 1:
+            raise SlotOverwritten(self._describe(i, image_id))
+        return bytes(self._meta[i, :nbytes])
+
+    def newest_id(self) -> int | None:
+        """Highest completely written id in the ring, if any."""
+        ends = self._seq[:, 1]
+        top = int(ends.max())
+        return top - 1 if top else None
+
+    def _describe(self, i: int, image_id: int) -> str:
+        begin, end = int(self._seq[i, 0]), int(self._seq[i, 1])
+        holds = f"id {end - 1}" if end else ("nothing yet" if not begin else f"id {begin - 1} (being written)")
+        return f"ring {self.name}: slot {i} no longer holds id {image_id}, it holds {holds}"
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap; the owner also unlinks the segment (readers never do)."""
+        if self._closed:
+            return
+        self._closed = True
+        del self._seq, self._meta, self._data
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes away with it
+        if self.owner:
+            shm_path(self.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> RingBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
