@@ -9,6 +9,7 @@ these messages, so a plain pika client that knows only the seed protocol interop
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -46,12 +47,43 @@ class Message:
 Callback = Callable[[Message], None]
 
 
+class NoRouteError(ConnectionError):
+    """A ``mandatory`` publish found no consumer bound for its routing key (e.g. no service
+    listens on that tag). A ``ConnectionError`` so callers handling an unreachable bus handle it too."""
+
+
+@functools.lru_cache(maxsize=4096)
+def topic_matches(binding_key: str, routing_key: str) -> bool:
+    """AMQP topic rule: dot-separated words, ``*`` matches exactly one word, ``#`` zero or more.
+
+    Defined here so the embedded transport routes exactly like RabbitMQ (an empty key has no words).
+    """
+    pattern = binding_key.split(".") if binding_key else []
+    words = routing_key.split(".") if routing_key else []
+
+    @functools.cache
+    def match(i: int, j: int) -> bool:
+        if i == len(pattern):
+            return j == len(words)
+        if pattern[i] == "#":
+            return match(i + 1, j) or (j < len(words) and match(i, j + 1))
+        return j < len(words) and pattern[i] in ("*", words[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
 class Transport(abc.ABC):
     """What the protocol needs of a message bus: topic publish and bound consumers."""
 
     @abc.abstractmethod
-    def publish(self, message: Message) -> None:
-        """Send a message; raises ``ConnectionError`` when the bus is unreachable."""
+    def publish(self, message: Message, *, mandatory: bool = False) -> None:
+        """Send a message and return once the bus has taken it.
+
+        While the bus is unreachable the publish is retried for a bounded, configurable time, then
+        ``ConnectionError`` is raised. ``mandatory=True`` (used for requests) also requires at least
+        one bound consumer; otherwise it is retried for a while (a service may be re-binding after a
+        broker restart) and then ``NoRouteError`` is raised, so a request never vanishes silently.
+        """
 
     @abc.abstractmethod
     def consume(

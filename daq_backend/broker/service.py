@@ -1,0 +1,265 @@
+"""The service side of the protocol: run one request at a time, report it on ``status``.
+
+Behaves like the seed's ``BrokerService`` on the wire, and fixes its weak spots: malformed bodies
+and kills of unknown ids get a clear ``request_fail`` instead of killing the consumer or being
+ignored (weakness 3), the callback gets a context with a kill flag and a progress publisher.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from daq_backend.broker.protocol import (
+    KILL_EXCHANGE,
+    REQUEST_EXCHANGE,
+    STATUS_EXCHANGE,
+    Action,
+    Message,
+    Transport,
+)
+
+_logger = logging.getLogger(__name__)
+
+_REMEMBERED_IDS = 1000
+
+
+@dataclass
+class RequestContext:
+    """What ``on_request`` gets: the request, a flag set when it is killed, and a way to report
+    progress. Without ``progress_callback`` (a context built outside a service, e.g. in a unit
+    test) progress goes nowhere."""
+
+    request_id: str
+    request: dict[str, Any]
+    killed: threading.Event = field(default_factory=threading.Event)
+    progress_callback: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
+
+    def publish_progress(self, message: Any) -> None:
+        """Publish a ``request_progress`` status (JSON-serialisable ``message``)."""
+        if self.progress_callback is not None:
+            self.progress_callback(message)
+
+
+class BrokerService:
+    """Consumes ``request`` (binding key ``tag``, one request at a time) and ``kill``.
+
+    For each request: ``request_start``, then ``on_request(ctx)`` in a worker thread, then
+    ``request_success`` with its (JSON-serialisable) return value or ``request_fail`` with the
+    exception text. Status routing key = the request's routing key (the tag itself unless the tag is
+    a wildcard), ``correlation_id`` = request id, body = the request body echoed.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        service_name: str,
+        tag: str,
+        on_request: Callable[[RequestContext], Any],
+        on_kill: Callable[[str], None] | None = None,
+        *,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        self.transport = transport
+        self.service_name = service_name
+        self.tag = tag
+        self._on_request = on_request
+        self._on_kill = on_kill
+        self._stop_timeout = stop_timeout
+        self._lock = threading.Lock()
+        self._current: RequestContext | None = None
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._killed_early: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._cancels: list[Callable[[], None]] = []
+        self._stopping = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def start(self) -> None:
+        if self._cancels:
+            raise RuntimeError(f"Service {self.service_name!r} already started")
+        self._stopping.clear()
+        self._cancels.append(self.transport.consume(KILL_EXCHANGE, self.tag, self._on_kill_message))
+        self._cancels.append(
+            self.transport.consume(REQUEST_EXCHANGE, self.tag, self._on_request_message, exclusive_work=True)
+        )
+        _logger.info("Service %r serving requests on tag %r", self.service_name, self.tag)
+
+    def stop(self) -> None:
+        """Stop consuming; a running request is killed and given ``stop_timeout`` to report."""
+        self._stopping.set()
+        cancels, self._cancels = self._cancels, []
+        if cancels:
+            cancels[0]()  # no more kills delivered: we are about to kill ourselves
+        with self._lock:
+            current = self._current
+        if current is not None:
+            self._kill(current)
+            if not self._idle.wait(self._stop_timeout):
+                _logger.warning("Request %s still running after %g s", current.request_id, self._stop_timeout)
+        for cancel in cancels[1:]:
+            cancel()
+
+    @property
+    def current_request_id(self) -> str | None:
+        with self._lock:
+            return None if self._current is None else self._current.request_id
+
+    # ------------------------------------------------------------------ status
+
+    def _publish_status(
+        self, action: Action, request_id: str, routing_key: str, body: bytes, message: Any
+    ) -> None:
+        status = Message(
+            exchange=STATUS_EXCHANGE,
+            routing_key=routing_key,
+            body=body,
+            correlation_id=request_id,
+            headers={"action": action.value, "source": self.service_name, "message": message},
+        )
+        try:
+            self.transport.publish(status)
+        except ConnectionError:
+            _logger.exception(
+                "Service %r could not publish %s for %s", self.service_name, action.value, request_id
+            )
+
+    # ------------------------------------------------------------------ requests
+
+    def _on_request_message(self, message: Message) -> None:
+        request_id = message.correlation_id
+        if not request_id:
+            request_id = str(uuid.uuid4())
+            _logger.warning(
+                "Request without correlation_id on %r; calling it %s", message.routing_key, request_id
+            )
+        reply = (request_id, message.routing_key, message.body)
+        ctx = RequestContext(request_id=request_id, request={})
+        with self._lock:
+            duplicate = request_id in self._seen
+            self._remember(self._seen, request_id)
+            killed_early = request_id in self._killed_early
+            if killed_early:
+                del self._killed_early[request_id]
+            elif not duplicate:
+                self._current = ctx  # from here on a kill finds it
+                self._idle.clear()
+        if duplicate:
+            # A redelivery (broker channel recovery, a publish retried across a reconnect): each
+            # request id runs at most once.
+            _logger.warning("Request %s delivered again to %r; ignored", request_id, self.service_name)
+            return
+        if killed_early:
+            self._publish_status(Action.FAIL, *reply, f"Request {request_id} was killed before it started")
+            return
+        try:
+            self._serve(ctx, message, reply)
+        finally:
+            with self._lock:
+                self._current = None
+                self._idle.set()
+
+    def _serve(self, ctx: RequestContext, message: Message, reply: tuple[str, str, bytes]) -> None:
+        try:
+            request = json.loads(message.body.decode())
+        except (UnicodeDecodeError, ValueError) as exc:
+            self._publish_status(Action.FAIL, *reply, f"Malformed request: body is not valid JSON ({exc})")
+            return
+        if not isinstance(request, dict):
+            self._publish_status(
+                Action.FAIL,
+                *reply,
+                f"Malformed request: body must be a JSON object, got {type(request).__name__}",
+            )
+            return
+        if ctx.killed.is_set():
+            self._publish_status(
+                Action.FAIL, *reply, f"Request {ctx.request_id} was killed before it started"
+            )
+            return
+        if self._stopping.is_set():
+            self._publish_status(Action.FAIL, *reply, f"Service {self.service_name} is shutting down")
+            return
+        ctx.request = request
+        ctx.progress_callback = lambda progress: self._publish_progress(reply, progress)
+        self._publish_status(Action.START, *reply, None)
+        worker = threading.Thread(
+            target=self._run_request,
+            args=(ctx, reply),
+            name=f"{self.service_name}-{ctx.request_id[:8]}",
+            daemon=True,
+        )
+        worker.start()
+        # Block the delivery thread until the request is over: that (prefetch 1 + ack on return)
+        # is what makes the service run one request at a time.
+        while worker.is_alive():
+            worker.join(timeout=0.5)
+            if self._stopping.is_set():
+                worker.join(timeout=self._stop_timeout)
+                return
+
+    def _publish_progress(self, reply: tuple[str, str, bytes], progress: Any) -> None:
+        json.dumps(progress)  # a non-serialisable progress is the caller's bug: raise it there
+        self._publish_status(Action.PROGRESS, *reply, progress)
+
+    def _run_request(self, ctx: RequestContext, reply: tuple[str, str, bytes]) -> None:
+        try:
+            result = self._on_request(ctx)
+            try:
+                json.dumps(result)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(
+                    f"Result of service {self.service_name!r} is not JSON-serialisable: {exc}"
+                ) from exc
+        except Exception as exc:
+            _logger.info("Request %s failed in %r: %s", ctx.request_id, self.service_name, exc, exc_info=True)
+            self._publish_status(Action.FAIL, *reply, str(exc) or type(exc).__name__)
+        else:
+            self._publish_status(Action.SUCCESS, *reply, result)
+
+    # ------------------------------------------------------------------ kills
+
+    def _on_kill_message(self, message: Message) -> None:
+        request_id = message.correlation_id
+        with self._lock:
+            current = self._current
+            running = current is not None and current.request_id == request_id
+            seen = request_id in self._seen
+            if not running and not seen:
+                # It may still be queued behind the running request: refuse it when it arrives.
+                self._remember(self._killed_early, request_id)
+        if running:
+            assert current is not None
+            self._kill(current)
+        elif seen:
+            _logger.info("Kill for %s in %r ignored: the request is over", request_id, self.service_name)
+        else:
+            self._publish_status(
+                Action.FAIL,
+                request_id,
+                message.routing_key,
+                message.body,
+                f"Unknown request id {request_id}: nothing to kill",
+            )
+
+    def _kill(self, ctx: RequestContext) -> None:
+        _logger.info("Killing request %s in %r", ctx.request_id, self.service_name)
+        ctx.killed.set()
+        if self._on_kill is not None:
+            try:
+                self._on_kill(ctx.request_id)
+            except Exception:
+                _logger.exception("on_kill of %r failed for %s", self.service_name, ctx.request_id)
+
+    @staticmethod
+    def _remember(ids: collections.OrderedDict[str, None], request_id: str) -> None:
+        ids[request_id] = None
+        ids.move_to_end(request_id)
+        while len(ids) > _REMEMBERED_IDS:
+            ids.popitem(last=False)
