@@ -26,6 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 TARGETS: tuple[str, ...] = ("jungfrauDetectorServer_virtual", "eigerDetectorServer_virtual", "slsReceiver")
+# The servers read these beside their own executable (/proc/self/exe): without detid_eiger.txt a virtual
+# Eiger refuses every client ("Could not find detid file").
+DATA_FILES: tuple[str, ...] = ("detid_eiger.txt", "config_eiger.txt", "detid_jungfrau.txt")
 REQUIRED_TOOLS: dict[str, str] = {"cmake": "cmake", "make": "make", "gcc": "gcc", "g++": "g++"}
 CMAKE_FLAGS: tuple[str, ...] = (
     "-DSLS_USE_SIMULATOR=ON",
@@ -45,7 +48,8 @@ def installed_slsdet_version() -> str:
     try:
         return importlib.metadata.version("slsdet")
     except importlib.metadata.PackageNotFoundError as exc:
-        raise SlsBuildError("slsdet is not installed in this Python environment (pip install slsdet)") from exc
+        raise SlsBuildError("slsdet is not installed in this Python environment (pip install slsdet)") \
+            from exc
 
 
 def cache_root() -> Path:
@@ -67,7 +71,9 @@ def binary_path(target: str, version: str | None = None) -> Path:
 def is_built(version: str | None = None) -> bool:
     """True when every target is present and executable in the cache."""
     directory = bin_dir(version)
-    return all(os.access(directory / t, os.X_OK) for t in TARGETS)
+    return all(os.access(directory / t, os.X_OK) for t in TARGETS) and all(
+        (directory / f).is_file() for f in DATA_FILES
+    )
 
 
 def _check_tools() -> None:
@@ -76,7 +82,8 @@ def _check_tools() -> None:
         packages = " ".join(sorted({REQUIRED_TOOLS[t] for t in missing}))
         raise SlsBuildError(
             f"cannot build slsDetectorPackage: missing {', '.join(missing)}. "
-            f"Install them, e.g. `apt-get update && apt-get install -y cmake make gcc g++` ({packages} missing)"
+            f"Install them, e.g. `apt-get update && apt-get install -y cmake make gcc g++` "
+            f"(Debian packages: {packages})"
         )
 
 
@@ -177,13 +184,18 @@ def _build(version: str, say: Callable[[str], None], jobs: int) -> None:
         if built is None:
             raise SlsBuildError(f"make finished but {target} was not found under {build}; see {log}")
         shutil.copy2(built, staging / target)
+    for name in DATA_FILES:
+        data = next(iter(sorted(build.rglob(name))), None)
+        if data is None:
+            raise SlsBuildError(f"cmake did not produce {name} under {build}; see {log}")
+        shutil.copy2(data, staging / name)
     for lib in (build / "lib").glob("*.so*") if (build / "lib").exists() else ():
         shutil.copy2(lib, staging / lib.name)
     final = root / "bin"
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
-    shutil.rmtree(src, ignore_errors=True)
+    shutil.rmtree(work / "src", ignore_errors=True)
     say(f"[sls-build] done in {time.monotonic() - started:.0f} s: {final}")
 
 
