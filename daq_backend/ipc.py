@@ -1,7 +1,8 @@
 """Names of every shared-memory ring and ZMQ ipc endpoint of one detector, defined once.
 
 Era B convention (reference §1.1): ``ipc:///tmp/std-daq-<detector_name>-<stream>``. The base
-directory can be moved with ``STD_DAQ_IPC_DIR`` (tests, several instances on one host).
+directory can be moved with ``STD_DAQ_IPC_DIR`` and the ``/dev/shm`` names prefixed with
+``STD_DAQ_SHM_PREFIX`` (tests, or a replica of a detector's buffer on the same host as the original).
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ import os
 
 def ipc_dir() -> str:
     return os.environ.get("STD_DAQ_IPC_DIR", "/tmp")
+
+
+def shm_prefix() -> str:
+    """Prefix of every ``/dev/shm`` name (default empty), so two instances of one detector coexist."""
+    prefix = os.environ.get("STD_DAQ_SHM_PREFIX", "")
+    if "/" in prefix:
+        raise ValueError(f"STD_DAQ_SHM_PREFIX must not contain '/', got {prefix!r}")
+    return prefix
 
 
 def ipc_address(detector_name: str, stream: str) -> str:
@@ -42,9 +51,38 @@ def stats_address(detector_name: str) -> str:
     return ipc_address(detector_name, "stats")
 
 
+def live_stream_address(detector_name: str) -> str:
+    """Default bind of the Array-1.0 live stream (viewers on other hosts need a tcp:// address)."""
+    return ipc_address(detector_name, "live")
+
+
 def frame_ring_name(detector_name: str, module_id: int) -> str:
-    return f"std-daq-{detector_name}-frames-{module_id}"
+    return f"{shm_prefix()}std-daq-{detector_name}-frames-{module_id}"
 
 
 def image_ring_name(detector_name: str) -> str:
-    return f"std-daq-{detector_name}-image"
+    return f"{shm_prefix()}std-daq-{detector_name}-image"
+
+
+def stream_recv_state_name(detector_name: str) -> str:
+    """``/dev/shm`` segment where stream-recv keeps its position and counters across a crash."""
+    return f"{shm_prefix()}std-daq-{detector_name}-stream-recv"
+
+
+def status_file(detector_name: str) -> str:
+    """JSON status (liveness + counters of every process) written by the supervisor."""
+    return f"{ipc_dir()}/std-daq-{detector_name}-status.json"
+
+
+def config_file(detector_name: str) -> str:
+    """Where the supervisor writes the detector JSON its children read, if it was not given a file."""
+    return f"{ipc_dir()}/std-daq-{detector_name}-config.json"
+
+
+def unlink_ipc(address: str) -> None:
+    """Remove the socket file of an ``ipc://`` endpoint this process bound (libzmq 4.3 leaves it)."""
+    if address.startswith("ipc://"):
+        try:
+            os.unlink(address[len("ipc://") :])
+        except FileNotFoundError:
+            pass
