@@ -39,8 +39,11 @@ class BrokerClient:
         )
         return request_id
 
-    def kill(self, request_id: str) -> None:
-        """Ask the services of the tag to kill ``request_id`` (empty body, as the seed)."""
+    def kill(self, request_id: str, finish: bool = False) -> None:
+        """Ask the services of the tag to kill ``request_id`` (empty body, as the seed). ``finish``:
+        end it now as done, keeping what it has (body ``{"finish": true}``; services that do not know
+        the difference kill it)."""
+        body = json.dumps({"finish": True}).encode() if finish else b""
         self.transport.publish(
-            Message(exchange=KILL_EXCHANGE, routing_key=self.tag, body=b"", correlation_id=request_id)
+            Message(exchange=KILL_EXCHANGE, routing_key=self.tag, body=body, correlation_id=request_id)
         )

@@ -39,6 +39,9 @@ class RequestContext:
     request_id: str
     request: dict[str, Any]
     killed: threading.Event = field(default_factory=threading.Event)
+    #: the kill asked to *finish* the request now — end it as done with what it has — rather than
+    #: abort it (kill body ``{"finish": true}``; e.g. an open-ended acquisition that is over)
+    finish: bool = False
     progress_callback: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
 
     def publish_progress(self, message: Any) -> None:
@@ -227,6 +230,7 @@ class BrokerService:
 
     def _on_kill_message(self, message: Message) -> None:
         request_id = message.correlation_id
+        finish = _kill_finishes(message.body)
         with self._lock:
             current = self._current
             running = current is not None and current.request_id == request_id
@@ -236,7 +240,7 @@ class BrokerService:
                 self._remember(self._killed_early, request_id)
         if running:
             assert current is not None
-            self._kill(current)
+            self._kill(current, finish)
         elif seen:
             _logger.info("Kill for %s in %r ignored: the request is over", request_id, self.service_name)
         else:
@@ -248,8 +252,11 @@ class BrokerService:
                 f"Unknown request id {request_id}: nothing to kill",
             )
 
-    def _kill(self, ctx: RequestContext) -> None:
-        _logger.info("Killing request %s in %r", ctx.request_id, self.service_name)
+    def _kill(self, ctx: RequestContext, finish: bool = False) -> None:
+        _logger.info("%s request %s in %r", "Finishing" if finish else "Killing", ctx.request_id,
+                     self.service_name)
+        if not ctx.killed.is_set():
+            ctx.finish = finish
         ctx.killed.set()
         if self._on_kill is not None:
             try:
@@ -263,3 +270,14 @@ class BrokerService:
         ids.move_to_end(request_id)
         while len(ids) > _REMEMBERED_IDS:
             ids.popitem(last=False)
+
+
+def _kill_finishes(body: bytes) -> bool:
+    """A kill body ``{"finish": true}`` asks to finish; anything else (the seed sends nothing) kills."""
+    if not body.strip():
+        return False
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("finish") is True

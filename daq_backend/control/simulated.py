@@ -42,7 +42,7 @@ class SimulatedDetectorControl:
     """:class:`~daq_backend.control.base.DetectorControl` backed by :class:`DetectorSimulator`."""
 
     def __init__(self, config: DetectorConfig, dst_ip: str = "127.0.0.1", start_udp_port: int | None = None,
-                 first_image_id: int = 1) -> None:
+                 first_image_id: int = 1, faults: dict[str, Any] | None = None) -> None:
         self.config = config
         self.name = config.detector_name
         self.detector_type = config.detector_type.value
@@ -61,6 +61,9 @@ class SimulatedDetectorControl:
         self._dst_ip = dst_ip
         self._start_udp_port = config.start_udp_port if start_udp_port is None else start_udp_port
         self._next_id = first_image_id
+        #: fault injection for tests: keyword arguments of DetectorSimulator (drop_packets, drop_frames,
+        #: duplicate, out_of_order, garbage_every), applied to every following acquisition
+        self.faults: dict[str, Any] = dict(faults or {})
         self._sim: DetectorSimulator | None = None
         self._error: BaseException | None = None
         self._lock = threading.RLock()
@@ -137,6 +140,7 @@ class SimulatedDetectorControl:
                     start_id=self._next_id,
                     dst_host=self._dst_ip,
                     start_udp_port=self._start_udp_port,
+                    **self.faults,
                 )
             except (ValueError, OSError) as exc:
                 raise DetectorCommandError(f"{self.name}: cannot start: {exc}") from exc

@@ -1,7 +1,8 @@
 """The EPICS writer as a broker service (same request / kill / status protocol as the detector writer).
 
 A request body is an ``EpicsWriteRequest``; ``request_success`` carries the writer's summary
-(``output_file``, ``n_points`` per channel, the buffered pulse ids used), ``request_fail`` the error
+(``output_file``, ``n_points`` per channel, ``datasets``: per channel its HDF5 ``dataset`` path,
+``dtype_numpy`` ("string" for text) and ``shape``, the buffered pulse ids used), ``request_fail`` the error
 text (``"<field>: <problem>"`` for bad requests, ``"killed after writing k of n channels ..."`` for a
 kill). Progress (``request_progress``) is ``{"n_written": channels done, "n_channels": total}``.
 """

@@ -371,6 +371,7 @@ class EpicsWriter:
         timeline = self.pulses.timeline(start, stop)
         path = check_output_file(request.output_file, request.overwrite)
         n_points: dict[str, int] = {}
+        datasets: dict[str, dict[str, Any]] = {}
         try:
             h5 = h5py.File(path, "w" if request.overwrite else "w-")
         except OSError as exc:
@@ -393,6 +394,12 @@ class EpicsWriter:
                     entry.attrs["incomplete"] = f"failed at channel {channel!r}: {exc}"
                     raise
                 n_points[channel] = len(records)
+                data = entry[_group_name(channel)]["data"]
+                datasets[channel] = {
+                    "dataset": data.name,
+                    "dtype_numpy": STRING_TYPE if data.dtype.kind == "O" else data.dtype.str,
+                    "shape": list(data.shape),
+                }
                 if progress is not None:
                     progress(index + 1, len(request.channels))
         return {
@@ -402,6 +409,7 @@ class EpicsWriter:
             "start_pulse_id_buffered": start.pulse_id,
             "stop_pulse_id_buffered": stop.pulse_id,
             "n_points": n_points,
+            "datasets": datasets,
         }
 
     def _pulse_ids(

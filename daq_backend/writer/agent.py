@@ -1,0 +1,566 @@
+"""The writer agent: broker requests in, the StoreStream that drives the h5 writer out.
+
+A ``BrokerService`` on the detector's tag. One request at a time:
+
+1. validate (``request.parse_write_request``; a bad request is a ``request_fail`` naming the field);
+2. ``START`` to the h5 writer, which creates the file and answers ``started`` (or ``finished`` /
+   failed, e.g. the folder vanished);
+3. forward the next ``n_images`` images of the image stream as ``WRITE`` messages — or, with
+   ``start_id``, the images from that id on: first those still in the image ring, then live ones;
+4. ``STOP`` (completed, killed, timed out) and wait for the writer's ``finished``.
+
+Progress (``{"n_written", "n_images", "output_file", "n_missing_images", "n_incomplete_images"}``,
+rows flushed to the file and the bad ones among them) is published while writing. Nothing here
+waits a fixed time for an acquisition (weakness 2): the request ends when its images are written,
+when it is killed, or after its own ``timeout`` without a new image. The only fixed limit is
+``writer_timeout``: how long the h5 writer may be silent (it sends heartbeats twice a second)
+before it is declared dead. A killed request ends with ``request_fail`` "Interrupted: ..."
+(weakness 3: a kill is not a success) after the file was closed cleanly; a kill that asks to
+*finish* (``{"finish": true}``: an open-ended acquisition is over) ends it as a success, the file
+*completed* with the images it has.
+
+The image stream is read all the time by a pump thread (the SUB socket stays subscribed, so there
+is no slow-joiner gap at request start); images reach a request only while it is active.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from daq_backend import ipc
+from daq_backend.broker import BrokerService, RequestContext, Transport, make_transport
+from daq_backend.config import DetectorConfig, load_config
+from daq_backend.formats import DTYPE_CODES, ImageMetadata, StoreOp, StoreStream
+from daq_backend.ram_buffer import RingBuffer, SlotOverwritten
+from daq_backend.writer.h5_writer import (
+    EVENT_FINISHED,
+    EVENT_PROGRESS,
+    EVENT_STARTED,
+    REASON_COMPLETED,
+    REASON_FINISHED,
+    REASON_KILLED,
+    REASON_TIMEOUT_PREFIX,
+    H5Writer,
+)
+from daq_backend.writer.request import WriteRequest, parse_write_request
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVICE_NAME = "writer_agent"
+
+
+class WriteInterrupted(RuntimeError):
+    """The request was killed (or timed out); the file is valid and holds what was written."""
+
+
+class WriterFailed(RuntimeError):
+    """The h5 writer could not create or finish the file."""
+
+
+class WriterAgent:
+    """Serves write requests for one detector on ``tag`` (default: the detector name)."""
+
+    def __init__(
+        self,
+        config: DetectorConfig,
+        transport: Transport,
+        service_name: str = DEFAULT_SERVICE_NAME,
+        tag: str | None = None,
+        *,
+        output_roots: list[Path] | None = None,
+        writer_timeout: float = 30.0,
+        progress_interval: float = 0.2,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.service_name = service_name
+        self.tag = tag or config.detector_name
+        self.output_roots = output_roots
+        self.writer_timeout = writer_timeout
+        self.progress_interval = progress_interval
+        name = config.detector_name
+        self._ctx = context or zmq.Context.instance()
+        self._image_address = ipc.image_metadata_address(name)
+        self._status_address = ipc.writer_status_address(name)
+        self._store_address = ipc.writer_agent_address(name)
+        self._push: zmq.Socket | None = None
+        self._push_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._sink: queue.Queue[tuple[str, Any]] | None = None
+        self._sink_request: str | None = None
+        self._sink_images = False
+        self._writer_seen = threading.Condition()
+        self._writer_last_seen: float | None = None
+        self._stop = threading.Event()
+        self._pump_ready = threading.Event()
+        self._pump: threading.Thread | None = None
+        self._run_ids = itertools.count(1)
+        self.service = BrokerService(transport, service_name, self.tag, self.handle)
+
+    # -- lifetime ---------------------------------------------------------------------------------
+    def start(self) -> WriterAgent:
+        push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, max(100_000, 10 * self.config.image_ring_slots))
+        push.setsockopt(zmq.SNDTIMEO, int(self.writer_timeout * 1000))
+        push.setsockopt(zmq.LINGER, 0)
+        try:
+            push.bind(self._store_address)
+        except zmq.ZMQError as exc:
+            push.close()
+            raise RuntimeError(f"writer agent of {self.config.detector_name}: cannot bind "
+                               f"{self._store_address} ({exc}); is another agent running?") from None
+        self._push = push
+        self._stop.clear()
+        self._pump = threading.Thread(target=self._pump_loop, name=f"writer-agent-pump-{self.tag}",
+                                      daemon=True)
+        self._pump.start()
+        self._pump_ready.wait()
+        self.service.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; a running request is killed (its file closed) first."""
+        self.service.stop()
+        self._stop.set()
+        if self._pump is not None:
+            self._pump.join(10)
+        with self._push_lock:
+            if self._push is not None:
+                self._push.close()
+                self._push = None
+                ipc.unlink_ipc(self._store_address)
+
+    def __enter__(self) -> WriterAgent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the pump: image stream and writer status -------------------------------------------------
+    def _pump_loop(self) -> None:
+        images = self._ctx.socket(zmq.SUB)
+        images.setsockopt(zmq.RCVHWM, max(100_000, 10 * self.config.image_ring_slots))
+        images.setsockopt(zmq.LINGER, 0)
+        images.setsockopt(zmq.SUBSCRIBE, b"")
+        images.connect(self._image_address)
+        status = self._ctx.socket(zmq.SUB)
+        status.setsockopt(zmq.LINGER, 0)
+        status.setsockopt(zmq.SUBSCRIBE, b"")
+        status.connect(self._status_address)
+        poller = zmq.Poller()
+        poller.register(images, zmq.POLLIN)
+        poller.register(status, zmq.POLLIN)
+        self._pump_ready.set()
+        try:
+            while not self._stop.is_set():
+                ready = dict(poller.poll(100))
+                if status in ready:
+                    self._on_writer_status(status.recv())
+                if images in ready:
+                    for _ in range(1000):
+                        try:
+                            raw = images.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_image(raw)
+        finally:
+            images.close()
+            status.close()
+
+    def _on_image(self, raw: bytes) -> None:
+        with self._lock:
+            sink = self._sink if self._sink_images else None
+        if sink is None:
+            return
+        try:
+            meta = ImageMetadata.unpack(raw)
+        except ValueError as exc:
+            log.warning("writer agent: ignoring a bad image metadata message (%s)", exc)
+            return
+        sink.put(("image", meta))
+
+    def _on_writer_status(self, raw: bytes) -> None:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            log.warning("writer agent: ignoring a malformed h5 writer status")
+            return
+        with self._writer_seen:
+            self._writer_last_seen = time.monotonic()
+            self._writer_seen.notify_all()
+        with self._lock:
+            sink = self._sink if event.get("request_id") == self._sink_request else None
+        if sink is not None:
+            sink.put(("writer", event))
+
+    @contextlib.contextmanager
+    def _active(self, request_id: str) -> Iterator[queue.Queue[tuple[str, Any]]]:
+        sink: queue.Queue[tuple[str, Any]] = queue.Queue()
+        with self._lock:
+            self._sink, self._sink_request, self._sink_images = sink, request_id, True
+        try:
+            yield sink
+        finally:
+            with self._lock:
+                self._sink, self._sink_request, self._sink_images = None, None, False
+
+    def _stop_images(self) -> None:
+        with self._lock:
+            self._sink_images = False
+
+    def _writer_alive(self) -> bool:
+        with self._writer_seen:
+            last = self._writer_last_seen
+        return last is not None and time.monotonic() - last < self.writer_timeout
+
+    def _wait_for_writer(self) -> None:
+        deadline = time.monotonic() + self.writer_timeout
+        with self._writer_seen:
+            while self._writer_last_seen is None or time.monotonic() - self._writer_last_seen >= \
+                    self.writer_timeout:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WriterFailed(
+                        f"the h5 writer of {self.config.detector_name} is not running (no status on "
+                        f"{self._status_address} for {self.writer_timeout:g} s)"
+                    )
+                self._writer_seen.wait(remaining)
+
+    def _send(self, message: StoreStream) -> None:
+        with self._push_lock:
+            if self._push is None:
+                raise RuntimeError("the writer agent is stopped")
+            try:
+                self._push.send(message.to_json())
+            except zmq.Again:
+                raise WriterFailed(
+                    f"the h5 writer of {self.config.detector_name} does not take messages on "
+                    f"{self._store_address} (waited {self.writer_timeout:g} s)"
+                ) from None
+
+    # -- one request ------------------------------------------------------------------------------
+    def handle(self, ctx: RequestContext) -> dict[str, Any]:
+        """``on_request`` of the broker service: write one file; returns the result message."""
+        init_timestamp = time.time()
+        request = parse_write_request(ctx.request, output_roots=self.output_roots)
+        return _Request(self, ctx, request, next(self._run_ids), init_timestamp).run()
+
+
+class _Request:
+    """The state of one write request while the agent serves it."""
+
+    def __init__(self, agent: WriterAgent, ctx: RequestContext, request: WriteRequest, run_id: int,
+                 init_timestamp: float) -> None:
+        self.agent = agent
+        self.ctx = ctx
+        self.request = request
+        self.run_id = run_id
+        self.init_timestamp = init_timestamp
+        self.n_forwarded = 0
+        self.n_written = 0
+        self.last_id: int | None = None
+        self.n_missing = 0
+        self.n_incomplete = 0
+        self.last_progress = 0.0
+        self.published: tuple[int, int, int] = (-1, -1, -1)
+        self.finished: dict[str, Any] | None = None
+        self.pending: list[ImageMetadata] = []
+
+    def _store(self, op: StoreOp, **fields: Any) -> StoreStream:
+        return StoreStream(
+            output_file=self.request.output_file, run_id=self.run_id, n_images=self.request.n_images,
+            image_id=fields.pop("image_id", self.request.start_id or 0),
+            i_image=fields.pop("i_image", self.n_forwarded), op=op, request_id=self.ctx.request_id,
+            **fields,
+        )
+
+    def run(self) -> dict[str, Any]:
+        agent, req = self.agent, self.request
+        agent._wait_for_writer()
+        with agent._active(self.ctx.request_id) as events:
+            backlog = self._from_ring() if req.start_id is not None else []  # before any file exists
+            agent._send(self._store(StoreOp.START, request=req.to_json_dict()))
+            started = self._next_event(events, (EVENT_STARTED, EVENT_FINISHED))
+            if started["event"] == EVENT_FINISHED:
+                raise WriterFailed(str(started.get("message") or started.get("status")))
+            log.info("writer agent: request %s writes %d images to %s", self.ctx.request_id, req.n_images,
+                     req.output_file)
+            try:
+                reason = self._forward(events, backlog)
+            except WriterFailed:
+                raise  # the writer is gone: nobody to tell
+            except Exception as exc:
+                self._end(events, f"writer agent error: {exc}")
+                raise
+            finished = self._end(events, reason)
+        self._progress(force=True)
+        return self._result(finished, reason)
+
+    def _end(self, events: queue.Queue[tuple[str, Any]], reason: str) -> dict[str, Any]:
+        """``STOP`` the file and wait until the writer closed it."""
+        self.agent._stop_images()
+        self.agent._send(self._store(StoreOp.STOP, reason=reason))
+        finished = self.finished or self._next_event(events, (EVENT_FINISHED,))
+        self.n_written = int(finished.get("n_written", self.n_written))
+        return finished
+
+    # -- forwarding -------------------------------------------------------------------------------
+    def _forward(self, events: queue.Queue[tuple[str, Any]], backlog: list[ImageMetadata]) -> str:
+        """Send ``WRITE`` for each wanted image (``backlog`` from the ring first); returns the
+        ``STOP`` reason."""
+        req = self.request
+        for meta in backlog:
+            if self.n_forwarded == req.n_images or self.ctx.killed.is_set():
+                break
+            self._write(meta)
+        last_image = time.monotonic()
+        while self.n_forwarded < req.n_images:
+            if self.ctx.killed.is_set():
+                return self._kill_reason()
+            if req.timeout is not None and time.monotonic() - last_image > req.timeout:
+                return (f"{REASON_TIMEOUT_PREFIX} no image arrived for {req.timeout:g} s "
+                        f"after {self.n_forwarded} of {req.n_images}")
+            if self.pending:
+                kind, item = "image", self.pending.pop(0)
+            else:
+                try:
+                    kind, item = events.get(timeout=0.1)
+                except queue.Empty:
+                    self._check_writer()
+                    self._progress()  # a change the rate limit held back goes out now
+                    continue
+            if kind == "writer":
+                self._on_writer(item)
+                if self.finished is not None:  # the writer gave up on this file (disk full ...)
+                    return str(self.finished.get("message") or self.finished.get("status"))
+                continue
+            if req.start_id is not None and (
+                item.id < req.start_id or (self.last_id is not None and item.id <= self.last_id)
+            ):
+                continue
+            self._write(item)
+            last_image = time.monotonic()
+        return self._kill_reason() if self.ctx.killed.is_set() else REASON_COMPLETED
+
+    def _kill_reason(self) -> str:
+        """A kill that asks to finish ends the file as completed with what it has."""
+        return REASON_FINISHED if self.ctx.finish else REASON_KILLED
+
+    def _write(self, meta: ImageMetadata) -> None:
+        try:
+            self.agent._send(self._store(StoreOp.WRITE, image_id=meta.id, metadata=meta.pack().hex()))
+        except WriterFailed:
+            raise self._writer_gone() from None
+        self.n_forwarded += 1
+        self.last_id = meta.id
+
+    def _from_ring(self) -> list[ImageMetadata]:
+        """Images with id >= start_id still in the ring, oldest first (ids are assumed to increase)."""
+        config, start = self.agent.config, self.request.start_id
+        assert start is not None
+        try:
+            ring = RingBuffer.attach(ipc.image_ring_name(config.detector_name), timeout=0)
+        except FileNotFoundError:
+            return []
+        try:
+            newest = ring.newest_id()
+            if newest is None or start > newest:
+                return []
+            oldest = max(0, newest - ring.n_slots + 1)
+            if start < oldest:
+                raise ValueError(
+                    f"start_id: image {start} is no longer in the image ring "
+                    f"(it holds ids {oldest}..{newest})"
+                )
+            found = []
+            fallback = DTYPE_CODES[config.image_dtype]
+            for image_id in range(start, newest + 1):
+                if not ring.holds(image_id):
+                    continue
+                try:
+                    meta = ImageMetadata.unpack(ring.meta(image_id, ImageMetadata.FORMAT.size))
+                except (SlotOverwritten, ValueError):
+                    meta = None
+                if meta is None or meta.id != image_id:  # a producer that keeps no metadata in the slot
+                    h, w = config.image_shape
+                    meta = ImageMetadata(image_id, h, w, fallback)
+                found.append(meta)
+            return found
+        finally:
+            ring.close()
+
+    # -- writer events ----------------------------------------------------------------------------
+    def _next_event(self, events: queue.Queue[tuple[str, Any]], wanted: tuple[str, ...]) -> dict[str, Any]:
+        """The next ``wanted`` event of this request. The writer must show progress on it: a writer
+        that is alive but silent about this request for ``writer_timeout`` lost the message."""
+        last = time.monotonic()
+        while True:
+            try:
+                kind, item = events.get(timeout=0.1)
+            except queue.Empty:
+                self._check_writer()
+                if time.monotonic() - last > self.agent.writer_timeout:
+                    raise WriterFailed(
+                        f"the h5 writer did not answer about {self.request.output_file} for "
+                        f"{self.agent.writer_timeout:g} s (waiting for {' or '.join(wanted)})"
+                    ) from None
+                continue
+            if kind != "writer":
+                self.pending.append(item)  # arrived while waiting for the file: forwarded next
+                continue
+            last = time.monotonic()
+            self._on_writer(item)
+            if item.get("event") in wanted:
+                return item
+
+    def _on_writer(self, event: dict[str, Any]) -> None:
+        if event.get("event") in (EVENT_PROGRESS, EVENT_STARTED, EVENT_FINISHED):
+            self.n_written = int(event.get("n_written", self.n_written))
+            self.n_missing = int(event.get("n_missing_images", self.n_missing))
+            self.n_incomplete = int(event.get("n_incomplete_images", self.n_incomplete))
+            self._progress()
+        if event.get("event") == EVENT_FINISHED:
+            self.finished = event
+
+    def _check_writer(self) -> None:
+        if not self.agent._writer_alive():
+            raise self._writer_gone()
+
+    def _writer_gone(self) -> WriterFailed:
+        return WriterFailed(
+            f"the h5 writer stopped responding (no status for {self.agent.writer_timeout:g} s) after "
+            f"{self.n_written} of {self.request.n_images} images; {self.request.output_file} holds the "
+            "images flushed so far"
+        )
+
+    def _progress(self, force: bool = False) -> None:
+        """Publish progress (rate limited; a held-back change is sent by the next call once due).
+        ``n_missing_images`` (rows lost: zeros) and ``n_incomplete_images`` (missing packets, id
+        mismatch) let a client see bad images while the file is written."""
+        now = time.monotonic()
+        due = now - self.last_progress >= self.agent.progress_interval
+        current = (self.n_written, self.n_missing, self.n_incomplete)
+        if not force and (current == self.published or not due):
+            return
+        self.last_progress, self.published = now, current
+        self.ctx.publish_progress({"n_written": self.n_written, "n_images": self.request.n_images,
+                                   "output_file": self.request.output_file,
+                                   "n_missing_images": self.n_missing,
+                                   "n_incomplete_images": self.n_incomplete})
+
+    def _result(self, finished: dict[str, Any], reason: str) -> dict[str, Any]:
+        req = self.request
+        status = str(finished.get("status", ""))
+        where = f"file {req.output_file} is valid"
+        if status.startswith("failed"):
+            raise WriterFailed(f"Failed after {self.n_written} of {req.n_images} images: "
+                               f"{finished.get('message') or status}; "
+                               f"{req.output_file} holds the images written")
+        if reason == REASON_KILLED:
+            raise WriteInterrupted(
+                f"Interrupted: killed after {self.n_written} of {req.n_images} images; {where}"
+            )
+        if reason.startswith(REASON_TIMEOUT_PREFIX):
+            raise WriteInterrupted(f"Interrupted: {reason.removeprefix(REASON_TIMEOUT_PREFIX).strip()} "
+                                   f"images; {where}")
+        return {
+            "output_file": req.output_file,
+            "n_written": self.n_written,
+            "n_images": int(finished.get("n_images", req.n_images)) if reason == REASON_FINISHED
+            else req.n_images,
+            "status": "completed" if status == "completed" else "interrupted",
+            "n_missing_images": int(finished.get("n_missing_images", 0)),
+            "n_incomplete_images": int(finished.get("n_incomplete_images", 0)),
+            "init_timestamp": self.init_timestamp,
+            "end_timestamp": time.time(),
+        }
+
+
+# -- agent and h5 writer in one process ---------------------------------------------------------------
+
+
+class DetectorWriter:
+    """Writer agent + h5 writer (in a thread) in one process: the embedded default and the tests."""
+
+    def __init__(self, config: DetectorConfig, transport: Transport, service_name: str = DEFAULT_SERVICE_NAME,
+                 tag: str | None = None, *, h5_options: dict[str, Any] | None = None,
+                 **agent_options: Any) -> None:
+        self.h5_writer = H5Writer(config, **(h5_options or {}))
+        self.agent = WriterAgent(config, transport, service_name, tag, **agent_options)
+
+    def start(self) -> DetectorWriter:
+        self.h5_writer.start()
+        try:
+            self.agent.start()
+        except BaseException:
+            self.h5_writer.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.agent.stop()
+        finally:
+            self.h5_writer.stop()
+
+    def __enter__(self) -> DetectorWriter:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- process entry point ------------------------------------------------------------------------------
+
+
+def writer_agent_main(argv: list[str] | None = None) -> int:
+    """``std-daq writer-agent CONFIG``: serve write requests of one detector on the broker."""
+    parser = argparse.ArgumentParser(prog="std-daq writer-agent", description=writer_agent_main.__doc__)
+    parser.add_argument("config", help="detector JSON file")
+    parser.add_argument("--service_name", "--service-name", default=os.environ.get("SERVICE_NAME") or
+                        DEFAULT_SERVICE_NAME, help="name in status messages (env SERVICE_NAME)")
+    parser.add_argument("--tag", default=None, help="routing key of requests (default: the detector name)")
+    parser.add_argument("--broker_url", "--broker-url", default=None,
+                        help="amqp://... or embedded[://NAME] "
+                        "(default: env BROKER_URL, else BROKER_HOST, else embedded)")
+    parser.add_argument("--with-h5-writer", "--with_h5_writer", action="store_true",
+                        help="run the h5 writer in this process too (else start `std-daq h5-writer CONFIG`)")
+    parser.add_argument("--writer-timeout", "--writer_timeout", type=float, default=30.0,
+                        help="seconds the h5 writer may be silent before a request fails")
+    parser.add_argument("--log_level", "--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
+                        choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = load_config(args.config)
+    transport = make_transport(args.broker_url)
+    options: dict[str, Any] = {"writer_timeout": args.writer_timeout}
+    service: DetectorWriter | WriterAgent
+    if args.with_h5_writer:
+        service = DetectorWriter(config, transport, args.service_name, args.tag, **options)
+    else:
+        service = WriterAgent(config, transport, args.service_name, args.tag, **options)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    service.start()
+    try:
+        done.wait()
+    finally:
+        service.stop()
+        transport.close()
+    return 0

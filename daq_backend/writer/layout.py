@@ -1,0 +1,374 @@
+"""The HDF5 file of one acquisition, defined once (the seed's README left "H5 File format: TODO").
+
+Layout (NeXus, readable while being written through SWMR)::
+
+    /                                   file attributes:
+        status        "writing" | "completed" | "interrupted" | "failed: <reason>"
+        n_written     images in the file (final; while writing read /entry/data/n_written)
+        n_images      images requested
+        end_reason    why the file ended ("" while writing), e.g. "killed by request", "no image for 5 s"
+        request_id, compression ("none" | "bitshuffle-lz4"), start_time, end_time (ISO 8601),
+        creator, file_name, default = "entry"
+    /entry                              NX_class = NXentry, default = "data"
+        <request metadata>              one attribute per key: str/int/float/bool as such,
+                                        anything else (lists, objects, null) as JSON text
+    /entry/data                         NX_class = NXdata, signal = "data"
+        data               (n, H, W)    image dtype (uint8/16/32 or float32), chunk (1, H, W) = one
+                                        image per chunk whatever its size, optional bitshuffle-LZ4
+                                        (filter 32008, decode with ``import hdf5plugin``)
+        image_id           (n,)  uint64
+        status             (n,)  uint8  0 good, 1 missing packets, 2 module id mismatch,
+                                        3 lost: the ring slot was overwritten before the writer read it
+                                        (pixels are zero); fill value 255 = row not written
+        n_missing_packets  (n,)  uint32
+        n_written          ()    uint64 live counter: rows [0, n_written) are complete and flushed
+    /entry/instrument                   NX_class = NXinstrument
+    /entry/instrument/detector          NX_class = NXdetector; attribute ``config`` = the detector
+                                        JSON; each config field also as its own attribute
+
+The file is built under a hidden name (``.<name>.<random>.creating``) and appears under its own
+name only when every dataset and attribute exists and SWMR mode is on, so a reader polling for it
+can open it at once. Rows are appended as images arrive (datasets are extendable, ``maxshape``
+None). The writer flushes per small batch (at most every 0.1 s by default, and whenever it is idle)
+and only then raises ``n_written``, so a reader following the file (``h5py.File(path, "r",
+swmr=True)``, ``dset.refresh()``) never counts an unwritten row.
+
+A killed or timed-out acquisition closes the file with status ``interrupted`` (``end_reason`` says
+why). A crashed writer leaves a valid file holding every flushed image and status ``writing``: it
+opens with ``swmr=True`` (or :func:`open_image_file`), and :func:`recover_file` (run by the next h5
+writer start) trims it to ``n_written``, sets status ``interrupted`` and makes it open like any
+other file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import json
+import os
+import uuid
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for readers and writers)
+import numpy as np
+
+from daq_backend.config import DetectorConfig
+from daq_backend.writer.compression import BitshuffleLZ4, dataset_filter
+
+ENTRY = "/entry"
+DATA_GROUP = "/entry/data"
+DATA = "/entry/data/data"
+IMAGE_ID = "/entry/data/image_id"
+STATUS = "/entry/data/status"
+N_MISSING_PACKETS = "/entry/data/n_missing_packets"
+N_WRITTEN = "/entry/data/n_written"
+INSTRUMENT = "/entry/instrument"
+DETECTOR = "/entry/instrument/detector"
+
+#: Per-image status values beyond ``formats.ImageStatus`` (0 good, 1 missing packets, 2 id mismatch).
+STATUS_LOST = 3
+STATUS_NOT_WRITTEN = 255
+
+FILE_WRITING = "writing"
+FILE_COMPLETED = "completed"
+FILE_INTERRUPTED = "interrupted"
+COMPRESSIONS = ("none", "bitshuffle-lz4")
+_META_CHUNK = 4096
+
+
+class FileCreateError(OSError):
+    """The output file could not be created; the message says which file and why."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="milliseconds")
+
+
+def _attr_value(value: Any) -> Any:
+    """An HDF5 attribute value for a JSON value: scalars as such, the rest as JSON text."""
+    if isinstance(value, bool):
+        return np.bool_(value)
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return np.int64(value)
+    if isinstance(value, float | str):
+        return value
+    return json.dumps(value)
+
+
+class ImageFile:
+    """One acquisition file open for SWMR writing. Not thread-safe: one writer thread owns it."""
+
+    def __init__(self, h5: h5py.File, path: Path, config: DetectorConfig, compression: str) -> None:
+        self.h5 = h5
+        self.path = path
+        self.config = config
+        self.compression = compression
+        self._data = h5[DATA]
+        self._ids = h5[IMAGE_ID]
+        self._status = h5[STATUS]
+        self._missing = h5[N_MISSING_PACKETS]
+        self._counter = h5[N_WRITTEN]
+        self._n = 0
+        self._n_flushed = 0
+        self._pending_ids: list[int] = []
+        self._pending_status: list[int] = []
+        self._pending_missing: list[int] = []
+        dtype = np.dtype(config.image_dtype)
+        self._codec = BitshuffleLZ4(config.image_nbytes, dtype.itemsize) if compression != "none" else None
+        self._zero_chunk = self.encode(np.zeros(config.image_nbytes, dtype=np.uint8))
+        if self._codec is not None:
+            self._zero_chunk = bytes(self._zero_chunk)
+        self.closed = False
+
+    # -- creation ---------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        config: DetectorConfig,
+        *,
+        n_images: int,
+        metadata: dict[str, Any] | None = None,
+        compression: str = "none",
+        overwrite: bool = False,
+        request_id: str = "",
+    ) -> ImageFile:
+        """Create the file with every dataset and attribute, switch it to SWMR mode (after which
+        no object or attribute may be added), and only then give it its name: a reader polling for
+        the file never finds it half built or not yet open for SWMR reading."""
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression: expected one of {COMPRESSIONS}, got {compression!r}")
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileCreateError(f"cannot create {path}: file exists")
+        building = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
+        try:
+            h5 = h5py.File(building, "w-", libver="latest")
+        except (OSError, ValueError) as exc:
+            raise FileCreateError(f"cannot create {path}: {exc}") from None
+        try:
+            cls._build(h5, config, path.name, n_images, metadata or {}, compression, request_id)
+            h5.swmr_mode = True
+            _publish(building, path, overwrite)
+            return cls(h5, path, config, compression)
+        except BaseException:
+            h5.close()
+            building.unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def _build(
+        h5: h5py.File,
+        config: DetectorConfig,
+        file_name: str,
+        n_images: int,
+        metadata: dict[str, Any],
+        compression: str,
+        request_id: str,
+    ) -> None:
+        h5.attrs.update({
+            "default": "entry",
+            "creator": "std-daq-bluesky daq_backend.writer",
+            "file_name": file_name,
+            "status": FILE_WRITING,
+            "n_written": np.uint64(0),
+            "n_images": np.uint64(n_images),
+            "request_id": request_id,
+            "compression": compression,
+            "start_time": _now(),
+            "end_time": "",
+            "end_reason": "",
+        })
+        entry = h5.create_group(ENTRY)
+        entry.attrs.update({"NX_class": "NXentry", "default": "data"})
+        for key, value in metadata.items():
+            entry.attrs[key] = _attr_value(value)
+        group = h5.create_group(DATA_GROUP)
+        group.attrs.update({"NX_class": "NXdata", "signal": "data"})
+        h, w = config.image_shape
+        extra = dataset_filter() if compression == "bitshuffle-lz4" else {}
+        data = group.create_dataset(
+            "data", shape=(0, h, w), maxshape=(None, h, w), chunks=(1, h, w), dtype=config.image_dtype,
+            **extra,
+        )
+        data.attrs["interpretation"] = "image"
+        for name, dtype, fill in (("image_id", "<u8", 0), ("status", "u1", STATUS_NOT_WRITTEN),
+                                  ("n_missing_packets", "<u4", 0)):
+            group.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(_META_CHUNK,), dtype=dtype,
+                                 fillvalue=fill)
+        group.create_dataset("n_written", shape=(), dtype="<u8", data=0)
+        instrument = h5.create_group(INSTRUMENT)
+        instrument.attrs["NX_class"] = "NXinstrument"
+        detector = h5.create_group(DETECTOR)
+        detector.attrs["NX_class"] = "NXdetector"
+        config_dict = config.to_json_dict()
+        detector.attrs["config"] = json.dumps(config_dict)
+        for key, value in config_dict.items():
+            if value is not None and key != "config":
+                detector.attrs[key] = _attr_value(value)
+
+    # -- writing ----------------------------------------------------------------------------------
+    @property
+    def n_written(self) -> int:
+        """Rows appended so far (flushed or not)."""
+        return self._n
+
+    @property
+    def n_flushed(self) -> int:
+        """Rows a reader can count on (the file's ``n_written`` counter)."""
+        return self._n_flushed
+
+    def encode(self, image: np.ndarray) -> np.ndarray | memoryview:
+        """The chunk bytes for ``image`` (its raw bytes, or compressed into a buffer the next call reuses)."""
+        if self._codec is None:
+            return image
+        return self._codec.compress(image)
+
+    def append(self, image_id: int, status: int, n_missing_packets: int, chunk: Any | None) -> int:
+        """Add one row: the chunk (from :meth:`encode`; None = lost image, zeros) and its metadata.
+        Returns the row index. Visible to readers after the next :meth:`flush`."""
+        index = self._n
+        self._data.resize(index + 1, axis=0)
+        if chunk is None:
+            chunk, status = self._zero_chunk, STATUS_LOST
+        self._data.id.write_direct_chunk((index, 0, 0), chunk)
+        self._pending_ids.append(image_id)
+        self._pending_status.append(status)
+        self._pending_missing.append(n_missing_packets)
+        self._n = index + 1
+        return index
+
+    def mark_lost(self, index: int) -> None:
+        """The chunk of a not yet flushed row turned out to be torn: replace it by zeros, status lost."""
+        if not self._n_flushed <= index < self._n:
+            raise IndexError(f"row {index} is not a pending row ({self._n_flushed}..{self._n - 1})")
+        self._data.id.write_direct_chunk((index, 0, 0), self._zero_chunk)
+        self._pending_status[index - self._n_flushed] = STATUS_LOST
+
+    def flush(self) -> None:
+        """Write pending metadata rows, flush the file, and only then raise the ``n_written`` counter."""
+        if self._n == self._n_flushed:
+            return
+        a, b = self._n_flushed, self._n
+        for dset, values in ((self._ids, self._pending_ids), (self._status, self._pending_status),
+                             (self._missing, self._pending_missing)):
+            dset.resize(b, axis=0)
+            dset[a:b] = np.asarray(values, dtype=dset.dtype)
+            values.clear()
+        self.h5.flush()
+        self._counter[()] = b
+        self._counter.flush()
+        self._n_flushed = b
+
+    def close(self, status: str, reason: str = "") -> None:
+        """Flush, record the final status and close. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.flush()
+            self.h5.attrs["status"] = status
+            self.h5.attrs["n_written"] = np.uint64(self._n_flushed)
+            self.h5.attrs["end_time"] = _now()
+            self.h5.attrs["end_reason"] = reason
+        finally:
+            self.h5.close()
+
+    def __enter__(self) -> ImageFile:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close(FILE_COMPLETED if exc is None else f"failed: {exc}")
+
+
+def _publish(building: Path, path: Path, overwrite: bool) -> None:
+    """Give the finished file its name; without ``overwrite`` never replace a file that appeared
+    meanwhile (``link`` fails if the name exists, unlike ``rename``)."""
+    if overwrite:
+        os.replace(building, path)
+        return
+    try:
+        os.link(building, path)
+    except FileExistsError:
+        raise FileCreateError(f"cannot create {path}: file exists") from None
+    except OSError:  # a file system without hard links
+        if path.exists():
+            raise FileCreateError(f"cannot create {path}: file exists") from None
+        os.rename(building, path)
+        return
+    building.unlink()
+
+
+# -- reading and recovery -----------------------------------------------------------------------------
+
+
+def open_image_file(path: str | Path) -> h5py.File:
+    """Open a file of this layout for reading, also while it is written or after its writer crashed."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        if "already open for write" not in str(exc):
+            raise
+        return h5py.File(path, "r", swmr=True)
+
+
+def written_rows(h5: h5py.File) -> int:
+    """Rows a reader may use now (refreshes the counter when following a file being written)."""
+    counter = h5[N_WRITTEN]
+    if h5.swmr_mode:
+        counter.refresh()
+    return int(counter[()])
+
+
+@cache
+def _hdf5_library() -> ctypes.CDLL:
+    """The libhdf5 instance h5py uses (property list ids are only valid inside it)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            name = os.path.basename(path)
+            if name.startswith("libhdf5") and not name.startswith("libhdf5_hl") and ".so" in name:
+                return ctypes.CDLL(path)
+    raise RuntimeError("cannot locate the HDF5 library loaded by h5py")
+
+
+def _clear_status_flags(path: Path) -> None:
+    """What ``h5clear -s`` does: reset the superblock's "open for write" flags of a crashed writer."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    clear = ctypes.c_bool(True)
+    if _hdf5_library().H5Pset(ctypes.c_int64(fapl.id), b"clear_status_flags", ctypes.byref(clear)) < 0:
+        raise RuntimeError("this HDF5 library cannot clear file status flags")
+    fid = h5py.h5f.open(str(path).encode(), h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE, fapl=fapl)
+    fid.close()
+
+
+def recover_file(path: str | Path, reason: str = "the writer stopped before closing the file") -> int:
+    """Finish a file whose writer died: clear its open-for-write flags, trim every dataset to the
+    flushed ``n_written`` rows, set status ``interrupted``. Returns ``n_written``. A file that was
+    closed properly is left as it is."""
+    path = Path(path)
+    try:
+        h5py.File(path, "r").close()
+        crashed = False
+    except OSError as exc:
+        if "already open for write" not in str(exc):
+            raise
+        crashed = True
+    if crashed:
+        _clear_status_flags(path)
+    with h5py.File(path, "r+") as h5:
+        n = int(h5[N_WRITTEN][()])
+        if h5.attrs.get("status") != FILE_WRITING:
+            return int(h5.attrs.get("n_written", n))
+        for name in (DATA, IMAGE_ID, STATUS, N_MISSING_PACKETS):
+            if h5[name].shape[0] > n:
+                h5[name].resize(n, axis=0)
+        h5.attrs["status"] = FILE_INTERRUPTED
+        h5.attrs["n_written"] = np.uint64(n)
+        h5.attrs["end_time"] = _now()
+        h5.attrs["end_reason"] = reason
+    return n

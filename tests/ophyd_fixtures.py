@@ -1,0 +1,172 @@
+"""Shared helpers of the ophyd-device tests: a real std-daq (embedded or RabbitMQ broker) in this
+process, detectors pointed at its REST URL, a RunEngine that records and validates every document."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from event_model import DocumentNames, schema_validators
+
+from daq_backend.simulator.pattern import expected_image
+from std_daq_ophyd import StdDaqDetector, Timeouts
+from std_daq_ophyd.documents import uri_path
+from std_daq_ophyd.readback import stream_data
+from std_daq_ophyd.sim import EmbeddedDaq, simulated_config
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+TRANSPORTS = {"embedded": None, "rabbitmq": RABBITMQ_URL}
+#: generous: two shared cores, other test suites running alongside
+TIMEOUTS = Timeouts(acquisition=120.0, missing=20.0)
+
+Docs = list[tuple[str, dict[str, Any]]]
+
+
+@pytest.fixture(scope="module")
+def ipc_dir() -> Iterator[str]:
+    """A private, short ipc directory for the module's DAQs (unix socket paths are limited)."""
+    path = tempfile.mkdtemp(prefix="sdo", dir="/tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STD_DAQ_IPC_DIR", path)
+        yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def start_daq(broker_url: str | None = None, **config: Any) -> EmbeddedDaq:
+    return EmbeddedDaq(simulated_config(**config), broker_url=broker_url).start()
+
+
+@pytest.fixture(scope="module")
+def daq(ipc_dir: str) -> Iterator[EmbeddedDaq]:
+    """One embedded DAQ (one-module Jungfrau, embedded broker) shared by a module's tests."""
+    daq = start_daq()
+    try:
+        yield daq
+    finally:
+        daq.stop()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+def make_detector(daq: EmbeddedDaq, data_dir: Path, frames: int = 2, period: float = 0.02,
+                  **kwargs: Any) -> StdDaqDetector:
+    det = StdDaqDetector(name=kwargs.pop("name", "det"), url=daq.url, output_dir=str(data_dir),
+                         timeouts=kwargs.pop("timeouts", TIMEOUTS), **kwargs)
+    det.frames_per_trigger.put(frames)
+    det.period.put(period)
+    return det
+
+
+class Recorder:
+    """RunEngine subscriber: every document, each validated against event-model's schema on arrival."""
+
+    def __init__(self) -> None:
+        self.docs: Docs = []
+        self.invalid: list[str] = []
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        try:
+            schema_validators[DocumentNames[name]].validate(doc)
+        except Exception as exc:
+            self.invalid.append(f"{name}: {exc}")
+        self.docs.append((name, doc))
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        return [doc for n, doc in self.docs if n == name]
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.docs]
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def RE(recorder: Recorder) -> RunEngine:
+    engine = RunEngine({}, call_returns_result=False)
+    engine.subscribe(recorder)
+    return engine
+
+
+def file_rows(path: str) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as h5:
+        return {"data": h5["/entry/data/data"][:], "image_id": h5["/entry/data/image_id"][:],
+                "status": h5["/entry/data/status"][:], "file_status": np.array(str(h5.attrs["status"]))}
+
+
+def assert_pattern(daq: EmbeddedDaq, data: np.ndarray, image_ids: np.ndarray) -> None:
+    """Every image equals what the simulator sent for its id."""
+    assert len(data) == len(image_ids)
+    for image, image_id in zip(data, image_ids, strict=True):
+        np.testing.assert_array_equal(image, expected_image(daq.config, int(image_id)),
+                                      err_msg=f"image {image_id}")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:6]}"
+
+
+def check_run(recorder: Recorder, daq: EmbeddedDaq, n_events: int, frames: int) -> dict[str, np.ndarray]:
+    """The document stream of a successful step scan of ``det``; returns the file's rows."""
+    assert recorder.invalid == []
+    start, = recorder.of("start")
+    stop, = recorder.of("stop")
+    assert stop["exit_status"] == "success", stop
+    descriptor, = recorder.of("descriptor")
+    h, w = daq.config.image_shape
+    assert descriptor["data_keys"]["det_image"] == {
+        "source": f"std-daq:{daq.url}/detector/{daq.detector_name}", "dtype": "array",
+        "shape": [frames, h, w], "dtype_numpy": "<u2", "external": "STREAM:", "object_name": "det"}
+    assert descriptor["data_keys"]["det_image_status"]["shape"] == [frames]
+    config = descriptor["configuration"]["det"]["data"]
+    assert {k: config[f"det_{k}"] for k in ("frames_per_trigger", "timing", "bit_depth")} == {
+        "frames_per_trigger": frames, "timing": "AUTO_TIMING", "bit_depth": 16}
+    resources = recorder.of("stream_resource")
+    assert [r["data_key"] for r in resources] == ["det_image", "det_image_status"]
+    path = uri_path(resources[0]["uri"])
+    assert config["det_writer_file_name"] == path
+    for r in resources:
+        assert r["mimetype"] == "application/x-hdf5" and r["run_start"] == start["uid"]
+        assert r["uri"] == f"file://localhost{path}"
+    assert resources[0]["parameters"] == {"dataset": "/entry/data/data", "chunk_shape": [1, h, w]}
+    events = recorder.of("event")
+    assert [e["seq_num"] for e in events] == list(range(1, n_events + 1))
+    for event in events:
+        assert "det_image" not in event["data"] and "det_image" not in event["filled"]
+        assert event["data"]["det_n_bad_images"] == 0
+    datums = recorder.of("stream_datum")
+    assert len(datums) == 2 * n_events
+    for i, event in enumerate(events):
+        pair = datums[2 * i: 2 * i + 2]
+        assert {d["stream_resource"] for d in pair} == {r["uid"] for r in resources}
+        for d in pair:
+            assert d["indices"] == {"start": i, "stop": i + 1}
+            assert d["seq_nums"] == {"start": event["seq_num"], "stop": event["seq_num"] + 1}
+            assert d["descriptor"] == descriptor["uid"]
+    # the documents alone locate the data: it is the file's content and the simulator's pattern
+    images = stream_data(recorder.docs, "det_image")
+    status = stream_data(recorder.docs, "det_image_status")
+    assert images.shape == (n_events, frames, h, w) and status.shape == (n_events, frames)
+    rows = file_rows(path)
+    assert str(rows["file_status"]) == "completed"
+    np.testing.assert_array_equal(images.reshape(rows["data"].shape), rows["data"])
+    assert not status.any() and not rows["status"].any()
+    ids = rows["image_id"]
+    np.testing.assert_array_equal(ids, np.arange(ids[0], ids[0] + n_events * frames))
+    assert_pattern(daq, rows["data"], ids)
+    return rows

@@ -1,0 +1,193 @@
+"""Shared helpers of the readout and supervisor tests: unique detectors on free UDP ports, a short
+ipc directory, and the readout pipeline run in threads of the test process."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from daq_backend import ipc
+from daq_backend.config import DetectorConfig, parse_config
+from daq_backend.formats import ImageMetadata
+from daq_backend.ram_buffer import SHM_DIR, RingBuffer
+from daq_backend.readout.assembler import ImageAssembler
+from daq_backend.readout.receiver import ModuleReceiver
+
+JF4_POSITIONS = {"0": [0, 0, 1023, 511], "1": [0, 512, 1023, 1023], "2": [1024, 0, 2047, 511],
+                 "3": [1024, 512, 2047, 1023]}
+EIGER_POSITIONS = {"0": [0, 0, 513, 255], "1": [516, 0, 1029, 255], "2": [0, 513, 513, 258],
+                   "3": [516, 513, 1029, 258]}
+EIGER_HALF_POSITIONS = {"0": [0, 0, 513, 255], "1": [0, 513, 513, 258]}  # one module's two halves
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy (the machine may be 10x slower than usual)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def free_udp_base(n: int) -> int:
+    """A port p such that p..p+n-1 are free UDP ports on 127.0.0.1 right now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free UDP ports found")
+
+
+def make_config(detector_type: str = "jungfrau", n_modules: int = 1, **fields: Any) -> DetectorConfig:
+    """A detector with a unique name and free ports, rings that hold a whole test's images (threads
+    of one process share the GIL: a burst is received faster than assembled) and a generous sync
+    timeout so a heavily loaded machine does not evict images a test expects complete."""
+    defaults: dict[str, Any] = {"bit_depth": 16, "frame_ring_slots": 32, "image_ring_slots": 32,
+                                "module_sync_timeout": 8.0}
+    if detector_type == "jungfrau":
+        defaults.update(image_pixel_height=512 * n_modules, image_pixel_width=1024)
+    data = {
+        **defaults,
+        "detector_name": f"t{uuid.uuid4().hex[:10]}",
+        "detector_type": detector_type,
+        "n_modules": n_modules,
+        "start_udp_port": free_udp_base(n_modules),
+        **fields,
+    }
+    return parse_config(data)
+
+
+@pytest.fixture
+def ipc_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A private, short ipc directory (unix socket paths are limited to 107 bytes, pytest's
+    tmp_path is too long for them)."""
+    path = tempfile.mkdtemp(prefix="sdq", dir="/tmp")
+    monkeypatch.setenv("STD_DAQ_IPC_DIR", path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def shm_segments(detector_name: str) -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob(f"std-daq-{detector_name}-*"))
+
+
+class UdpSender:
+    """Sends datagrams of chosen modules to their ports (tests decide exactly what goes out)."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+
+    def send(self, module_id: int, datagrams: Sequence[bytes]) -> None:
+        address = (self.config.udp_host, self.config.udp_port(module_id))
+        for d in datagrams:
+            self.sock.sendto(d, address)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class InProcessReadout:
+    """Receivers (one per required module) and the assembler, each in a thread of this process.
+
+    The image ring is the ground truth the tests read; ``metadata`` collects what the assembler
+    PUBlished (a SUB may miss the first messages of a PUB, so tests check it against the ring)."""
+
+    def __init__(self, config: DetectorConfig, **receiver_kwargs: Any) -> None:
+        self.config = config
+        self.assembler = ImageAssembler(config, stats_interval=0.2)
+        self.receivers: dict[int, ModuleReceiver] = {}
+        try:
+            # a long late window: duplicates are recognised even if this busy machine delays them
+            receiver_kwargs.setdefault("late_window", 60.0)
+            for m in config.required_modules:
+                self.receivers[m] = ModuleReceiver(config, m, stats_interval=0.2, **receiver_kwargs)
+        except BaseException:
+            self.close()
+            raise
+        self.ring = RingBuffer.attach(ipc.image_ring_name(config.detector_name), timeout=5)
+        self._ctx = zmq.Context.instance()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.connect(ipc.image_metadata_address(config.detector_name))
+        self.metadata: list[ImageMetadata] = []
+        self._running = threading.Event()
+        self._threads = [self.assembler.start()] + [r.start() for r in self.receivers.values()]
+        self._sub_thread = threading.Thread(target=self._collect, daemon=True)
+        self._running.set()
+        self._sub_thread.start()
+        self.sender = UdpSender(config)
+
+    def _collect(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sub, zmq.POLLIN)
+        while self._running.is_set():
+            if poller.poll(50):
+                self.metadata.append(ImageMetadata.unpack(self._sub.recv()))
+
+    def wait_images(self, n: int, timeout: float = 120.0) -> None:
+        wait_for(lambda: self.assembler.stats.images >= n, timeout, f"{n} images ({self.assembler.stats})")
+
+    def image(self, image_id: int) -> tuple[ImageMetadata, np.ndarray]:
+        """(slot metadata, copy of the image) of ``image_id`` from the image ring."""
+        meta = ImageMetadata.unpack(self.ring.meta(image_id, ImageMetadata.FORMAT.size))
+        data = self.ring.view(image_id)
+        image = np.array(data.view(meta.numpy_dtype)[: meta.height * meta.width].reshape(meta.shape))
+        self.ring.check(image_id)
+        return meta, image
+
+    def close(self) -> None:
+        for r in self.receivers.values():
+            r.stop()
+        self.assembler.stop()
+        for t in getattr(self, "_threads", []):
+            t.join(30)
+        if hasattr(self, "_running"):
+            self._running.clear()
+            self._sub_thread.join(5)
+            self._sub.close()
+            self.sender.close()
+            self.ring.close()
+        for r in self.receivers.values():
+            r.close()
+        self.assembler.close()
+
+    def __enter__(self) -> InProcessReadout:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def assert_no_leftovers(config: DetectorConfig, ipc_dir: str | os.PathLike[str]) -> None:
+    assert shm_segments(config.detector_name) == []
+    leftovers = [p.name for p in Path(ipc_dir).iterdir() if config.detector_name in p.name]
+    assert leftovers == []

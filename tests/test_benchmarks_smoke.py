@@ -1,0 +1,371 @@
+"""The pure pieces of benchmarks/bench_pipeline.py, fast and without any detector: the rmem_max
+save/restore (on a stand-in sysctl file), result parsing, the report, the plot, the process monitor and
+the C drain over real loopback UDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import _report  # noqa: E402
+import bench_pipeline  # noqa: E402
+import plot  # noqa: E402
+from _drain import DrainResult, UdpDrain  # noqa: E402
+from _net import bound_udp_ports, free_udp_base, parse_ss  # noqa: E402
+from _ours import H5Count  # noqa: E402
+from _procmon import ProcessMonitor, Series  # noqa: E402
+from _report import RunResult, parse_sender_report, ratios, render_markdown, summarize  # noqa: E402
+from _rmem import (  # noqa: E402
+    BenchmarkInterrupted,
+    RmemMaxError,
+    recover_stale_state,
+    socket_buffer_cap,
+)
+from _sls import SLS_FRAME_HEADER, read_sls_files, sls_frames_on_disk  # noqa: E402
+
+WAIT_S = 60.0
+
+
+# -- rmem_max save / restore ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sysctl(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in for /proc/sys/net/core/rmem_max holding 4 MiB, and a private state file."""
+    path = tmp_path / "rmem_max"
+    path.write_text("4194304\n")
+    return path, tmp_path / "state.json"
+
+
+def test_cap_is_raised_inside_and_restored_after(sysctl: tuple[Path, Path]) -> None:
+    path, state = sysctl
+    with socket_buffer_cap(2**31 - 1, path, state) as cap:
+        assert cap == 2**31 - 1
+        assert path.read_text().strip() == str(2**31 - 1)
+        assert json.loads(state.read_text())["original"] == 4194304
+    assert path.read_text().strip() == "4194304"
+    assert not state.exists()
+
+
+def test_cap_is_restored_after_an_exception(sysctl: tuple[Path, Path]) -> None:
+    path, state = sysctl
+    with pytest.raises(ZeroDivisionError), socket_buffer_cap(1 << 30, path, state):
+        _ = 1 / 0
+    assert path.read_text().strip() == "4194304"
+    assert not state.exists()
+
+
+def test_cap_is_restored_on_sigterm_and_the_handler_put_back(sysctl: tuple[Path, Path]) -> None:
+    path, state = sysctl
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(BenchmarkInterrupted) as info, socket_buffer_cap(1 << 30, path, state):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(WAIT_S)  # the handler raises long before this ends
+    assert info.value.signum == signal.SIGTERM
+    assert path.read_text().strip() == "4194304"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_cap_is_restored_on_ctrl_c(sysctl: tuple[Path, Path]) -> None:
+    path, state = sysctl
+    with pytest.raises(KeyboardInterrupt), socket_buffer_cap(1 << 30, path, state):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(WAIT_S)
+    assert path.read_text().strip() == "4194304"
+
+
+def test_none_or_same_value_leaves_the_setting_alone(sysctl: tuple[Path, Path]) -> None:
+    path, state = sysctl
+    for value in (None, 4194304):
+        with socket_buffer_cap(value, path, state) as cap:
+            assert cap == 4194304
+            assert not state.exists()
+    assert path.read_text().strip() == "4194304"
+
+
+def test_a_killed_benchmarks_value_is_restored_by_the_next(sysctl: tuple[Path, Path]) -> None:
+    path, state = sysctl
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.write_text(f"{2**31 - 1}\n")  # what the SIGKILLed benchmark left
+    state.write_text(json.dumps({"original": 4194304, "pid": dead.pid}))
+    assert recover_stale_state(path, state) == 4194304
+    assert path.read_text().strip() == "4194304"
+    assert not state.exists()
+
+
+def test_a_live_benchmarks_state_is_not_touched(sysctl: tuple[Path, Path]) -> None:
+    path, state = sysctl
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state.write_text(json.dumps({"original": 1000, "pid": alive.pid}))
+        with pytest.raises(RmemMaxError, match="another benchmark"):
+            recover_stale_state(path, state)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert path.read_text().strip() == "4194304"
+
+
+def test_bad_values_and_unwritable_sysctl_are_named(sysctl: tuple[Path, Path], tmp_path: Path) -> None:
+    path, state = sysctl
+    with pytest.raises(RmemMaxError, match="outside"), socket_buffer_cap(2**31, path, state):
+        pass
+    assert path.read_text().strip() == "4194304"
+    missing = tmp_path / "missing"
+    with pytest.raises(RmemMaxError, match="cannot read"), socket_buffer_cap(1 << 30, missing, state):
+        pass
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+
+
+def test_ss_output_is_parsed() -> None:
+    out = ("UNCONN 4096   0          127.0.0.1:31276      0.0.0.0:*   \n"
+           "\t skmem:(r4096,rb8388608,t0,tb212992,f0,w0,o0,bl0,d215)\n")
+    stats = parse_ss(out)
+    assert stats is not None
+    assert (stats.recv_q, stats.rcvbuf, stats.drops) == (4096, 8388608, 215)
+    assert parse_ss("") is None
+
+
+def test_bound_ports_are_read_from_the_kernel_table() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        assert sock.getsockname()[1] in bound_udp_ports()
+
+
+def test_sender_report_is_parsed() -> None:
+    text = ('a log line {not json\n{"sent": 500, "start": 100.25, "end": 101.5, "summary": "sent 500"}\n'
+            "another log line\n")
+    report = parse_sender_report(text)
+    assert (report.sent, report.start, report.seconds) == (500, 100.25, 1.25)
+    with pytest.raises(ValueError, match="no sender report"):
+        parse_sender_report("Traceback ...")
+
+
+def test_drain_result_is_parsed() -> None:
+    line = ('{"packets": 256, "bytes": 2109440, "frames_seen": 2, "frames_complete": 2, "first": 10.5, '
+            '"last": 10.75, "rcvbuf": 4194304}')
+    result = DrainResult.parse(line)
+    assert (result.packets, result.frames_complete, result.span) == (256, 2, 0.25)
+
+
+def test_h5_counts_good_incomplete_missing_and_duplicates() -> None:
+    ids = np.array([1, 2, 2, 4, 5, 99])
+    status = np.array([0, 1, 0, 0, 3, 0])
+    count = H5Count.from_arrays(ids, status, range(1, 7))
+    assert count == H5Count(rows=6, good=3, incomplete=2, missing_ids=2, duplicate_ids=1)
+
+
+def test_sls_binary_files_are_counted(tmp_path: Path) -> None:
+    frame_bytes = 64
+    records = []
+    for number, packets in ((1, 4), (2, 3), (3, 4)):
+        header = struct.pack("<QII", number, 0, packets).ljust(SLS_FRAME_HEADER, b"\0")
+        records.append(header + bytes(frame_bytes))
+    (tmp_path / "run_d0_f0_0.raw").write_bytes(b"".join(records[:2]))
+    (tmp_path / "run_d0_f1_0.raw").write_bytes(records[2] + b"partial")
+    (tmp_path / "run_master_0.json").write_text("{}")
+    files = read_sls_files(tmp_path, frame_bytes=frame_bytes, packets_per_frame=4)
+    assert (files.frames, files.complete) == (3, 2)
+    assert files.missing(range(1, 5)) == 1
+    assert sls_frames_on_disk(tmp_path, frame_bytes=frame_bytes) == 3
+
+
+# -- report and plot --------------------------------------------------------------------------------
+
+
+def _run(variant: str, lost: int, cpu_s: float, repeat: int = 0, rate: float = 1000.0,
+         buffer: str = "default") -> RunResult:
+    frames = 1000
+    procs = {"vserver": {"cpu_s": 0.8, "rss_start": 1, "rss_end": 1, "rss_max": 2},
+             variant: {"cpu_s": cpu_s, "rss_start": 10_000_000, "rss_end": 11_000_000, "rss_max": 12_000_000}}
+    return RunResult(case="jungfrau", variant=variant, buffer=buffer, rmem_max=4194304,
+                     requested_rate_hz=rate, frames=frames, repeat=repeat, period_ms=1.0, frame_bytes=1 << 20,
+                     send_wall_s=1.0, send_rate_hz=1000.0, caught=frames, written=frames - lost,
+                     good=frames - lost, wall_s=1.0, procs=procs, kernel_drops=0, rcvbuf=8388608)
+
+
+def _doc(runs: list[RunResult]) -> dict:
+    return {
+        "schema": _report.SCHEMA, "command": "python benchmarks/bench_pipeline.py --quick",
+        "machine": {"date": "2026-01-01T00:00:00+00:00", "nproc": 2, "cpu_model": "test CPU",
+                    "rmem_max": 4194304},
+        "plan": {}, "runs": [r.to_dict() for r in runs], "notes": ["a note"],
+        "multi": [{"detector": "gigafrost_128x480", "config": "configs/gigafrost_128x480.json",
+                   "buffer": "default", "modules": 8, "image": "128x480x16bit",
+                   "steps": [{"requested_rate_hz": 500.0, "frames": 500, "send_rate_hz": 499.0, "lost": 0,
+                              "error": None},
+                             {"requested_rate_hz": 1000.0, "frames": 1000, "send_rate_hz": 990.0, "lost": 7,
+                              "error": None}],
+                   "best": {"requested_rate_hz": 500.0, "send_rate_hz": 499.0, "gbps": 0.06,
+                            "cpu_ms_per_frame": 0.5, "cores_per_gbps": 4.0},
+                   "stopped_because": "7 frames lost at 1000 Hz"}],
+    }
+
+
+def test_repeats_give_min_median_max_and_ratios() -> None:
+    runs = [_run("slsReceiver", lost, 1.0, i) for i, lost in enumerate((290, 300, 310))]
+    runs += [_run("ours", lost, cpu, i) for i, (lost, cpu) in enumerate(((3, 0.5), (1, 0.7), (2, 0.6)))]
+    summary = summarize(runs)
+    ours = summary[("jungfrau", 1000.0, False, "default", "ours")]
+    assert (ours["lost"].lo, ours["lost"].med, ours["lost"].hi, ours["lost"].n) == (1, 2, 3, 3)
+    assert ours["cpu_ms_per_frame"].med == pytest.approx(0.6)
+    (row,) = ratios(summary)
+    assert row["lost_ratio"] == pytest.approx(2 / 300)
+    assert row["cpu_ratio"] == pytest.approx(0.6)
+    assert runs[0].cores_per_gbps == pytest.approx(1.0 / (710 * (1 << 20) / 1e9))
+
+
+def test_ratio_of_zero_losses_is_undefined_not_a_division_error() -> None:
+    summary = summarize([_run("slsReceiver", 0, 1.0), _run("ours", 0, 0.5)])
+    (row,) = ratios(summary)
+    assert row["lost_ratio"] is None
+    assert _report.fmt_ratio(row["lost_ratio"]) == "– (both 0)"
+
+
+def test_markdown_has_every_table(tmp_path: Path) -> None:
+    runs = [_run("drain", 0, 0.1), _run("slsReceiver", 290, 1.0), _run("ours", 2, 0.5),
+            _run("ours", 0, 0.5, rate=0.0, buffer="large")]
+    failed = _run("slsReceiver", 0, 1.0, repeat=1)
+    failed.error = "RuntimeError: boom"
+    doc = _doc([*runs, failed])
+    text = render_markdown(doc)
+    assert "| 1 kHz | default | ours | 1000 | 0.20 |" in text
+    assert "| free-running | large | ours |" in text
+    assert "| 1 kHz | default | 2 / 290 | 0.01 |" in text
+    assert "FAILED 1 kHz default slsReceiver repeat 1: RuntimeError: boom" in text
+    assert ("| gigafrost_128x480 | 128x480x16bit | 8 | default | 500→499 (0 lost); 1000→990 (7 lost) | "
+            "500 Hz |") in text
+    json_path, md_path, markdown = _report.write_outputs(doc, tmp_path / "out" / "stamp")
+    assert md_path.read_text() == markdown
+    assert _report.load_doc(json_path)["runs"][0]["variant"] == "drain"
+
+
+def test_results_file_section_is_replaced_and_the_rest_kept(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Writer\n\nwriter numbers\n")
+    for name, body in (("A", "first"), ("B", "second")):
+        _report.update_results_file(results, f"# Pipeline benchmark {name}\n\n## Machine\n{body}\n",
+                                    "bench_pipeline.png")
+    text = results.read_text()
+    assert "writer numbers" in text
+    assert "second" in text and "first" not in text
+    assert text.count(_report.RESULTS_BEGIN) == 1
+    assert "## Pipeline benchmark B" in text and "### Machine" in text
+    assert "![rate and loss versus requested rate](bench_pipeline.png)" in text
+
+
+def test_plot_renders_from_a_result_file(tmp_path: Path) -> None:
+    runs = []
+    for rate in (100.0, 500.0, 1000.0, 0.0):
+        for repeat in range(2):
+            for buffer in ("default", "large"):
+                runs += [_run("drain", 0, 0.1, repeat, rate, buffer),
+                         _run("slsReceiver", 100 + repeat, 1.0, repeat, rate, buffer),
+                         _run("ours", repeat, 0.5, repeat, rate, buffer)]
+    sustained = _run("ours", 0, 5.0)
+    sustained.sustained = True
+    source = tmp_path / "result.json"
+    source.write_text(json.dumps(_doc([*runs, sustained])))
+    assert plot.main([str(source), "--out", str(tmp_path / "p.png")]) == 0
+    import matplotlib.image
+
+    image = matplotlib.image.imread(tmp_path / "p.png")
+    assert image.shape[0] > 500 and image.shape[1] > 500
+    assert float(np.std(image)) > 0.01  # something was drawn
+
+
+def test_plot_refuses_a_file_of_another_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "other.json"
+    source.write_text(json.dumps({"schema": "something-else"}))
+    assert plot.main([str(source)]) == 2
+    assert "not a bench_pipeline result" in capsys.readouterr().err
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+
+def test_quick_plan_and_bad_arguments() -> None:
+    plan = bench_pipeline.make_plan(bench_pipeline.build_parser().parse_args(["--quick", "--periods", "2,0"]))
+    assert (plan.frames, plan.sustained, plan.repeats, plan.periods_ms) == (200, 1000, 1, [2.0, 0.0])
+    assert plan.points()[-1] == (1.0, 1000, True)
+    assert [p[0] for p in plan.points()] == [2.0, 0.0, 1.0]
+    with pytest.raises(SystemExit):
+        bench_pipeline.build_parser().parse_args(["--variants", "ours,bogus"])
+    with pytest.raises(SystemExit):
+        bench_pipeline.build_parser().parse_args(["--periods", "1,-2"])
+    with pytest.raises(SystemExit, match="--rcvbuf"):
+        bench_pipeline.make_plan(bench_pipeline.build_parser().parse_args(["--rcvbuf", str(2**31)]))
+
+
+# -- measuring instruments ---------------------------------------------------------------------------
+
+
+def test_series_interpolates_cpu_between_samples() -> None:
+    s = Series()
+    for t, cpu, rss in ((0.0, 1.0, 10), (1.0, 2.0, 30), (2.0, 2.0, 20)):
+        s.add(t, cpu, rss)
+    assert s.cpu_at(0.5) == pytest.approx(1.5)
+    assert s.cpu_at(-1.0) == 1.0 and s.cpu_at(9.0) == 2.0
+    assert max(s.window(0.4, 1.2)) == 30
+
+
+def test_monitor_sees_a_busy_child_use_cpu() -> None:
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time\nwhile time.process_time() < 0.3: pass\ninput()"],
+                             stdin=subprocess.PIPE)
+    try:
+        with ProcessMonitor(interval=0.02) as monitor:
+            monitor.add("busy", child.pid)
+            t0 = monitor.sample()
+            deadline = time.monotonic() + WAIT_S
+            usage = monitor.usage("busy", t0, monitor.sample())
+            while usage is not None and usage.cpu_s < 0.2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+                usage = monitor.usage("busy", t0, monitor.sample())
+    finally:
+        child.kill()
+        child.wait()
+    assert usage is not None and usage.cpu_s >= 0.2
+    assert usage.rss_max > 1_000_000
+
+
+def test_c_drain_counts_frames_over_loopback() -> None:
+    port = free_udp_base(1)
+    drain = UdpDrain(port, 1 << 20, packets_per_frame=2).start()
+    try:
+        assert drain.rcvbuf > 0
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for frame in (7, 8, 9):
+                packets = 1 if frame == 8 else 2  # frame 8 loses a packet
+                for k in range(packets):
+                    sock.sendto(struct.pack("<QII", frame, 0, k) + bytes(100), ("127.0.0.1", port))
+        deadline = time.monotonic() + WAIT_S
+        from _net import udp_socket_stats
+
+        stats = udp_socket_stats(port)
+        while stats is not None and stats.recv_q and time.monotonic() < deadline:
+            time.sleep(0.02)
+            stats = udp_socket_stats(port)
+        result = drain.finish()
+    finally:
+        drain.kill()
+    assert (result.packets, result.frames_seen, result.frames_complete) == (5, 3, 2)
+    assert result.bytes == 5 * 116
+    assert result.last >= result.first > 0

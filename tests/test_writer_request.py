@@ -1,0 +1,126 @@
+"""WriteRequest validation: every bad field is refused with a message that names it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from daq_backend.writer.request import (
+    OUTPUT_ROOTS_ENV,
+    RequestError,
+    WriteRequest,
+    parse_write_request,
+)
+
+
+def _parse(body: object, **kw: object) -> WriteRequest:
+    return parse_write_request(body, **kw)  # type: ignore[arg-type]
+
+
+def test_a_minimal_request_gets_the_defaults(tmp_path: Path) -> None:
+    req = _parse({"output_file": str(tmp_path / "a.h5"), "n_images": 3})
+    assert (req.n_images, req.metadata, req.start_id, req.compression, req.overwrite, req.timeout) == (
+        3, {}, None, "none", False, None)
+    assert req.to_json_dict() == {"output_file": str(tmp_path / "a.h5"), "n_images": 3, "metadata": {},
+                                  "compression": "none", "overwrite": False}
+
+
+def test_seed_fields_are_accepted_and_the_path_normalised(tmp_path: Path) -> None:
+    req = _parse({"output_file": f"{tmp_path}/x/../a.h5", "n_images": 1, "sources": "eiger", "user_id": 5,
+                  "metadata": {"sample": "Si", "n": [1, 2]}, "start_id": 0,
+                  "compression": "bitshuffle-lz4", "timeout": 2.5})
+    assert req.output_file == str(tmp_path / "a.h5")
+    assert (req.sources, req.start_id, req.compression, req.timeout) == ("eiger", 0, "bitshuffle-lz4", 2.5)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "text"),
+    [
+        ({"n_images": None}, "n_images", "Input should be a valid integer"),
+        ({"n_images": "ten"}, "n_images", "valid integer"),
+        ({"n_images": "10"}, "n_images", "valid integer"),
+        ({"n_images": 1.5}, "n_images", "valid integer"),
+        ({"n_images": True}, "n_images", "valid integer"),
+        ({"n_images": 0}, "n_images", "greater than or equal to 1"),
+        ({"n_images": -4}, "n_images", "greater than or equal to 1"),
+        ({"output_file": 17}, "output_file", "valid string"),
+        ({"output_file": ""}, "output_file", "at least 1 character"),
+        ({"output_file": "relative/file.h5"}, "output_file", "must be an absolute path"),
+        ({"metadata": [1, 2]}, "metadata", "valid dictionary"),
+        ({"metadata": {"NX_class": "x"}}, "metadata", "reserved"),
+        ({"metadata": {"x": float("nan")}}, "metadata", "JSON"),
+        ({"start_id": -1}, "start_id", "greater than or equal to 0"),
+        ({"start_id": "5"}, "start_id", "valid integer"),
+        ({"compression": "zstd"}, "compression", "'none' or 'bitshuffle-lz4'"),
+        ({"overwrite": "yes"}, "overwrite", "valid boolean"),
+        ({"timeout": 0}, "timeout", "greater than 0"),
+        ({"timeout": "long"}, "timeout", "valid number"),
+        ({"n_image": 5}, "n_image", "unknown field"),
+    ],
+)
+def test_bad_fields_are_named(tmp_path: Path, change: dict[str, object], field: str, text: str) -> None:
+    body = {"output_file": str(tmp_path / "a.h5"), "n_images": 3, **change}
+    with pytest.raises(RequestError) as info:
+        _parse(body)
+    message = str(info.value)
+    assert message.startswith("invalid write request: ")
+    assert f"{field}: " in message and text in message, message
+
+
+def test_missing_fields_are_named() -> None:
+    with pytest.raises(RequestError, match=r"output_file: missing \(required\); n_images: missing"):
+        _parse({})
+
+
+@pytest.mark.parametrize("body", [b"{not json", "[1, 2]", b"\xff\xfe", 42])
+def test_a_body_that_is_not_a_json_object_is_refused(body: object) -> None:
+    with pytest.raises(RequestError, match="invalid write request: (not valid JSON|expected a JSON object)"):
+        _parse(body)
+
+
+def test_folder_checks(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = {
+        str(tmp_path / "missing" / "a.h5"): "does not exist",
+        str(afile / "a.h5"): "is not a folder",
+        str(tmp_path): "is a folder, not a file",
+        str(tmp_path) + "/": "names a folder",
+        # Root may write anywhere its mode bits forbid, so an unwritable folder is one the kernel
+        # refuses to create files in whoever asks: sysfs.
+        "/sys/kernel/a.h5": "is not writable",
+    }
+    for output_file, text in cases.items():
+        with pytest.raises(RequestError, match="output_file: ") as info:
+            _parse({"output_file": output_file, "n_images": 1})
+        assert text in str(info.value), (output_file, str(info.value))
+    assert not list(Path("/sys/kernel").glob(".std-daq-probe-*"))
+
+
+def test_an_existing_file_needs_overwrite_and_is_left_alone(tmp_path: Path) -> None:
+    target = tmp_path / "a.h5"
+    target.write_bytes(b"precious")
+    with pytest.raises(RequestError, match="already exists .*overwrite: true"):
+        _parse({"output_file": str(target), "n_images": 1})
+    assert _parse({"output_file": str(target), "n_images": 1, "overwrite": True}).overwrite
+    assert target.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5"]  # the write probe is gone
+
+
+def test_output_roots_from_argument_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inside, outside = tmp_path / "data", tmp_path / "other"
+    inside.mkdir()
+    outside.mkdir()
+    (inside / "sub").mkdir()
+    os.symlink(outside, inside / "escape")
+    ok = {"output_file": str(inside / "sub" / "a.h5"), "n_images": 1}
+    assert _parse(ok, output_roots=[inside])
+    for bad in (outside / "a.h5", inside / "escape" / "a.h5", inside / ".." / "other" / "a.h5"):
+        with pytest.raises(RequestError, match="outside the allowed output roots"):
+            _parse({"output_file": str(bad), "n_images": 1}, output_roots=[inside])
+    monkeypatch.setenv(OUTPUT_ROOTS_ENV, f"/nonexistent:{inside}")
+    assert _parse(ok)
+    with pytest.raises(RequestError, match=f"output_file: folder {outside} is outside"):
+        _parse({"output_file": str(outside / "a.h5"), "n_images": 1})
