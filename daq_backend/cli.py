@@ -26,7 +26,21 @@ Subparsers = Any  # argparse's private _SubParsersAction
 
 #: subcommand -> "module:function" taking the remaining argv and returning an exit code
 PASSTHROUGH: dict[str, tuple[str, str]] = {
+    "demo": ("daq_backend.demo:demo_main", "the whole DAQ here, driven by a bluesky scan and checked"),
     "simulate": ("daq_backend.simulator.sender:main", "send detector UDP packets (simulated detector)"),
+    "write": ("daq_backend.writer.client:write_main", "write the next N images to an HDF5 file"),
+    "listen": ("daq_backend.writer.client:listen_main", "live monitor of broker requests and status"),
+    "writer-agent": ("daq_backend.writer.agent:writer_agent_main", "serve write requests of one detector"),
+    "h5-writer": ("daq_backend.writer.h5_writer:h5_writer_main", "the HDF5 writer process of a writer agent"),
+    "rest": ("daq_backend.rest.server:rest_main", "REST API (seed endpoints + std-daq admin interface)"),
+    "stream-send": ("daq_backend.stream.send:main", "replicate the image buffer to another server (ZMQ)"),
+    "stream-recv": ("daq_backend.stream.recv:main", "receive a replicated image buffer into a local ring"),
+    "live-stream": ("daq_backend.stream.live:main", "Array-1.0 live stream of the images for viewers"),
+    "preview": ("daq_backend.stream.preview:main", "write a colour-mapped PNG of the latest image"),
+    "epics-buffer": ("daq_backend.epics.buffer:main", "record EPICS PVs into Redis streams"),
+    "epics-writer": ("daq_backend.epics.service:main", "write buffered PVs of a pulse-id range to HDF5"),
+    "sim-ioc": ("daq_backend.epics.sim_ioc:main", "simulated IOC: pulse-id PV and PVs of several types"),
+    "build-sls": ("daq_backend.control.sls_build:main", "build slsDetectorPackage's virtual detectors once"),
 }
 
 
@@ -41,23 +55,65 @@ def add_up(sub: Subparsers) -> None:
     p = sub.add_parser("up", help="start and supervise every process of one detector (Ctrl-C stops all)")
     p.add_argument("config", help="detector JSON file")
     p.add_argument("--status-interval", type=float, default=1.0, help="seconds between status updates")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--broker_url", "--broker-url", dest="broker_url", default=None,
+                   help="amqp://... puts the detector on RabbitMQ "
+                        "(default: env BROKER_URL, else BROKER_HOST, else the embedded broker)")
+    p.add_argument("--rest-port", "--rest_port", dest="rest_port", type=int, default=5000,
+                   help="port of the REST API on 127.0.0.1 (default 5000; 0: no REST API)")
+    p.add_argument("--no-writer", dest="writer", action="store_false", help="do not start the writer agent")
+    p.add_argument("--log_level", "--log-level", dest="log_level", default="INFO")
     p.set_defaults(func=cmd_up)
 
 
+def up_services(config_path: Path, broker_url: str, rest_port: int, writer: bool) -> list[Any]:
+    """What ``std-daq up`` runs besides the readout: writer agent (+ h5 writer) and the REST API."""
+    from daq_backend.rest.server import rest_service_spec
+    from daq_backend.supervisor import ServiceSpec
+
+    services = []
+    if writer:
+        services.append(ServiceSpec("writer", argv=(
+            sys.executable, "-m", "daq_backend.writer.agent", str(config_path), "--with-h5-writer",
+            "--broker-url", broker_url)))
+    if rest_port:
+        services.append(rest_service_spec(config_path, rest_port, "--broker-url", broker_url))
+    return services
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    from daq_backend.broker import EmbeddedBrokerHub, resolve_broker_url
+    from daq_backend.broker.transport import DEFAULT_EMBEDDED_NAME, EMBEDDED
     from daq_backend.supervisor import Supervisor
 
     _setup_logging(args.log_level)
-    config = load_config(args.config)
-    supervisor = Supervisor(config, Path(args.config).resolve(), status_interval=args.status_interval)
-    print(f"std-daq: {config.detector_name} up ({len(supervisor.services)} services); "
-          f"`std-daq status {args.config}` shows them; Ctrl-C stops all", file=sys.stderr)
+    config_path = Path(args.config).resolve()
+    config = load_config(config_path)
+    broker_url = resolve_broker_url(args.broker_url)
+    hub: EmbeddedBrokerHub | None = None
+    if broker_url == EMBEDDED or broker_url.startswith(f"{EMBEDDED}://"):
+        name = broker_url.removeprefix(EMBEDDED).removeprefix("://").strip("/") or DEFAULT_EMBEDDED_NAME
+        hub = EmbeddedBrokerHub(name)
+        try:
+            hub.start()
+        except RuntimeError as exc:  # another `std-daq up` owns it: share it
+            logging.getLogger("std-daq").info("%s", exc)
+            hub = None
+        broker_url = f"{EMBEDDED}://{name}"
     try:
+        supervisor = Supervisor(config, config_path, up_services(config_path, broker_url, args.rest_port,
+                                                                 args.writer),
+                                status_interval=args.status_interval)
+        rest = f"REST http://127.0.0.1:{args.rest_port}, " if args.rest_port else ""
+        print(f"std-daq: {config.detector_name} up ({len(supervisor.services)} services; {rest}"
+              f"broker {broker_url}); `std-daq status {args.config}` shows them; Ctrl-C stops all",
+              file=sys.stderr)
         supervisor.run()
     except RuntimeError as exc:
         print(f"std-daq up: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if hub is not None:
+            hub.stop()
     return 0
 
 

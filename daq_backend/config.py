@@ -85,7 +85,8 @@ class DetectorConfig(BaseModel):
         for module, (x0, y0, x1, y1) in self.module_positions.items():
             if not 0 <= module < self.n_modules:
                 raise ValueError(f"module_positions: module {module} is outside 0..{self.n_modules - 1}")
-            for name, v, limit in (("start_x", x0, w), ("end_x", x1, w), ("start_y", y0, h), ("end_y", y1, h)):
+            bounds = (("start_x", x0, w), ("end_x", x1, w), ("start_y", y0, h), ("end_y", y1, h))
+            for name, v, limit in bounds:
                 if not 0 <= v < limit:
                     raise ValueError(
                         f"module_positions[{module}]: {name}={v} lies outside the {h}x{w} image"
@@ -107,7 +108,8 @@ class DetectorConfig(BaseModel):
                 raise ValueError(f"n_modules: gigafrost streams over 8 links, got {self.n_modules}")
             if h % 4 or w % 24:
                 raise ValueError(
-                    f"image_pixel_height/width: gigafrost needs height % 4 == 0 and width % 24 == 0, got {h}x{w}"
+                    "image_pixel_height/width: gigafrost needs height % 4 == 0 and width % 24 == 0, "
+                    f"got {h}x{w}"
                 )
         if self.detector_type is DetectorType.JUNGFRAU and not self.module_positions:
             if (h, w) != (512 * self.n_modules, 1024):

@@ -174,7 +174,10 @@ class RingBuffer:
 
     def _describe(self, i: int, image_id: int) -> str:
         begin, end = int(self._seq[i, 0]), int(self._seq[i, 1])
-        holds = f"id {end - 1}" if end else ("nothing yet" if not begin else f"id {begin - 1} (being written)")
+        if end:
+            holds = f"id {end - 1}"
+        else:
+            holds = "nothing yet" if not begin else f"id {begin - 1} (being written)"
         return f"ring {self.name}: slot {i} no longer holds id {image_id}, it holds {holds}"
 
     # -- lifetime -----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -564,3 +565,7 @@ def writer_agent_main(argv: list[str] | None = None) -> int:
         service.stop()
         transport.close()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(writer_agent_main())

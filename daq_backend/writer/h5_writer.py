@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -438,3 +439,7 @@ def h5_writer_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+
+
+if __name__ == "__main__":
+    sys.exit(h5_writer_main())
