@@ -61,22 +61,35 @@ def add_up(sub: Subparsers) -> None:
     p.add_argument("--rest-port", "--rest_port", dest="rest_port", type=int, default=5000,
                    help="port of the REST API on 127.0.0.1 (default 5000; 0: no REST API)")
     p.add_argument("--no-writer", dest="writer", action="store_false", help="do not start the writer agent")
+    p.add_argument("--detector-control", "--detector_control", default="simulated",
+                   choices=("simulated", "sls", "none"),
+                   help="what the REST API's /detector endpoints drive (default: the built-in simulator)")
+    p.add_argument("--detector-host", "--detector_host", dest="detector_hosts", action="append", default=[],
+                   help="slsdet hostname[:port] of a module (repeatable, or joined with '+')")
+    p.add_argument("--configure-udp", "--configure_udp", action="store_true",
+                   help="point the detector's UDP stream at this DAQ at start-up")
+    p.add_argument("--output-root", "--output_root", dest="output_roots", action="append", default=[],
+                   help="folder writes are confined to (repeatable; default anywhere)")
     p.add_argument("--log_level", "--log-level", dest="log_level", default="INFO")
     p.set_defaults(func=cmd_up)
 
 
-def up_services(config_path: Path, broker_url: str, rest_port: int, writer: bool) -> list[Any]:
+def up_services(args: argparse.Namespace, config_path: Path, broker_url: str) -> list[Any]:
     """What ``std-daq up`` runs besides the readout: writer agent (+ h5 writer) and the REST API."""
     from daq_backend.rest.server import rest_service_spec
     from daq_backend.supervisor import ServiceSpec
 
     services = []
-    if writer:
+    if args.writer:
         services.append(ServiceSpec("writer", argv=(
-            sys.executable, "-m", "daq_backend.writer.agent", str(config_path), "--with-h5-writer",
+            sys.executable, "-m", "daq_backend.cli", "writer-agent", str(config_path), "--with-h5-writer",
             "--broker-url", broker_url)))
-    if rest_port:
-        services.append(rest_service_spec(config_path, rest_port, "--broker-url", broker_url))
+    if args.rest_port:
+        rest_args = ["--broker-url", broker_url, "--detector-control", args.detector_control]
+        rest_args += [f"--detector-host={h}" for h in args.detector_hosts]
+        rest_args += [f"--output-root={r}" for r in args.output_roots]
+        rest_args += ["--configure-udp"] if args.configure_udp else []
+        services.append(rest_service_spec(config_path, args.rest_port, *rest_args))
     return services
 
 
@@ -100,8 +113,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             hub = None
         broker_url = f"{EMBEDDED}://{name}"
     try:
-        supervisor = Supervisor(config, config_path, up_services(config_path, broker_url, args.rest_port,
-                                                                 args.writer),
+        supervisor = Supervisor(config, config_path, up_services(args, config_path, broker_url),
                                 status_interval=args.status_interval)
         rest = f"REST http://127.0.0.1:{args.rest_port}, " if args.rest_port else ""
         print(f"std-daq: {config.detector_name} up ({len(supervisor.services)} services; {rest}"

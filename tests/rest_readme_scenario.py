@@ -132,7 +132,7 @@ def main() -> int:
     config_path = Path("/tmp/eiger.json")
     config_path.write_text(json.dumps(CONFIG))
     config = parse_config(CONFIG)
-    rest = subprocess.Popen([sys.executable, "-m", "daq_backend.rest.server", str(config_path)])
+    rest = subprocess.Popen([sys.executable, "-m", "daq_backend.cli", "rest", str(config_path)])
     assembler = writer = transport = None
     try:
         wait_until(lambda: requests.get(f"{BASE}/health").ok, "the REST API (and its embedded broker hub)")

@@ -78,7 +78,7 @@ def test_rest_main_serves_starts_its_broker_hub_and_stops_on_sigterm(ipc_env: st
     hub = f"rm-{uuid.uuid4().hex[:8]}"
     port = free_tcp_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daq_backend.rest.server", str(write_config(tmp_path, config)),
+        [sys.executable, "-m", "daq_backend.cli", "rest", str(write_config(tmp_path, config)),
          "--rest-port", str(port), "--broker-url", f"embedded://{hub}", "--alias", "JF1M",
          "--output-root", str(tmp_path)],
         cwd=REPO,

@@ -294,6 +294,10 @@ def test_slow_receiver_is_reported_never_corrupted(tmp_path: Path, monkeypatch: 
         torn_at_a = sender1["torn"] - sender0["torn"]
         assert torn_at_a >= 1
         assert delta("torn") <= torn_at_a <= delta("torn") + delta("overrun")
+        # After the stall B replicates normally again: a few paced images are published intact.
+        rig.publish_paced(list(range(next_id, next_id + 3)), window=2)
+        next_id += 3
+        rig.settled(sender)
         # Whatever B published is exactly what the producer wrote under that id.
         ring_b = rig.ring_b()
         watcher.drain()

@@ -170,7 +170,8 @@ def test_std_daq_up_status_and_sigterm(ipc_env: str, capsys: pytest.CaptureFixtu
     path.write_text(json.dumps(config.to_json_dict()))
     status_path = Path(ipc.status_file(config.detector_name))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daq_backend.cli", "up", str(path), "--status-interval", "0.2"],
+        [sys.executable, "-m", "daq_backend.cli", "up", str(path), "--status-interval", "0.2", "--no-writer",
+         "--rest-port", "0"],
         env=dict(os.environ, STD_DAQ_IPC_DIR=ipc_env),
     )
     try:
@@ -191,7 +192,8 @@ def test_std_daq_up_status_and_sigterm(ipc_env: str, capsys: pytest.CaptureFixtu
         assert cli_main(["status", "--json"]) == 0
         listed = json.loads(capsys.readouterr().out)
         assert [s["detector"] for s in listed] == [config.detector_name]
-        assert cli_main(["up", str(path)]) == 1  # a second instance must not take the detector over
+        # a second instance must not take the detector over
+        assert cli_main(["up", str(path), "--no-writer", "--rest-port", "0"]) == 1
         assert "already up" in capsys.readouterr().err
         assert status_path.exists()
     finally:
@@ -214,7 +216,8 @@ def test_children_die_with_a_killed_supervisor_and_status_says_stale(
     path.write_text(json.dumps(config.to_json_dict()))
     status_path = Path(ipc.status_file(config.detector_name))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daq_backend.cli", "up", str(path), "--status-interval", "0.2"],
+        [sys.executable, "-m", "daq_backend.cli", "up", str(path), "--status-interval", "0.2", "--no-writer",
+         "--rest-port", "0"],
         env=dict(os.environ, STD_DAQ_IPC_DIR=ipc_env),
     )
     try:

@@ -372,7 +372,8 @@ def rest_argv(config_path: str | Path, port: int = DEFAULT_PORT, *extra: str) ->
     return (
         sys.executable,
         "-m",
-        "daq_backend.rest.server",
+        "daq_backend.cli",
+        "rest",
         str(config_path),
         "--rest-port",
         str(port),

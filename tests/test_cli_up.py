@@ -1,0 +1,102 @@
+"""``std-daq up`` as a user runs it: readout, writer agent and REST API of one detector on the embedded
+broker; ``std-daq write`` from another process reaches it with no flags; Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import requests
+
+from daq_backend import ipc
+from daq_backend.simulator.pattern import expected_image
+from daq_backend.supervisor import read_status
+from tests.readout_fixtures import assert_no_leftovers, ipc_env, make_config, wait_for  # noqa: F401
+
+CLI = (sys.executable, "-m", "daq_backend.cli")
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=5).ok
+    except requests.ConnectionError:
+        return False
+
+
+def test_up_serves_cli_and_rest_writes_then_stops_cleanly(ipc_env: str, tmp_path: Path) -> None:  # noqa: F811
+    config = make_config("jungfrau", frame_ring_slots=64, image_ring_slots=64)
+    path = tmp_path / "detector.json"
+    path.write_text(json.dumps(config.to_json_dict()))
+    port = free_tcp_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, STD_DAQ_IPC_DIR=ipc_env)
+    up = subprocess.Popen([*CLI, "up", str(path), "--rest-port", str(port), "--status-interval", "0.2"],
+                          env=env)
+    sender: subprocess.Popen[bytes] | None = None
+    child_pids: list[int] = []
+    try:
+        status_path = ipc.status_file(config.detector_name)
+
+        def services_up() -> list[int] | None:
+            if not os.path.exists(status_path):
+                return None
+            services = read_status(status_path)["services"]
+            names = {s["name"] for s in services}
+            if names == {"receiver-0", "assembler", "writer", "rest"} and all(s["alive"] for s in services):
+                return [s["pid"] for s in services]
+            return None
+
+        child_pids = wait_for(services_up, 120, "receiver, assembler, writer and rest alive")
+        wait_for(lambda: healthy(url), 120, "REST API healthy")
+
+        # the detector runs continuously; every write takes the next N images, whatever their ids
+        sender = subprocess.Popen([*CLI, "simulate", str(path), "--rate", "40", "--n-images", "1000000",
+                                   "--no-progress"], env=env, stdout=subprocess.DEVNULL)
+        cli_file = tmp_path / "cli.h5"
+        done = subprocess.run([*CLI, "write", "--n-images", "8", "--output", str(cli_file), "--no-progress",
+                               "--timeout", "120"], env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        rest_file = tmp_path / "rest.h5"
+        answer = requests.post(f"{url}/write_sync", json={"output_file": str(rest_file), "n_images": 5},
+                               timeout=180)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["response"]["state"] == "completed"
+
+        for file, n in ((cli_file, 8), (rest_file, 5)):
+            with h5py.File(file, "r") as f:
+                assert f.attrs["status"] == "completed"
+                ids = f["/entry/data/image_id"][:]
+                assert len(ids) == n and np.all(np.diff(ids.astype(np.int64)) == 1)
+                assert np.all(f["/entry/data/status"][:] == 0)
+                data = f["/entry/data/data"]
+                for row, image_id in enumerate(ids):
+                    np.testing.assert_array_equal(data[row], expected_image(config, int(image_id)))
+    finally:
+        if sender is not None:
+            sender.kill()
+            sender.wait(30)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0
+    assert child_pids and not any(pid_alive(p) for p in child_pids)
+    assert_no_leftovers(config, ipc_env)
