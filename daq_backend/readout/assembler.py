@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ from daq_backend import ipc
 from daq_backend.config import DetectorConfig, load_config
 from daq_backend.detectors import layout_for
 from daq_backend.formats import DTYPE_CODES, ImageMetadata, ImageStatus, ModuleFrame
-from daq_backend.ram_buffer import RingBuffer, SlotOverwritten, shm_path
+from daq_backend.ram_buffer import AttachedRing, RingBuffer, SlotOverwritten
 from daq_backend.readout.receiver import MAX_FRAME_GAP
 from daq_backend.readout.sync import Accepted, Release, SyncedImage, Synchroniser
 from daq_backend.stats import Counters, StatsReporter, service_name
@@ -71,46 +70,6 @@ class AssemblerStats(Counters):
     last_image_id: int = 0
 
 
-class _FrameRing:
-    """A receiver's frame ring as seen by the assembler; re-attached when a restarted receiver
-    replaced the segment (a new inode), so a receiver restart heals without restarting us."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.ring: RingBuffer | None = None
-        self.inode = 0
-
-    def get(self) -> RingBuffer | None:
-        if self.ring is None:
-            self._attach()
-        return self.ring
-
-    def refreshed(self) -> bool:
-        """Re-attach if the segment on disk is not the one mapped; True if that changed anything."""
-        try:
-            inode = os.stat(shm_path(self.name)).st_ino
-        except FileNotFoundError:
-            return False
-        if self.ring is not None and inode == self.inode:
-            return False
-        self.close()
-        self._attach()
-        return self.ring is not None
-
-    def _attach(self) -> None:
-        try:
-            inode = os.stat(shm_path(self.name)).st_ino
-            self.ring = RingBuffer.attach(self.name, timeout=0)
-            self.inode = inode
-        except FileNotFoundError:
-            self.ring = None
-
-    def close(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-
-
 class ImageAssembler:
     """One per detector; owns the image ring. ``run()`` blocks until ``stop()``."""
 
@@ -132,7 +91,7 @@ class ImageAssembler:
         self._dtype_code = DTYPE_CODES[config.image_dtype]
         layout.prepare()
         self._frame_rings = {
-            m: _FrameRing(ipc.frame_ring_name(config.detector_name, m)) for m in self.required
+            m: AttachedRing(ipc.frame_ring_name(config.detector_name, m)) for m in self.required
         }
         self._write_seq = 0
         self._last_frame_index: int | None = None

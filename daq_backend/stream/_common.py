@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import zmq
 from zmq.utils.monitor import recv_monitor_message
-
-from daq_backend.ram_buffer import RingBuffer, shm_path
 
 
 def set_liveness(sock: zmq.Socket, heartbeat_ms: int = 1000) -> None:
@@ -53,39 +49,3 @@ class PeerMonitor:
 
     def close(self) -> None:
         self.socket.close(linger=0)
-
-
-class AttachedRing:
-    """A ring this process reads but does not own; re-attached when the producer re-created the
-    segment (a new inode after a restart), so a producer restart heals without restarting us."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.ring: RingBuffer | None = None
-        self._inode = 0
-
-    def get(self, timeout: float = 0.0) -> RingBuffer | None:
-        if self.ring is None:
-            try:
-                inode = os.stat(shm_path(self.name)).st_ino
-                self.ring = RingBuffer.attach(self.name, timeout=timeout)
-                self._inode = inode
-            except FileNotFoundError:
-                self.ring = None
-        return self.ring
-
-    def refreshed(self) -> bool:
-        """Re-attach if the segment on disk is not the mapped one; True if the mapping changed."""
-        try:
-            inode = os.stat(shm_path(self.name)).st_ino
-        except FileNotFoundError:
-            return False
-        if self.ring is not None and inode == self._inode:
-            return False
-        self.close()
-        return self.get() is not None
-
-    def close(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None

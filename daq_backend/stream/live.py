@@ -28,9 +28,8 @@ import zmq
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, load_config
 from daq_backend.formats import Encoding, ImageMetadata, ImageStatus
-from daq_backend.ram_buffer import SlotOverwritten
+from daq_backend.ram_buffer import AttachedRing, SlotOverwritten
 from daq_backend.stats import Counters, StatsReporter, service_name
-from daq_backend.stream._common import AttachedRing
 from daq_backend.supervisor import run_service
 
 log = logging.getLogger(__name__)

@@ -33,9 +33,9 @@ import zmq
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, load_config
 from daq_backend.formats import Encoding, ImageMetadata
-from daq_backend.ram_buffer import SLOT_META_BYTES, SlotOverwritten
+from daq_backend.ram_buffer import SLOT_META_BYTES, AttachedRing, SlotOverwritten
 from daq_backend.stats import Counters, StatsReporter, service_name
-from daq_backend.stream._common import AttachedRing, PeerMonitor, set_liveness
+from daq_backend.stream._common import PeerMonitor, set_liveness
 from daq_backend.stream.wire import Kind, StreamHeader, pack_seqs
 from daq_backend.supervisor import run_service
 
