@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from daq_backend.validation import explain
+
 JUNGFRAU_MODULE_SHAPE = (512, 1024)  # rows, columns of one Jungfrau module
 EIGER_HALF_MODULE_SHAPE = (256, 512)  # rows, columns of one Eiger UDP "module" (half module)
 
@@ -160,15 +162,6 @@ class DetectorConfig(BaseModel):
         return data
 
 
-def _explain(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if not msg.startswith(loc) else msg)
-    return "; ".join(parts)
-
-
 def parse_config(data: dict[str, Any]) -> DetectorConfig:
     """Validate a detector config dict; raises ConfigError naming each bad field."""
     if not isinstance(data, dict):
@@ -176,7 +169,7 @@ def parse_config(data: dict[str, Any]) -> DetectorConfig:
     try:
         return DetectorConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid detector config: {_explain(exc)}") from None
+        raise ConfigError(f"invalid detector config: {explain(exc, 'config')}") from None
 
 
 def load_config(path: str | Path) -> DetectorConfig:

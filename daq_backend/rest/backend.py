@@ -47,6 +47,7 @@ from daq_backend.control.base import (
     ParameterError,
 )
 from daq_backend.rest.models import FINAL_STATES, DetectorRequest, RequestState
+from daq_backend.validation import explain as explain_validation
 from daq_backend.writer.request import RequestError, WriteRequest, output_roots_from_env, parse_write_request
 
 _logger = logging.getLogger(__name__)
@@ -1001,19 +1002,6 @@ class DaqBackend:
 
 def _new_request_id() -> str:
     return str(uuid.uuid4())
-
-
-def explain_validation(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            msg = "missing (required)"
-        elif err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
 
 
 @contextlib.contextmanager

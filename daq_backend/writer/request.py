@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from daq_backend.validation import explain
+
 #: ``:``-separated list of folders outside which no file may be written (unset: anywhere).
 OUTPUT_ROOTS_ENV = "STD_DAQ_OUTPUT_ROOTS"
 #: Attribute names of ``/entry`` that the file layout itself uses.
@@ -140,19 +142,6 @@ def check_output_file(path: Path, *, overwrite: bool, roots: list[Path] | None) 
     probe.unlink(missing_ok=True)
 
 
-def _explain(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            msg = "missing (required)"
-        elif err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
 def parse_write_request(
     body: Any, *, output_roots: list[Path] | None = None, check_filesystem: bool = True
 ) -> WriteRequest:
@@ -170,4 +159,4 @@ def parse_write_request(
     try:
         return WriteRequest.model_validate(body, context=context)
     except ValidationError as exc:
-        raise RequestError(f"invalid write request: {_explain(exc)}") from None
+        raise RequestError(f"invalid write request: {explain(exc)}") from None
