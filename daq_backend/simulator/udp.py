@@ -16,34 +16,19 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from daq_backend.linux_abi import UIO_MAXIOV, MMsgHdr, MsgHdr, libc_function
+
 log = logging.getLogger(__name__)
 
-#: Linux UIO_MAXIOV: most messages one sendmmsg call accepts
-MAX_BATCH = 1024
+MAX_BATCH = UIO_MAXIOV
 _RETRY_ERRNOS = {errno.EAGAIN, errno.ENOBUFS, errno.EINTR}
 #: seconds a send may keep failing with a transient error before it is reported
 STALL_LIMIT = 5.0
-
-
-class _MsgHdr(ctypes.Structure):
-    _fields_ = [
-        ("name", ctypes.c_void_p),
-        ("namelen", ctypes.c_uint32),
-        ("iov", ctypes.c_void_p),
-        ("iovlen", ctypes.c_size_t),
-        ("control", ctypes.c_void_p),
-        ("controllen", ctypes.c_size_t),
-        ("flags", ctypes.c_int),
-    ]
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = [("hdr", _MsgHdr), ("len", ctypes.c_uint)]
 
 
 class _SockAddrIn(ctypes.Structure):
@@ -66,25 +51,14 @@ def _struct_dtype(struct: type[ctypes.Structure], names: Sequence[str]) -> np.dt
 
 
 #: numpy views of the C structs (pointer-sized fields as unsigned integers)
-MSGHDR_DTYPE = _struct_dtype(_MsgHdr, ["name", "namelen", "iov", "iovlen"])
+MSGHDR_DTYPE = _struct_dtype(MsgHdr, ["name", "namelen", "iov", "iovlen"])
 MMSGHDR_DTYPE = np.dtype({"names": ["hdr"], "formats": [MSGHDR_DTYPE], "offsets": [0],
-                          "itemsize": ctypes.sizeof(_MMsgHdr)})
+                          "itemsize": ctypes.sizeof(MMsgHdr)})
 IOVEC_DTYPE = np.dtype([("base", "<u8"), ("len", "<u8")])
 assert IOVEC_DTYPE.itemsize == 2 * ctypes.sizeof(ctypes.c_void_p)
 
 
-def _load_sendmmsg() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sendmmsg
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SENDMMSG = _load_sendmmsg()
+_SENDMMSG = libc_function("sendmmsg", [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int])
 
 
 def address_of(buf: np.ndarray) -> int:
