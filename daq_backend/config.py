@@ -7,6 +7,7 @@ Accepts both the Era B names (``image_height``/``image_width``) and the later on
 from __future__ import annotations
 
 import json
+import logging
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from daq_backend.validation import explain
+
+_log = logging.getLogger(__name__)
 
 JUNGFRAU_MODULE_SHAPE = (512, 1024)  # rows, columns of one Jungfrau module
 EIGER_HALF_MODULE_SHAPE = (256, 512)  # rows, columns of one Eiger UDP "module" (half module)
@@ -167,9 +170,14 @@ def parse_config(data: dict[str, Any]) -> DetectorConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a JSON object, got {type(data).__name__}")
     try:
-        return DetectorConfig.model_validate(data)
+        config = DetectorConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"invalid detector config: {explain(exc, 'config')}") from None
+    unknown = sorted(config.model_extra or {})
+    if unknown:  # kept (seed files carry fields of other services), but a typo must not pass unseen
+        _log.warning("detector config %s: ignoring unknown field(s) %s", config.detector_name,
+                     ", ".join(unknown))
+    return config
 
 
 def load_config(path: str | Path) -> DetectorConfig:

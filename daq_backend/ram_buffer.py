@@ -50,7 +50,9 @@ class RingBuffer:
     def __init__(self, name: str, fd: int, owner: bool) -> None:
         self.name = name
         self.owner = owner
-        size = os.fstat(fd).st_size
+        stat = os.fstat(fd)
+        size = stat.st_size
+        self.inode = stat.st_ino  # a re-created ring is a new file: readers compare inodes to notice
         self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         os.close(fd)
         magic, self.n_slots, self.slot_nbytes, data_offset, self.slot_stride = RING_HEADER.unpack_from(
@@ -78,16 +80,20 @@ class RingBuffer:
         stride = _align(slot_nbytes, 64)
         data_offset = _align(RING_HEADER_BYTES + n_slots * SLOT_HEADER_BYTES, _PAGE)
         size = _align(data_offset + n_slots * stride, _PAGE)
-        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o660)
+        # Built under a temporary name and renamed into place: readers never see a half-made ring, and
+        # a re-created ring is a new file (new inode) while old readers keep their intact mapping.
+        building = path.with_name(f".{name}.{os.getpid()}.creating")
+        fd = os.open(building, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o660)
         try:
             os.ftruncate(fd, size)
             # Allocate every page now: a page first touched during an acquisition costs a fault
             # (~0.5 ms per MiB in a VM), which showed up as lost frames in the first pass of a ring.
             os.posix_fallocate(fd, 0, size)
             os.pwrite(fd, RING_HEADER.pack(MAGIC, n_slots, slot_nbytes, data_offset, stride), 0)
+            os.rename(building, path)
         except OSError as exc:
             os.close(fd)
-            path.unlink(missing_ok=True)
+            building.unlink(missing_ok=True)
             if exc.errno == errno.ENOSPC:  # without fallocate this would be a SIGBUS mid-acquisition
                 raise OSError(exc.errno, f"ring {name}: /dev/shm has no room for {size >> 20} MiB ({n_slots} "
                               f"slots of {slot_nbytes} bytes); free space or use fewer slots") from None
@@ -102,11 +108,11 @@ class RingBuffer:
         while True:
             try:
                 fd = os.open(path, os.O_RDWR)
-                if os.fstat(fd).st_size >= RING_HEADER_BYTES:
-                    head = os.pread(fd, 8, 0)
-                    if head == MAGIC:
-                        return cls(name, fd, owner=False)
-                os.close(fd)
+                if os.fstat(fd).st_size >= RING_HEADER_BYTES and os.pread(fd, 8, 0) == MAGIC:
+                    return cls(name, fd, owner=False)
+                os.close(fd)  # rings appear complete (renamed into place): this is something else
+                raise ValueError(f"/dev/shm/{name} is not a std-daq ring (bad magic or too short); remove "
+                                 "it or choose another detector name")
             except FileNotFoundError:
                 pass
             if deadline is not None and time.monotonic() >= deadline:
@@ -168,10 +174,13 @@ class RingBuffer:
         return data
 
     def meta(self, image_id: int, nbytes: int) -> bytes:
+        """The slot's metadata bytes, checked like ``read`` (never half of a newer id's)."""
         i = image_id % self.n_slots
-        if self._seq[i, 1] != image_id + 1:
+        if not self.holds(image_id):
             raise SlotOverwritten(self._describe(i, image_id))
-        return bytes(self._meta[i, :nbytes])
+        data = bytes(self._meta[i, :nbytes])
+        self.check(image_id)
+        return data
 
     def newest_id(self) -> int | None:
         """Highest completely written id in the ring, if any."""
@@ -218,13 +227,13 @@ class AttachedRing:
         self._inode = 0
 
     def get(self, timeout: float = 0.0) -> RingBuffer | None:
+        """The mapped ring, attaching first (waiting up to ``timeout`` s for it to exist); else None."""
         if self.ring is None:
             try:
-                inode = os.stat(shm_path(self.name)).st_ino
                 self.ring = RingBuffer.attach(self.name, timeout=timeout)
-                self._inode = inode
             except FileNotFoundError:
-                self.ring = None
+                return None
+            self._inode = self.ring.inode
         return self.ring
 
     def refreshed(self) -> bool:

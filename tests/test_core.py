@@ -583,8 +583,8 @@ def test_attach_waits_for_producer(ring_name, rings) -> None:
 def test_attach_refuses_file_that_is_not_a_ring(ring_name) -> None:
     path = shm_path(ring_name)
     path.write_bytes(b"NOTARING" + b"\0" * (2 * RING_HEADER_BYTES))
-    with pytest.raises(FileNotFoundError):
-        RingBuffer.attach(ring_name, timeout=0)
+    with pytest.raises(ValueError, match="is not a std-daq ring"):
+        RingBuffer.attach(ring_name, timeout=None)  # refused at once, not waited for
     # The constructor itself checks the magic too.
     fd = os.open(path, os.O_RDWR)
     with pytest.raises(ValueError, match="is not a std-daq ring"):
@@ -594,8 +594,41 @@ def test_attach_refuses_file_that_is_not_a_ring(ring_name) -> None:
 
 def test_attach_refuses_truncated_file(ring_name) -> None:
     shm_path(ring_name).write_bytes(MAGIC)  # right magic, but shorter than the ring header
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="too short"):
         RingBuffer.attach(ring_name, timeout=0)
+
+
+def test_recreating_a_ring_after_a_crash_gives_a_new_file(ring_name, rings) -> None:
+    """An owner killed without unlinking: its successor's ring is a new file (new inode), readers of
+    the old one keep an intact mapping and AttachedRing notices the change."""
+    first = RingBuffer.create(ring_name, slot_nbytes=16, n_slots=4)
+    first.write(0, b"1" * 16)
+    attached = AttachedRing(ring_name)
+    old = attached.get()
+    assert old is not None
+    try:
+        second = RingBuffer.create(ring_name, slot_nbytes=64, n_slots=8)  # no unlink in between
+        rings.append(second)
+        assert second.inode != old.inode
+        assert old.read(0) == b"1" * 16  # the old mapping is untouched (no truncation, no SIGBUS)
+        assert attached.refreshed() is True
+        assert attached.ring is not None and attached.ring.slot_nbytes == 64
+        assert [p.name for p in shm_path(ring_name).parent.glob(f".{ring_name}.*")] == []
+    finally:
+        first.owner = False  # its file was replaced: do not unlink the successor's
+        first.close()
+        attached.close()
+
+
+def test_attached_ring_get_waits_for_the_ring(ring_name, rings) -> None:
+    attached = AttachedRing(ring_name)
+    timer = threading.Timer(0.2, lambda: rings.append(RingBuffer.create(ring_name, 16, 4)))
+    timer.start()
+    try:
+        assert attached.get(timeout=30) is not None
+    finally:
+        timer.join()
+        attached.close()
 
 
 def test_attached_ring_reattaches_after_recreate(ring_name, rings) -> None:

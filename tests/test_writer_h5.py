@@ -224,6 +224,7 @@ def test_a_new_start_supersedes_an_unfinished_run_and_stop_interrupts(rig: Rig, 
     assert superseded["status"] == "interrupted" and "superseded" in superseded["message"]
     driver.event("started", rid2)
     driver.send(StoreOp.WRITE, rid1, str(first), 5, 1, assembler.metadata(1))  # stale run: dropped
+    wait_until(lambda: writer.stats.dropped_messages == 1, "the stale message to be dropped")
     writer.stop()
     with h5py.File(first, "r") as h5:
         assert h5.attrs["status"] == "interrupted" and h5.attrs["n_written"] == 1
