@@ -64,6 +64,21 @@ def free_udp_base(n: int) -> int:
     raise RuntimeError(f"no {n} consecutive free UDP ports found")
 
 
+def free_tcp_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def make_config(detector_type: str = "jungfrau", n_modules: int = 1, **fields: Any) -> DetectorConfig:
     """A detector with a unique name and free ports, rings that hold a whole test's images (threads
     of one process share the GIL: a burst is received faster than assembled) and a generous sync

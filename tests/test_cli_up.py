@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,30 +17,23 @@ import requests
 from daq_backend import ipc
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.supervisor import read_status
-from tests.readout_fixtures import assert_no_leftovers, ipc_env, make_config, wait_for  # noqa: F401
+from tests.readout_fixtures import (  # noqa: F401
+    assert_no_leftovers,
+    free_tcp_port,
+    ipc_env,
+    make_config,
+    pid_alive,
+    wait_for,
+)
+from tests.test_rest_server import healthy
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
-def healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/health", timeout=5).ok
-    except requests.ConnectionError:
-        return False
 
 
 def test_up_serves_cli_and_rest_writes_then_stops_cleanly(ipc_env: str, tmp_path: Path) -> None:  # noqa: F811

@@ -21,7 +21,7 @@ from daq_backend.broker.embedded_hub import hub_is_running
 from daq_backend.config import DetectorConfig
 from daq_backend.rest.server import RestServer, rest_main, rest_service_spec
 from daq_backend.supervisor import Supervisor
-from tests.readout_fixtures import ipc_env, make_config, wait_for
+from tests.readout_fixtures import free_tcp_port, ipc_env, make_config, wait_for
 
 __all__ = ["ipc_env"]
 
@@ -42,10 +42,6 @@ DETECTOR_KEYS = {
 }
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(tmp_path: Path, config: DetectorConfig) -> Path:

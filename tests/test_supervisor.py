@@ -23,17 +23,18 @@ from daq_backend.ram_buffer import RingBuffer
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.simulator.sender import DetectorSimulator
 from daq_backend.supervisor import ServiceSpec, Supervisor, read_status
-from tests.readout_fixtures import assert_no_leftovers, ipc_env, make_config, shm_segments, wait_for
+from tests.readout_fixtures import (
+    assert_no_leftovers,
+    ipc_env,
+    make_config,
+    pid_alive,
+    shm_segments,
+    wait_for,
+)
 
 __all__ = ["ipc_env"]
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def sleep_forever() -> None:
