@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -171,9 +172,16 @@ def test_readme_examples_verbatim(tmp_path: Path) -> None:
     ``http://127.0.0.1:5000``, files in ``/tmp/test.h5``. Private mount, network and pid namespaces
     give the run its own 127.0.0.1:5000, /tmp and /dev/shm (nothing leaks; nothing is left behind)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STD_DAQ_", "BROKER_"))}
+    # A checkout or venv under /tmp (e.g. CI's clone) stays visible: the old /tmp is kept under /mnt
+    # and those folders are bind-mounted back into the private /tmp.
+    keep = sorted({str(p) for p in (Path(REPO).resolve(), Path(sys.prefix).resolve())
+                   if p.is_relative_to("/tmp")})
+    rebind = "".join(f" && mkdir -p {shlex.quote(p)} && mount --bind /mnt/host-tmp/"
+                     f"{shlex.quote(str(Path(p).relative_to('/tmp')))} {shlex.quote(p)}" for p in keep)
     script = (
-        "ip link set lo up && mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /dev/shm "
-        '&& exec "$0" -m tests.rest_readme_scenario'
+        "ip link set lo up && mount -t tmpfs tmpfs /mnt && mkdir /mnt/host-tmp "
+        "&& mount --bind /tmp /mnt/host-tmp && mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /dev/shm"
+        f'{rebind} && exec "$0" -m tests.rest_readme_scenario'
     )
     command = ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--propagation", "private",
                "sh", "-c", script, sys.executable]  # fmt: skip
