@@ -73,6 +73,8 @@ class ImageStatus(IntEnum):
     GOOD = 0
     MISSING_PACKETS = 1
     ID_MISMATCH = 2
+    #: set by the writer only: the ring slot was overwritten before the image reached the file
+    LOST = 3
 
 
 #: Era B ``ImageMetadata.dtype`` codes: bytes per pixel for integers; SDS's float codes.

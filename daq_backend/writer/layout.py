@@ -56,6 +56,7 @@ import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for readers an
 import numpy as np
 
 from daq_backend.config import DetectorConfig
+from daq_backend.formats import ImageStatus
 from daq_backend.writer.compression import BitshuffleLZ4, dataset_filter
 
 ENTRY = "/entry"
@@ -68,8 +69,8 @@ N_WRITTEN = "/entry/data/n_written"
 INSTRUMENT = "/entry/instrument"
 DETECTOR = "/entry/instrument/detector"
 
-#: Per-image status values beyond ``formats.ImageStatus`` (0 good, 1 missing packets, 2 id mismatch).
-STATUS_LOST = 3
+STATUS_LOST = int(ImageStatus.LOST)
+#: fill value of the status dataset: a row that was never written
 STATUS_NOT_WRITTEN = 255
 
 FILE_WRITING = "writing"
