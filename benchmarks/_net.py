@@ -87,3 +87,21 @@ def free_udp_base(n: int, rng: random.Random | None = None) -> int:
         if all(_bind_free(p) for p in range(base, base + n)):
             return base
     raise RuntimeError(f"no {n} consecutive free UDP ports found")
+
+
+def free_udp_port() -> int:
+    """A UDP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def udp_drops(port: int) -> int:
+    """Datagrams the kernel dropped on the 127.0.0.1:``port`` socket (last column of /proc/net/udp)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/udp") as f:
+        for line in f.read().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == want:
+                return int(fields[-1])
+    return 0

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import psutil
 import zmq
+from _net import free_udp_port, udp_drops
+from _procmon import machine_busy_seconds
 
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, parse_config
@@ -58,25 +60,10 @@ def _cpu(pid: int) -> float:
     return t.user + t.system
 
 
-def _machine_busy() -> float:
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def udp_drops(port: int) -> int:
-    """Datagrams the kernel dropped on the 127.0.0.1:``port`` socket (last column of /proc/net/udp)."""
-    want = f"0100007F:{port:04X}"
-    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == want:
-            return int(fields[-1])
-    return 0
 
 
 def _send(config_json: str, rate: float, n_images: int | None, start_id: int, duration: float,
@@ -153,7 +140,7 @@ class MetadataCollector:
 
 def loopback_limit(config: DetectorConfig, duration: float) -> dict[str, Any]:
     """The simulator at full speed into a bound socket nobody reads."""
-    port = _free_port()
+    port = free_udp_port()
     cfg = config.model_copy(update={"start_udp_port": port})
     frame_bytes = layout_for(cfg).frame_nbytes
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as drain:
@@ -209,12 +196,12 @@ class ReadoutRig:
         self.next_id = last + 1
         port = self.config.udp_port(0)
         cpu0 = {name: _cpu(pid) for name, pid in self.pids.items()}
-        busy0, drops0, c0 = _machine_busy(), udp_drops(port), self.counters()
+        busy0, drops0, c0 = machine_busy_seconds(), udp_drops(port), self.counters()
         sent = run_sender(self.config, rate, n, first)
         self.collector.wait_for(last, self.config.module_sync_timeout + 5.0)
         time.sleep(1.0)  # let a final stats report of each process arrive
         cpu1 = {name: _cpu(pid) for name, pid in self.pids.items()}
-        busy1, drops1, c1 = _machine_busy(), udp_drops(port), self.counters()
+        busy1, drops1, c1 = machine_busy_seconds(), udp_drops(port), self.counters()
         got = [self.collector.seen.get(i) for i in range(first, last + 1)]
         good = sum(1 for g in got if g is not None and g[0] == ImageStatus.GOOD)
         flagged = sum(1 for g in got if g is not None and g[0] != ImageStatus.GOOD)
@@ -279,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ["STD_DAQ_IPC_DIR"] = tempfile.mkdtemp(prefix="sdqb", dir="/tmp")
-    port = _free_port()
+    port = free_udp_port()
     config = parse_config({
         "detector_name": f"bench{uuid.uuid4().hex[:6]}", "detector_type": "jungfrau", "n_modules": 1,
         "bit_depth": 16, "image_pixel_height": 512, "image_pixel_width": 1024, "start_udp_port": port,

@@ -16,38 +16,21 @@ import argparse
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import psutil
 import zmq
+from _net import free_udp_port, udp_drops
 
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, parse_config
 from daq_backend.formats import ModuleFrame
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def udp_drops(port: int) -> int:
-    """Datagrams the kernel dropped on the 127.0.0.1:``port`` socket (last column of /proc/net/udp)."""
-    want = f"0100007F:{port:04X}"
-    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == want:
-            return int(fields[-1])
-    return 0
 
 
 def _receiver(config_json: str, batch: int, coalesce: float | None, rcvbuf: int | None, ipc_dir: str,
@@ -77,7 +60,7 @@ def run_once(batch: int, frames: int, rate: float, coalesce: float | None = None
 
     ipc_dir = tempfile.mkdtemp(prefix="sdqb", dir="/tmp")
     os.environ["STD_DAQ_IPC_DIR"] = ipc_dir
-    port = _free_port()
+    port = free_udp_port()
     config = parse_config({
         "detector_name": f"b{uuid.uuid4().hex[:8]}", "detector_type": "jungfrau", "n_modules": 1,
         "bit_depth": 16, "image_pixel_height": 512, "image_pixel_width": 1024,
