@@ -54,6 +54,8 @@ class H5Count:
     incomplete: int
     missing_ids: int
     duplicate_ids: int
+    #: rows by ``status`` value that is not 0 (formats.ImageStatus: 1 missing packets, 3 lost in the ring)
+    bad_status: dict[int, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_arrays(cls, image_ids: np.ndarray, status: np.ndarray, expected: range) -> H5Count:
@@ -63,9 +65,11 @@ class H5Count:
         wanted = np.isin(ids, np.asarray(expected, dtype=np.int64))
         unique_good = np.unique(ids[wanted & (st == 0)])
         present = np.unique(ids[wanted])
+        values, counts = np.unique(st[st != 0], return_counts=True)
         return cls(rows=int(ids.size), good=int(unique_good.size), incomplete=int((wanted & (st != 0)).sum()),
                    missing_ids=len(expected) - int(present.size),
-                   duplicate_ids=int(ids.size - np.unique(ids).size))
+                   duplicate_ids=int(ids.size - np.unique(ids).size),
+                   bad_status={int(v): int(c) for v, c in zip(values, counts, strict=True)})
 
 
 def read_h5_counts(path: Path, expected: range) -> H5Count:

@@ -83,10 +83,12 @@ from _sls import (  # noqa: E402
     scalar,
     sls_frames_on_disk,
 )
+from _vmmem import backed_memory  # noqa: E402
 
 from daq_backend.broker import EmbeddedBrokerHub  # noqa: E402
 from daq_backend.config import DetectorConfig, load_config, parse_config  # noqa: E402
 from daq_backend.control.virtual import SlsReceiverProcess  # noqa: E402
+from daq_backend.formats import ImageStatus  # noqa: E402
 
 log = logging.getLogger("bench_pipeline")
 
@@ -133,6 +135,8 @@ class Plan:
     multi_max_bytes: int
     multi_max_steps: int
     work_root: Path
+    vm_memory: str = "backed"
+    touch_gib: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def points(self) -> list[tuple[float, int, bool]]:
@@ -180,6 +184,10 @@ class PipelineBenchmark:
             self.monitor.add("harness", os.getpid())
             self.hub = EmbeddedBrokerHub(f"bench-{uuid.uuid4().hex[:8]}")
             self.hub.start()
+            if plan.vm_memory == "backed":
+                self.facts["vm_memory"] = stack.enter_context(backed_memory(plan.touch_gib, plan.work_root))
+            else:
+                self.facts["vm_memory"] = "as the machine has it (no change)"
             try:
                 for buffer in plan.buffers:
                     target = None if buffer == "default" else plan.large_rmem_max
@@ -441,6 +449,9 @@ class PipelineBenchmark:
             result.kernel_drops, result.rcvbuf = stats.drops, stats.rcvbuf
         if counts.duplicate_ids:
             result.notes.append(f"{counts.duplicate_ids} duplicate image ids in the file")
+        if counts.bad_status:
+            result.notes.append("rows by bad status: " + ", ".join(
+                f"{ImageStatus(s).name.lower()} {n}" for s, n in sorted(counts.bad_status.items())))
 
     def _jungfrau(self) -> VirtualJungfrau:
         self._ensure_jungfrau()
@@ -566,12 +577,19 @@ class GrowthWatcher:
         self._thread.join(5)
 
 
+#: Our rings hold as many frames as slsReceiver's fifo (``rx_fifodepth`` 2500 for Jungfrau): the same
+#: memory to absorb a writer that falls behind. The receiver (realtime priority) is rarely behind, so
+#: most of it is image ring, where the writer's backlog waits.
+FRAME_RING_SLOTS, IMAGE_RING_SLOTS = 500, 2000
+
+
 def jungfrau_config() -> DetectorConfig:
     """A one-module Jungfrau as the virtual server sends it, under a fresh name and UDP port."""
     return parse_config({
         "detector_name": f"bench{uuid.uuid4().hex[:8]}", "detector_type": "jungfrau", "n_modules": 1,
         "bit_depth": 16, "image_pixel_height": 512, "image_pixel_width": 1024,
         "start_udp_port": free_udp_base(1), "image_id_source": "auto",
+        "frame_ring_slots": FRAME_RING_SLOTS, "image_ring_slots": IMAGE_RING_SLOTS,
     })
 
 
@@ -637,6 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "1000 MiB, slsReceiver's Jungfrau default; at most 1 GiB - 1, the kernel's limit)")
     p.add_argument("--settle", type=float, default=3.0,
                    help="seconds without new output after the sender ended before a run counts as over")
+    p.add_argument("--vm-memory", choices=("backed", "as-is"), default="backed",
+                   help="backed (default): switch a VM's free page reporting off for the run and touch "
+                        "--touch-gib of memory first, so writes cost what they cost on bare metal (see "
+                        "_vmmem.py); as-is: leave the machine alone (every run pays fresh-page faults)")
+    p.add_argument("--touch-gib", type=float, default=None,
+                   help="GiB to touch with --vm-memory backed (default: the largest run's output + 6)")
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm"), help="where output files go")
     p.add_argument("--out", type=Path, default=None,
                    help="output base path (default benchmarks/out/<timestamp>); .md/.json/.png are added")
@@ -660,8 +684,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         multi_step_s=1.0 if quick else 3.0, multi_min_frames=100 if quick else 300,
         multi_max_bytes=(256 if quick else 2048) * 2**20,
         multi_max_steps=args.multi_steps if args.multi_steps is not None else (3 if quick else 6),
-        work_root=args.workdir,
+        work_root=args.workdir, vm_memory=args.vm_memory,
     )
+    largest = max(plan.frames, plan.sustained) * JUNGFRAU_FRAME_BYTES / 2**30
+    room = shutil.disk_usage(plan.work_root).free / 2**30 * 0.9  # tmpfs: its size limit
+    plan.touch_gib = args.touch_gib if args.touch_gib is not None else round(min(largest + 6, room), 1)
     if plan.frames < 1 or plan.repeats < 1 or plan.sustained < 0:
         raise SystemExit("bench_pipeline.py: --frames and --repeats must be >= 1, --sustained >= 0")
     if not 0 < plan.rcvbuf <= MAX_SOCKET_RCVBUF:

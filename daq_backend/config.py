@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from daq_backend.priority import DEFAULT_RT_PRIORITY
 from daq_backend.validation import explain
 
 _log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class DetectorConfig(BaseModel):
     module_sync_timeout: float = Field(default=0.5, gt=0, description="seconds an incomplete id may wait")
     pedestal_gain_file: str | None = None
     writer_user_id: int = 0
+    receiver_rt_priority: int = Field(
+        default=DEFAULT_RT_PRIORITY, ge=0, le=99,
+        description="SCHED_FIFO priority of receiver processes, 0 = normal scheduling (see priority.py)")
 
     @model_validator(mode="before")
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
 
@@ -218,7 +218,8 @@ class StoreStream:
     reason: str = ""  # for STOP: why the run ended (completed, killed, error text)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        # vars(), not dataclasses.asdict: one message per image, and asdict deep-copies every field
+        return json.dumps(vars(self)).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> StoreStream:

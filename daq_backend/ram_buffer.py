@@ -28,6 +28,24 @@ RING_HEADER_BYTES = 4096
 SLOT_HEADER_BYTES = 128
 SLOT_META_BYTES = SLOT_HEADER_BYTES - 16
 _PAGE = 4096
+#: madvise(2) advice missing from Python's mmap module (Linux >= 5.14).
+MADV_POPULATE_READ = 22
+MADV_POPULATE_WRITE = 23
+
+
+def _populate(mm: mmap.mmap, *, write: bool) -> None:
+    """Fault the whole mapping in now, not during an acquisition.
+
+    Why: ``posix_fallocate`` on tmpfs reserves pages without touching them, so the first write to each
+    still costs a page fault, and in a VM a host-side fault too (measured on the CI VM: 2.7 ms per MiB
+    on never-used memory, 0.33 ms on used memory). The owner zero-fills every page through its mapping
+    (``MADV_POPULATE_WRITE``); readers only build their page tables (``MADV_POPULATE_READ``), so that
+    no process takes minor faults on its first pass through the ring. Best effort: older kernels lack
+    the advice and then fault on first use, as before."""
+    try:
+        mm.madvise(MADV_POPULATE_WRITE if write else MADV_POPULATE_READ)
+    except OSError:
+        pass
 
 
 class SlotOverwritten(RuntimeError):
@@ -55,6 +73,7 @@ class RingBuffer:
         self.inode = stat.st_ino  # a re-created ring is a new file: readers compare inodes to notice
         self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         os.close(fd)
+        _populate(self._mm, write=owner)
         magic, self.n_slots, self.slot_nbytes, data_offset, self.slot_stride = RING_HEADER.unpack_from(
             self._mm, 0
         )
@@ -86,8 +105,8 @@ class RingBuffer:
         fd = os.open(building, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o660)
         try:
             os.ftruncate(fd, size)
-            # Allocate every page now: a page first touched during an acquisition costs a fault
-            # (~0.5 ms per MiB in a VM), which showed up as lost frames in the first pass of a ring.
+            # Reserve every page now (ENOSPC here, not SIGBUS mid-acquisition); the owner's mapping
+            # then writes them all once (see ``_populate``).
             os.posix_fallocate(fd, 0, size)
             os.pwrite(fd, RING_HEADER.pack(MAGIC, n_slots, slot_nbytes, data_offset, stride), 0)
             os.rename(building, path)

@@ -22,6 +22,7 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
 import _report  # noqa: E402
+import _vmmem  # noqa: E402
 import bench_pipeline  # noqa: E402
 import plot  # noqa: E402
 from _drain import DrainResult, UdpDrain  # noqa: E402
@@ -38,6 +39,37 @@ from _rmem import (  # noqa: E402
 from _sls import SLS_FRAME_HEADER, read_sls_files, sls_frames_on_disk  # noqa: E402
 
 WAIT_S = 60.0
+
+
+# -- VM memory: page reporting off and pages touched, restored after -----------------------------------
+
+
+def test_touch_writes_and_removes_its_file(tmp_path: Path) -> None:
+    result = _vmmem.touch(0.25, tmp_path)
+    assert result.gib == 0.25 and result.seconds > 0
+    assert result.describe().startswith("touched 0.25 GiB")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_backed_memory_switches_reporting_off_and_restores_it(tmp_path: Path, monkeypatch) -> None:
+    param, state = tmp_path / "page_reporting_order", tmp_path / "state.json"
+    param.write_text("9\n")
+    monkeypatch.setattr(_vmmem, "PAGE_REPORTING_ORDER", param)
+    monkeypatch.setattr(_vmmem, "STATE_PATH", state)
+    with pytest.raises(ZeroDivisionError), _vmmem.backed_memory(0.25, tmp_path) as facts:
+        assert param.read_text().strip() == str(_vmmem.REPORTING_OFF_ORDER)
+        assert json.loads(state.read_text())["original"] == 9
+        assert "free page reporting off" in facts
+        1 / 0  # noqa: B018 - an error inside the block must still restore the machine's value
+    assert param.read_text().strip() == "9"
+    assert not state.exists()
+
+
+def test_backed_memory_without_page_reporting_only_touches(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(_vmmem, "PAGE_REPORTING_ORDER", tmp_path / "absent")
+    with _vmmem.backed_memory(0.25, tmp_path) as facts:
+        assert facts.startswith("no free page reporting; touched")
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- rmem_max save / restore ------------------------------------------------------------------------
@@ -169,7 +201,8 @@ def test_h5_counts_good_incomplete_missing_and_duplicates() -> None:
     ids = np.array([1, 2, 2, 4, 5, 99])
     status = np.array([0, 1, 0, 0, 3, 0])
     count = H5Count.from_arrays(ids, status, range(1, 7))
-    assert count == H5Count(rows=6, good=3, incomplete=2, missing_ids=2, duplicate_ids=1)
+    assert count == H5Count(rows=6, good=3, incomplete=2, missing_ids=2, duplicate_ids=1,
+                            bad_status={1: 1, 3: 1})
 
 
 def test_sls_binary_files_are_counted(tmp_path: Path) -> None:

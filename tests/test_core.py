@@ -415,6 +415,31 @@ def test_create_allocates_whole_segment(ring_name, rings, monkeypatch) -> None:
     assert st.st_blocks * 512 >= st.st_size  # every page is backed, none left to fault in later
 
 
+def _mapped_kib(path: Path) -> int:
+    """Resident kB of this process' mapping(s) of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef" and "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_owner_and_readers_map_every_page_before_use(ring_name, rings) -> None:
+    """No page of a ring may first be faulted in during an acquisition (ram_buffer._populate)."""
+    owner = RingBuffer.create(ring_name, slot_nbytes=256 * 1024, n_slots=8)
+    rings.append(owner)
+    size_kib = os.stat(shm_path(ring_name)).st_size // 1024
+    assert _mapped_kib(shm_path(ring_name)) >= size_kib  # the owner's mapping alone
+    owner.close()
+    rings.remove(owner)
+    rings.append(RingBuffer.create(ring_name, slot_nbytes=256 * 1024, n_slots=8))
+    reader = RingBuffer.attach(ring_name)
+    rings.append(reader)
+    assert _mapped_kib(shm_path(ring_name)) >= 2 * size_kib  # owner + reader, nothing touched yet
+
+
 def test_create_enospc_names_ring_and_leaves_no_file(ring_name, monkeypatch) -> None:
     def no_room(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")

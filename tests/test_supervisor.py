@@ -103,6 +103,10 @@ def test_supervisor_runs_restarts_a_killed_receiver_and_stops_cleanly(
         pids = sup.wait_running(names)
         ring = RingBuffer.attach(ipc.image_ring_name(config.detector_name), timeout=30)
         send_and_check(config, ring, 1, 3)
+        if os.geteuid() == 0:  # receivers run realtime (config.receiver_rt_priority), the rest normal
+            assert os.sched_getscheduler(pids["receiver-0"]) == os.SCHED_FIFO
+            assert os.sched_getparam(pids["receiver-0"]).sched_priority == config.receiver_rt_priority
+            assert os.sched_getscheduler(pids["assembler"]) == os.SCHED_OTHER
 
         os.kill(pids["receiver-1"], signal.SIGKILL)
         wait_for(lambda: sup.service("receiver-1")["restarts"] == 1, 60, "receiver-1 restarted")

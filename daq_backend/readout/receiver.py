@@ -46,6 +46,7 @@ from daq_backend.config import DetectorConfig, DetectorType, load_config
 from daq_backend.detectors import layout_for
 from daq_backend.detectors.sls import SlsLayout
 from daq_backend.formats import ModuleFrame
+from daq_backend.priority import apply_rt_priority
 from daq_backend.ram_buffer import RingBuffer
 from daq_backend.readout import mmsg
 from daq_backend.stats import Counters, StatsReporter, service_name
@@ -643,10 +644,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rcvbuf", type=int, default=None, help="socket receive buffer to ask for (bytes)")
     parser.add_argument("--recv-batch", type=int, default=DEFAULT_RECV_BATCH,
                         help="datagrams per recvmmsg call (0: one recv_into per datagram)")
+    parser.add_argument("--rt-priority", type=int, default=None,
+                        help="SCHED_FIFO priority, 0 = normal (default: the config's receiver_rt_priority)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_config(args.config)
+    # before the receiver (and its zmq threads) exist, so every thread of the process inherits it
+    priority = args.rt_priority if args.rt_priority is not None else config.receiver_rt_priority
+    log.info("module %d: %s", args.module_id, apply_rt_priority(priority, f"receiver-{args.module_id}"))
     return run_service(ModuleReceiver(config, args.module_id, rcvbuf=args.rcvbuf, recv_batch=args.recv_batch))
 
 

@@ -105,6 +105,8 @@ class WriterAgent:
         self._sink: queue.Queue[tuple[str, Any]] | None = None
         self._sink_request: str | None = None
         self._sink_images = False
+        #: the request whose live images the pump thread forwards itself (see _Request._go_direct)
+        self._direct: _Request | None = None
         self._writer_seen = threading.Condition()
         self._writer_last_seen: float | None = None
         self._stop = threading.Event()
@@ -185,14 +187,18 @@ class WriterAgent:
 
     def _on_image(self, raw: bytes) -> None:
         with self._lock:
+            direct = self._direct
             sink = self._sink if self._sink_images else None
-        if sink is None:
-            return
-        try:
-            meta = ImageMetadata.unpack(raw)
-        except ValueError as exc:
-            log.warning("writer agent: ignoring a bad image metadata message (%s)", exc)
-            return
+            if direct is None and sink is None:
+                return
+            try:
+                meta = ImageMetadata.unpack(raw)
+            except ValueError as exc:
+                log.warning("writer agent: ignoring a bad image metadata message (%s)", exc)
+                return
+            if direct is not None:  # under the lock: ordered with _Request._go_direct
+                direct.on_live_image(meta)
+                return
         sink.put(("image", meta))
 
     def _on_writer_status(self, raw: bytes) -> None:
@@ -219,10 +225,17 @@ class WriterAgent:
         finally:
             with self._lock:
                 self._sink, self._sink_request, self._sink_images = None, None, False
+                self._direct = None
 
     def _stop_images(self) -> None:
         with self._lock:
             self._sink_images = False
+            self._direct = None
+
+    def _wake(self, request_id: str) -> None:
+        """Wake the request thread at once (the caller holds ``_lock``)."""
+        if self._sink is not None and self._sink_request == request_id:
+            self._sink.put(("wake", None))
 
     def _writer_alive(self) -> bool:
         with self._writer_seen:
@@ -281,6 +294,9 @@ class _Request:
         self.published: tuple[int, int, int] = (-1, -1, -1)
         self.finished: dict[str, Any] | None = None
         self.pending: list[ImageMetadata] = []
+        self.last_image = time.monotonic()
+        #: set by the pump thread when forwarding failed (the writer stopped taking messages)
+        self.error: WriterFailed | None = None
 
     def _store(self, op: StoreOp, **fields: Any) -> StoreStream:
         return StoreStream(
@@ -323,40 +339,81 @@ class _Request:
     # -- forwarding -------------------------------------------------------------------------------
     def _forward(self, events: queue.Queue[tuple[str, Any]], backlog: list[ImageMetadata]) -> str:
         """Send ``WRITE`` for each wanted image (``backlog`` from the ring first); returns the
-        ``STOP`` reason."""
+        ``STOP`` reason.
+
+        Live images are forwarded by the pump thread itself once this request "goes direct": a
+        hand-off per image to this thread cost a thread wake-up and a queue round trip each (a third
+        of the agent's CPU at 1 kHz). This thread keeps the control: kill, timeout, writer events."""
         req = self.request
         for meta in backlog:
             if self.n_forwarded == req.n_images or self.ctx.killed.is_set():
                 break
             self._write(meta)
-        last_image = time.monotonic()
-        while self.n_forwarded < req.n_images:
+        self.last_image = time.monotonic()
+        if self.n_forwarded < req.n_images and not self.ctx.killed.is_set():
+            for kind, item in self._go_direct(events):
+                if kind == "writer":
+                    self._on_writer(item)
+        while True:
+            if self.error is not None:
+                raise self.error
+            if self.n_forwarded >= req.n_images:
+                break
+            if self.finished is not None:  # the writer gave up on this file (disk full ...)
+                return str(self.finished.get("message") or self.finished.get("status"))
             if self.ctx.killed.is_set():
                 return self._kill_reason()
-            if req.timeout is not None and time.monotonic() - last_image > req.timeout:
+            if req.timeout is not None and time.monotonic() - self.last_image > req.timeout:
                 return (f"{REASON_TIMEOUT_PREFIX} no image arrived for {req.timeout:g} s "
                         f"after {self.n_forwarded} of {req.n_images}")
-            if self.pending:
-                kind, item = "image", self.pending.pop(0)
-            else:
-                try:
-                    kind, item = events.get(timeout=0.1)
-                except queue.Empty:
-                    self._check_writer()
-                    self._progress()  # a change the rate limit held back goes out now
-                    continue
+            try:
+                kind, item = events.get(timeout=0.1)
+            except queue.Empty:
+                self._check_writer()
+                self._progress()  # a change the rate limit held back goes out now
+                continue
             if kind == "writer":
                 self._on_writer(item)
-                if self.finished is not None:  # the writer gave up on this file (disk full ...)
-                    return str(self.finished.get("message") or self.finished.get("status"))
-                continue
-            if req.start_id is not None and (
-                item.id < req.start_id or (self.last_id is not None and item.id <= self.last_id)
-            ):
-                continue
-            self._write(item)
-            last_image = time.monotonic()
         return self._kill_reason() if self.ctx.killed.is_set() else REASON_COMPLETED
+
+    def _go_direct(self, events: queue.Queue[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """Forward what the pump queued so far, then let it forward live images itself. Returns the
+        writer events taken from the queue meanwhile (for the caller to handle, in order)."""
+        others: list[tuple[str, Any]] = []
+        with self.agent._lock:  # the pump cannot queue or forward while this runs: nothing reordered
+            queued = [("image", meta) for meta in self.pending]
+            self.pending.clear()
+            while True:
+                try:
+                    queued.append(events.get_nowait())
+                except queue.Empty:
+                    break
+            for kind, item in queued:
+                if kind == "image":
+                    self.on_live_image(item)
+                else:
+                    others.append((kind, item))
+            if self.error is None and self.n_forwarded < self.request.n_images:
+                self.agent._direct = self
+        return others
+
+    def on_live_image(self, meta: ImageMetadata) -> None:
+        """One image of the live stream (the pump thread, the agent's lock held)."""
+        req = self.request
+        if self.error is not None or self.n_forwarded >= req.n_images or self.ctx.killed.is_set():
+            return
+        if req.start_id is not None and (
+            meta.id < req.start_id or (self.last_id is not None and meta.id <= self.last_id)
+        ):
+            return
+        try:
+            self._write(meta)
+        except WriterFailed as exc:
+            self.error = exc
+        self.last_image = time.monotonic()
+        if self.error is not None or self.n_forwarded >= req.n_images:
+            self.agent._direct = None
+            self.agent._wake(self.ctx.request_id)
 
     def _kill_reason(self) -> str:
         """A kill that asks to finish ends the file as completed with what it has."""
@@ -421,8 +478,10 @@ class _Request:
                         f"{self.agent.writer_timeout:g} s (waiting for {' or '.join(wanted)})"
                     ) from None
                 continue
-            if kind != "writer":
+            if kind == "image":
                 self.pending.append(item)  # arrived while waiting for the file: forwarded next
+                continue
+            if kind != "writer":
                 continue
             last = time.monotonic()
             self._on_writer(item)

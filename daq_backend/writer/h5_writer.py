@@ -39,7 +39,7 @@ import zmq
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, load_config
 from daq_backend.formats import StoreOp, StoreStream
-from daq_backend.ram_buffer import RingBuffer, SlotOverwritten
+from daq_backend.ram_buffer import AttachedRing, RingBuffer, SlotOverwritten
 from daq_backend.stats import Counters, StatsReporter, service_name
 from daq_backend.writer.layout import FILE_COMPLETED, FILE_INTERRUPTED, ImageFile, recover_file
 from daq_backend.writer.request import RequestError, parse_write_request
@@ -118,6 +118,7 @@ class H5Writer:
         self.progress_interval = progress_interval
         self.heartbeat_interval = heartbeat_interval
         self.ring_attach_timeout = ring_attach_timeout
+        self._attached = AttachedRing(ipc.image_ring_name(config.detector_name))
         self.stats = WriterStats()
         self.journal = journal_path(name)
         self._ctx = context or zmq.Context.instance()
@@ -211,6 +212,7 @@ class H5Writer:
             pub.close()
             ipc.unlink_ipc(self.status_address)
             reporter.close()
+            self._attached.close()
 
     # -- events -----------------------------------------------------------------------------------
     def _emit(self, event: str, run: _Run | None = None, **extra: Any) -> dict[str, Any]:
@@ -308,9 +310,15 @@ class H5Writer:
 
     def _ring(self, run: _Run) -> RingBuffer:
         if run.ring is None:
-            # Attached per run: a restarted readout re-creates the ring, an old mapping would be stale.
-            run.ring = RingBuffer.attach(ipc.image_ring_name(self.config.detector_name),
-                                         timeout=self.ring_attach_timeout)
+            # Checked once per run: a restarted readout re-creates the ring (new inode) and an old
+            # mapping would be stale. Otherwise the mapping is kept across runs: attaching maps the
+            # whole ring's page tables up front (ram_buffer._populate), worth paying once, not per file.
+            self._attached.refreshed()
+            ring = self._attached.get(timeout=self.ring_attach_timeout)
+            if ring is None:
+                raise FileNotFoundError(f"image ring /dev/shm/{self._attached.name} does not exist (is the "
+                                        "readout running?)")
+            run.ring = ring
             if run.ring.slot_nbytes < self._nbytes:
                 raise RuntimeError(f"image ring {run.ring.name} has {run.ring.slot_nbytes}-byte slots, "
                                    f"images of this detector need {self._nbytes}")
@@ -402,8 +410,6 @@ class H5Writer:
         except Exception as exc:
             log.exception("h5 writer: closing %s failed", run.output_file)
             status, reason = f"failed: {exc}", str(exc)
-        if run.ring is not None:
-            run.ring.close()
         self.journal.unlink(missing_ok=True)
         if status.startswith("failed"):
             self.stats.files_failed += 1
