@@ -108,6 +108,7 @@ class ImageFile:
         self.config = config
         self.compression = compression
         self._data = h5[DATA]
+        self._frame_shape = tuple(self._data.shape[1:])
         self._ids = h5[IMAGE_ID]
         self._status = h5[STATUS]
         self._missing = h5[N_MISSING_PACKETS]
@@ -232,7 +233,7 @@ class ImageFile:
         """Add one row: the chunk (from :meth:`encode`; None = lost image, zeros) and its metadata.
         Returns the row index. Visible to readers after the next :meth:`flush`."""
         index = self._n
-        self._data.resize(index + 1, axis=0)
+        self._data.id.set_extent((index + 1, *self._frame_shape))  # Dataset.resize, without its checks
         if chunk is None:
             chunk, status = self._zero_chunk, STATUS_LOST
         self._data.id.write_direct_chunk((index, 0, 0), chunk)
@@ -254,13 +255,19 @@ class ImageFile:
         if self._n == self._n_flushed:
             return
         a, b = self._n_flushed, self._n
+        # h5py's low-level calls: at 100 Hz there is a flush per image, and the high-level
+        # resize/__setitem__ (selection objects, shape checks) cost as much as the writes themselves
+        memory = h5py.h5s.create_simple((b - a,))
         for dset, values in ((self._ids, self._pending_ids), (self._status, self._pending_status),
                              (self._missing, self._pending_missing)):
-            dset.resize(b, axis=0)
-            dset[a:b] = np.asarray(values, dtype=dset.dtype)
+            dset.id.set_extent((b,))
+            space = dset.id.get_space()
+            space.select_hyperslab((a,), (b - a,))
+            dset.id.write(memory, space, np.asarray(values, dtype=dset.dtype))
             values.clear()
         self.h5.flush()
-        self._counter[()] = b
+        self._counter.id.write(h5py.h5s.create(h5py.h5s.SCALAR), h5py.h5s.create(h5py.h5s.SCALAR),
+                               np.array(b, dtype="<u8"))
         self._counter.flush()
         self._n_flushed = b
 
