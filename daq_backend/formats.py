@@ -131,6 +131,29 @@ class ModuleFrame:
 
 assert ModuleFrame.FORMAT.size == 54
 
+#: In a frame-ring slot's metadata the receiver follows the ModuleFrame of an *incomplete* frame with
+#: which packets arrived, one bit per packet (LSB first), so that the assembler can mark exactly the
+#: pixels that never came (a converted image cannot show them as 0: (0 - pedestal) * gain looks like
+#: data). Frames of more packets than the slot metadata has bits for carry no map.
+RECEIVED_MAP_OFFSET = ModuleFrame.FORMAT.size
+MAX_RECEIVED_MAP_PACKETS = 8 * (112 - RECEIVED_MAP_OFFSET)  # ram_buffer.SLOT_META_BYTES = 112
+
+
+def received_map_nbytes(packets_per_frame: int) -> int:
+    return (packets_per_frame + 7) // 8
+
+
+def pack_received(received: bytes | bytearray | np.ndarray, packets_per_frame: int) -> bytes:
+    """The packet map of a frame from a per-packet flag array (non-zero = arrived)."""
+    flags = np.frombuffer(received, dtype=np.uint8, count=packets_per_frame) != 0
+    return np.packbits(flags, bitorder="little").tobytes()
+
+
+def unpack_received(data: bytes, packets_per_frame: int) -> np.ndarray:
+    """Boolean per packet (True = arrived) from :func:`pack_received`'s bytes."""
+    bits = np.frombuffer(data, dtype=np.uint8, count=received_map_nbytes(packets_per_frame))
+    return np.unpackbits(bits, count=packets_per_frame, bitorder="little").astype(bool)
+
 
 # -- image metadata (assembler -> everyone) ------------------------------------------------------
 

@@ -8,8 +8,10 @@ image is unaffected, bad input is counted and never crashes anything.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 import zmq
@@ -144,6 +146,36 @@ def test_lost_packets_give_status_exact_count_and_zeros(
     st = readout.assembler.stats
     assert (st.images_missing_packets, st.missing_packets) == (1, len(lost))
     assert st.missing_module_frames == (1 if len(lost) == 128 else 0)
+
+
+def test_converted_jungfrau_marks_lost_packets_and_modules_nan(ipc_env: str, tmp_path: Path) -> None:
+    """A converted pixel of 0 would be (0 - pedestal) * gain, a plausible value: what never arrived is
+    NaN, exactly the rows of the lost packets (the receivers' packet maps), and a whole lost module."""
+    h, w = 1024, 1024
+    rng = np.random.default_rng(7)
+    parameters = tmp_path / "pedestal_gain.h5"
+    with h5py.File(parameters, "w") as f:
+        f["pedestals"] = rng.uniform(100, 200, (3, h, w)).astype(np.float32)
+        f["gains"] = rng.uniform(0.5, 2.0, (3, h, w)).astype(np.float32)
+    config = make_config("jungfrau", n_modules=2, image_ring_slots=4, pedestal_gain_file=str(parameters))
+    lost = [0, 63, 127]
+    with InProcessReadout(config) as readout:
+        run_simulator(config, rate_hz=50, n_images=7,
+                      drop_packets=[(LOSS_ID, 1, k) for k in lost], drop_frames=[(LOSS_ID + 1, 0)])
+        readout.wait_images(7)
+        check_images(readout, [4, 7])
+        meta, image = readout.image(LOSS_ID)
+        assert (meta.status, meta.n_missing_packets) == (ImageStatus.MISSING_PACKETS, len(lost))
+        missing = np.zeros(config.image_shape, dtype=bool)
+        for k in lost:  # module 1 is the lower half; packet k carries its rows 4k..4k+3
+            missing[512 + 4 * k : 512 + 4 * k + 4] = True
+        assert np.isnan(image[missing]).all()
+        np.testing.assert_array_equal(image[~missing], expected_image(config, LOSS_ID)[~missing])
+        meta, image = readout.image(LOSS_ID + 1)  # module 0's frame never came
+        assert meta.n_missing_packets == 128
+        assert np.isnan(image[:512]).all()
+        np.testing.assert_array_equal(image[512:], expected_image(config, LOSS_ID + 1)[512:])
+    assert_no_leftovers(config, ipc_env)
 
 
 def test_image_lost_entirely_is_counted_not_silently_skipped(ipc_env: str) -> None:

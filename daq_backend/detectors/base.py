@@ -163,6 +163,12 @@ class DetectorLayout(abc.ABC):
         """Zero a module's pixels (a module frame that never arrived must not show stale data)."""
         image[self.module_pixels(module_id)] = 0
 
+    def mark_missing_packets(self, module_id: int, received: np.ndarray, image: np.ndarray) -> None:
+        """Mark the pixels of packets that never arrived (``received``: bool per packet) after
+        :meth:`assemble`. Raw images need nothing: the receiver zeroed those bytes and the image
+        status counts them; layouts that convert pixel values override this."""
+        return None
+
     @cached_property
     def uncovered_pixels(self) -> np.ndarray:
         """Flat indices of image pixels that no module writes (gaps between modules)."""

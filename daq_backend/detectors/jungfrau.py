@@ -122,6 +122,21 @@ class JungfrauLayout(SlsLayout):
         if self.config.converted:
             _ = self._parameters
 
+    def zero_module(self, module_id: int, image: np.ndarray) -> None:
+        """A module frame that never arrived: 0 in raw images, NaN in converted ones (a converted 0
+        would be a plausible value)."""
+        image[self.module_pixels(module_id)] = np.nan if self.config.converted else 0
+
+    def mark_missing_packets(self, module_id: int, received: np.ndarray, image: np.ndarray) -> None:
+        """Converted images: the rows of every lost packet become NaN (each packet is 4 whole rows).
+        Raw images keep the receiver's zeros."""
+        if not self.config.converted:
+            return
+        rows_per_packet = self.module_shape[0] // self.packets_per_frame
+        dst = image[self.module_pixels(module_id)]  # a view: module_pixels are slices
+        for k in np.flatnonzero(~received[: self.packets_per_frame]):
+            dst[k * rows_per_packet : (k + 1) * rows_per_packet] = np.nan
+
     def assemble(self, module_id: int, frame: np.ndarray, image: np.ndarray) -> None:
         self._check_image(image)
         raw = self._frame_view(frame).view(self.raw_dtype).reshape(self.module_shape)

@@ -33,7 +33,16 @@ import zmq
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, load_config
 from daq_backend.detectors import layout_for
-from daq_backend.formats import DTYPE_CODES, ImageMetadata, ImageStatus, ModuleFrame
+from daq_backend.formats import (
+    DTYPE_CODES,
+    MAX_RECEIVED_MAP_PACKETS,
+    RECEIVED_MAP_OFFSET,
+    ImageMetadata,
+    ImageStatus,
+    ModuleFrame,
+    received_map_nbytes,
+    unpack_received,
+)
 from daq_backend.ram_buffer import AttachedRing, RingBuffer, SlotOverwritten
 from daq_backend.readout.receiver import MAX_FRAME_GAP
 from daq_backend.readout.sync import Accepted, Release, SyncedImage, Synchroniser
@@ -90,6 +99,8 @@ class ImageAssembler:
         self.dtype = np.dtype(config.image_dtype)
         self._dtype_code = DTYPE_CODES[config.image_dtype]
         layout.prepare()
+        #: converted pixel values need the receivers' packet maps to mark what never arrived
+        self._marks_missing = config.converted and layout.packets_per_frame <= MAX_RECEIVED_MAP_PACKETS
         self._frame_rings = {
             m: AttachedRing(ipc.frame_ring_name(config.detector_name, m)) for m in self.required
         }
@@ -188,7 +199,7 @@ class ImageAssembler:
                 st.missing_module_frames += 1
             else:
                 identities.add((frame.frame_index, frame.pulse_id))
-                placed = self._place(module, image_id, image)
+                placed = self._place(module, image_id, image, frame.n_recv_packets)
                 if not placed:
                     st.lapped_frames += 1
             if placed:
@@ -226,15 +237,24 @@ class ImageAssembler:
             name = f"released_{synced.release.value}"
             setattr(st, name, getattr(st, name) + 1)
 
-    def _place(self, module: int, image_id: int, image: np.ndarray) -> bool:
-        """Copy the module's frame of ``image_id`` into ``image``; False if its slot no longer
-        (or never) held that frame."""
+    def _place(self, module: int, image_id: int, image: np.ndarray, n_recv_packets: int) -> bool:
+        """Copy the module's frame of ``image_id`` into ``image`` (marking the pixels of lost
+        packets, see ``mark_missing_packets``); False if its slot no longer (or never) held that frame."""
         source = self._frame_rings[module]
+        ppf = self.packets_per_frame
+        mark = n_recv_packets < ppf and self._marks_missing
         for attempt in range(2):
             ring = source.get()
             if ring is not None:
                 try:
                     self.layout.assemble(module, ring.view(image_id), image)
+                    if mark:
+                        meta = ring.meta(image_id, RECEIVED_MAP_OFFSET + received_map_nbytes(ppf))
+                        received = unpack_received(meta[RECEIVED_MAP_OFFSET:], ppf)
+                        if received.sum() == n_recv_packets:  # else a producer without a map
+                            self.layout.mark_missing_packets(module, received, image)
+                        else:
+                            self.layout.zero_module(module, image)
                     ring.check(image_id)
                     return True
                 except SlotOverwritten:

@@ -45,7 +45,7 @@ from daq_backend import ipc
 from daq_backend.config import DetectorConfig, DetectorType, load_config
 from daq_backend.detectors import layout_for
 from daq_backend.detectors.sls import SlsLayout
-from daq_backend.formats import ModuleFrame
+from daq_backend.formats import MAX_RECEIVED_MAP_PACKETS, ModuleFrame, pack_received
 from daq_backend.priority import apply_rt_priority
 from daq_backend.ram_buffer import RingBuffer
 from daq_backend.readout import mmsg
@@ -544,7 +544,10 @@ class ModuleReceiver:
             slot[off : off + nb] = zeros[:nb]
         pulse_id, frame_index, daq_rec = self._cur_header
         packed = ModuleFrame(image_id, pulse_id, frame_index, daq_rec, n_recv, *self._frame_extra).pack()
-        self.ring.commit(image_id, packed)
+        if n_recv < self.packets_per_frame and self.packets_per_frame <= MAX_RECEIVED_MAP_PACKETS:
+            self.ring.commit(image_id, packed + pack_received(self._received, self.packets_per_frame))
+        else:
+            self.ring.commit(image_id, packed)
         st.frames += 1
         st.last_frame_id = image_id
         try:
