@@ -213,6 +213,11 @@ class OurPipeline:
         ports = {self.config.udp_port(m) for m in self.config.required_modules}
         while not ports <= bound_udp_ports():
             self._check_alive(deadline, "receivers to bind their UDP ports")
+        # receivers and assembler report counters once constructed, i.e. once their rings are created
+        # and every page is mapped (seconds for a 4-module detector): not part of any measurement
+        readout = {f"receiver-{m}" for m in self.config.required_modules} | {"assembler"}
+        while not readout <= {s["name"] for s in self.supervisor.status()["services"] if s.get("counters")}:
+            self._check_alive(deadline, "receivers and assembler to create their rings")
         try:
             self.events.wait(lambda e: e.get("event") == "alive", max(1.0, deadline - time.monotonic()))
         except TimeoutError:

@@ -142,6 +142,8 @@ class ImageAssembler:
         while not self._stop.is_set():
             deadline = sync.next_deadline()
             wait = 0.1 if deadline is None else min(0.1, max(0.0, deadline - time.monotonic()))
+            if not sync.n_pending:
+                self._attach_frame_rings()
             if poller.poll(wait * 1000):
                 for _ in range(10_000):  # bounded so timeouts and stats still get their turn
                     try:
@@ -154,6 +156,14 @@ class ImageAssembler:
             self._reporter.tick()
         for image in sync.drain(time.monotonic()):
             self._guarded(self._emit, image)
+
+    def _attach_frame_rings(self) -> None:
+        """Map the receivers' rings while nothing waits: attaching maps every page of a ring
+        (``ram_buffer._populate``, ~0.1 s per GiB), too slow for the first image of a 4-module
+        detector to wait for it (its frames would be released incomplete by the sync timeout)."""
+        for source in self._frame_rings.values():
+            if source.ring is None:
+                source.get()
 
     def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
         """One message or image failing (a bug, a corrupt frame) is logged and counted; the

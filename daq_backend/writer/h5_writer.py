@@ -190,6 +190,8 @@ class H5Writer:
                 reporter.tick()
                 if not pull.poll(self._poll_ms()):
                     self._idle_flush()
+                    if self._attached.ring is None:  # map the image ring before a run needs it
+                        self._attached.get()
                     continue
                 for _ in range(64):  # then give the timers a turn
                     try:
