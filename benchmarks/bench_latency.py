@@ -822,10 +822,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
             "whole run, *slope* = least squares over the samples after the warm-up, in MiB per 10,000 "
             "images.", "",
             f"RSS = private + shared. *Shared* is the rings' pages ({_num(rss['rings_mib'], 0)} MiB of rings "
-            "in /dev/shm), counted in a process' RSS once it touched them: it rises during the first passes "
-            "through the rings and is bounded by their size; the h5 writer maps the image ring only while a "
-            "file is open, so its RSS rises by up to the ring's size within each request and drops when the "
-            "file is closed. A leak shows in the *private* part: verdict *flat* = private slope < "
+            "in /dev/shm), counted in a process' RSS once its mapping holds them: every process maps all "
+            "pages of its rings when it creates or attaches them, so this part is constant and bounded by "
+            "the rings' size. A leak shows in the *private* part: verdict *flat* = private slope < "
             f"{params['flat_threshold']:g} MiB per 10k images and shared memory within the rings' size.", "",
             "| process | RSS start MiB | RSS end MiB | RSS max MiB | RSS slope | shared max MiB | "
             "private start MiB | private end MiB | private max MiB | private slope | samples | verdict |",
