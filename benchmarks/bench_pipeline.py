@@ -9,6 +9,10 @@ with the machine's socket-buffer cap and with ``net.core.rmem_max`` raised to 2 
 * ``ours``: receiver -> sync/assembler -> writer agent -> h5 writer -> HDF5 on /dev/shm, one process
   each under the project's supervisor, the file requested for exactly the frame count.
 
+Our rings hold as many frames as slsReceiver's fifo (2500). The VM's memory is *backed* for the run
+by default (free page reporting off, pages touched once, restored afterwards; ``_vmmem.py`` says why),
+``--vm-memory as-is`` leaves it alone.
+
 Then the multi-module case with the built-in simulator (4-module Jungfrau, Eiger, GigaFRoST 128x480):
 the rate is stepped up until frames are lost, and the highest lossless rate is reported.
 
@@ -18,11 +22,12 @@ kernel's socket drops and buffer size, and the CPU other programs used meanwhile
 repeated ``--repeats`` times (variant order rotated) and reported as median (min–max). Output:
 ``benchmarks/out/<timestamp>.{md,json,png}``; ``--record`` also updates ``benchmarks/RESULTS.md``.
 
-    python benchmarks/bench_pipeline.py                    # the full run (roughly 30-45 min on 2 cores)
+    python benchmarks/bench_pipeline.py --repeats 2        # the recorded run (about 18 min on 2 cores)
     python benchmarks/bench_pipeline.py --quick            # a few hundred frames per point
     python benchmarks/bench_pipeline.py --quick --variants ours --buffers default --no-multi
 
-Needs root for the large-buffer half (or ``--buffers default``), the slsDetectorPackage binaries
+Needs root for the large-buffer half (or ``--buffers default``) and for backed VM memory (or
+``--vm-memory as-is``), the slsDetectorPackage binaries
 (built on first use, see ``daq_backend.control.sls_build``) and a C compiler for the drain.
 """
 
