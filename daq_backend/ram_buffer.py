@@ -65,7 +65,7 @@ def shm_path(name: str) -> Path:
 class RingBuffer:
     """One writer, many readers. ``slot = id % n_slots``."""
 
-    def __init__(self, name: str, fd: int, owner: bool) -> None:
+    def __init__(self, name: str, fd: int, owner: bool, *, populate: bool = True) -> None:
         self.name = name
         self.owner = owner
         stat = os.fstat(fd)
@@ -73,7 +73,8 @@ class RingBuffer:
         self.inode = stat.st_ino  # a re-created ring is a new file: readers compare inodes to notice
         self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         os.close(fd)
-        _populate(self._mm, write=owner)
+        if populate:
+            _populate(self._mm, write=owner)
         magic, self.n_slots, self.slot_nbytes, data_offset, self.slot_stride = RING_HEADER.unpack_from(
             self._mm, 0
         )
@@ -120,15 +121,18 @@ class RingBuffer:
         return cls(name, fd, owner=True)
 
     @classmethod
-    def attach(cls, name: str, timeout: float | None = None) -> RingBuffer:
-        """Open an existing ring as a reader, waiting up to ``timeout`` s for its owner to create it."""
+    def attach(cls, name: str, timeout: float | None = None, *, populate: bool = True) -> RingBuffer:
+        """Open an existing ring as a reader, waiting up to ``timeout`` s for its owner to create it.
+
+        ``populate=False`` for a short look (one image, a few slot headers): mapping every page of a
+        GB-sized ring costs more than the look itself."""
         path = shm_path(name)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
                 fd = os.open(path, os.O_RDWR)
                 if os.fstat(fd).st_size >= RING_HEADER_BYTES and os.pread(fd, 8, 0) == MAGIC:
-                    return cls(name, fd, owner=False)
+                    return cls(name, fd, owner=False, populate=populate)
                 os.close(fd)  # rings appear complete (renamed into place): this is something else
                 raise ValueError(f"/dev/shm/{name} is not a std-daq ring (bad magic or too short); remove "
                                  "it or choose another detector name")

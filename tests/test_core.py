@@ -438,6 +438,9 @@ def test_owner_and_readers_map_every_page_before_use(ring_name, rings) -> None:
     reader = RingBuffer.attach(ring_name)
     rings.append(reader)
     assert _mapped_kib(shm_path(ring_name)) >= 2 * size_kib  # owner + reader, nothing touched yet
+    glance = RingBuffer.attach(ring_name, populate=False)  # a short look maps only what it reads
+    rings.append(glance)
+    assert _mapped_kib(shm_path(ring_name)) < 3 * size_kib
 
 
 def test_create_enospc_names_ring_and_leaves_no_file(ring_name, monkeypatch) -> None:

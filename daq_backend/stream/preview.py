@@ -57,7 +57,7 @@ def latest_image(
 
     Raises FileNotFoundError if the ring does not exist and NoImageError if it lacks the image."""
     name = ipc.image_ring_name(config.detector_name)
-    with RingBuffer.attach(name, timeout=timeout) as ring:
+    with RingBuffer.attach(name, timeout=timeout, populate=False) as ring:
         for _ in range(10):
             target = ring.newest_id() if image_id is None else image_id
             if target is None:

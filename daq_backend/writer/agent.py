@@ -432,7 +432,7 @@ class _Request:
         config, start = self.agent.config, self.request.start_id
         assert start is not None
         try:
-            ring = RingBuffer.attach(ipc.image_ring_name(config.detector_name), timeout=0)
+            ring = RingBuffer.attach(ipc.image_ring_name(config.detector_name), timeout=0, populate=False)
         except FileNotFoundError:
             return []
         try:
