@@ -25,42 +25,17 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from daq_backend import ipc
+from daq_backend.component import SERVICE_NAME_ENV, run_service  # noqa: F401 (run_service: re-exported)
 from daq_backend.config import DetectorConfig
 from daq_backend.ram_buffer import shm_path
-from daq_backend.stats import SERVICE_NAME_ENV, StatsCollector
+from daq_backend.stats import StatsCollector
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-
-
-class Component(Protocol):
-    def run(self) -> None: ...
-    def stop(self) -> None: ...
-    def close(self) -> None: ...
-
-
-def run_service(component: Component) -> int:
-    """Run ``component.run()`` in this (main) thread until SIGTERM/SIGINT, then ``close()`` it.
-
-    The thin ``main()`` of every process uses this, so all of them stop the same way."""
-
-    name = os.environ.get(SERVICE_NAME_ENV, type(component).__name__)
-
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("%s: signal %d, stopping", name, signum)
-        component.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        component.run()
-    finally:
-        component.close()
-    return 0
 
 
 def _die_with_parent() -> None:
