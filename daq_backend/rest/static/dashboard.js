@@ -59,6 +59,7 @@ export function fmt(value, unit) {
   if (value === null || value === undefined || Number.isNaN(value)) return "–";
   switch (unit) {
     case "rate":
+      if (value === 0) return "0";
       return value >= 100 ? grouped(Math.round(value)) : grouped(value, value >= 10 ? 1 : 2);
     case "bytes/s":
       return `${bytes(value)}/s`;
@@ -169,7 +170,8 @@ function renderProcesses(processes) {
     const rate = rateKey && rateKey in p.rates ? p.rates[rateKey] : null;
     const bytesRate = "bytes" in p.rates ? p.rates.bytes : null;
     const base = `processes.${p.name}`;
-    return el("tr", { class: `state-${p.state}`, "data-process": p.name },
+    return el("tr", { class: `state-${p.state}`, "data-process": p.name, "data-state": p.state,
+                      "data-restarts": p.restarts, "data-pid": p.pid ?? "" },
       el("td", {}, el("span", { class: `dot dot-${STATE_KIND[p.state]}`, title: p.state })),
       el("td", { class: "name" }, p.name,
          p.state !== "running" ? el("span", { class: "state-note", text: ` ${p.state}${p.exit_code !== null ? ` (exit ${p.exit_code})` : ""}` }) : null),
