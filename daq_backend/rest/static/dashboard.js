@@ -256,10 +256,14 @@ function renderImage(info, png) {
 }
 
 function renderImageError(s) {
-  if (s.image === null && s.image_error) {
+  const shown = $("image").hasAttribute("src");
+  if (!shown && s.image_error) {
     $("image-empty").hidden = false;
     $("image-empty").textContent = s.image_error;
   }
+  // an image is shown but no newer one can be read: say so instead of passing it off as current
+  $("image-error").hidden = !(shown && s.image_error);
+  $("image-error").textContent = shown && s.image_error ? `no newer image: ${s.image_error}` : "";
 }
 
 // -- the stream ------------------------------------------------------------------------------------
