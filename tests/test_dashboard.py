@@ -23,22 +23,18 @@ from daq_backend.formats import DTYPE_CODES, ImageMetadata, ImageStatus
 from daq_backend.ram_buffer import RingBuffer
 from daq_backend.rest.backend import RequestRecord
 from daq_backend.rest.dashboard import (
-    NO_VALUE_COLOR,
     Dashboard,
     DashboardSnapshot,
-    ImageRenderer,
-    colour_scale,
     counter_kind,
     counter_label,
-    encode_png,
     find_problems,
     flatten_counters,
     log_message,
     log_views,
     process_views,
     request_view,
-    shrink,
 )
+from daq_backend.rest.dashboard_image import NO_VALUE_COLOR, ImageRenderer, colour_scale, encode_png, shrink
 from daq_backend.rest.models import RequestState, StatsResponse
 from tests.readout_fixtures import ipc_env, make_config, wait_for
 from tests.rest_fixtures import WAIT_S, RestHarness
