@@ -24,7 +24,12 @@ from ophyd_async.core import (
 )
 from ophyd_async.testing import assert_emitted, assert_value
 
-from std_daq_ophyd.async_devices import AcquisitionStalled, AsyncTimeouts, StdDaqAsyncDetector
+from std_daq_ophyd.async_devices import (
+    AcquisitionStalled,
+    AcquisitionStepError,
+    AsyncTimeouts,
+    StdDaqAsyncDetector,
+)
 from std_daq_ophyd.readback import stream_data
 from std_daq_ophyd.sim import EmbeddedDaq
 from tests.ophyd_fixtures import RE, Recorder, assert_pattern, daq, data_dir, file_rows, ipc_dir, recorder
@@ -102,3 +107,24 @@ def test_connect_names_the_daq_that_does_not_answer(RE: RunEngine, data_dir: Pat
         with init_devices():
             det = StdDaqAsyncDetector(url, StaticPathProvider(UUIDFilenameProvider(), data_dir))
     assert det.name == "det"
+
+
+def test_a_folder_the_daq_cannot_write_into_fails_prepare_naming_the_step(daq: EmbeddedDaq, tmp_path: Path,
+                                                                          RE: RunEngine) -> None:
+    missing = tmp_path / "not-there"
+    with init_devices():
+        det = StdDaqAsyncDetector(daq.url, StaticPathProvider(UUIDFilenameProvider(), missing),
+                                  timeouts=TIMEOUTS)
+
+    async def run() -> None:
+        await det.stage()
+        try:
+            await det.prepare(TriggerInfo())
+        finally:
+            await det.unstage()
+
+    with pytest.raises(AcquisitionStepError, match=f"open file: .*POST /write_async failed .*{missing}"
+                                                   ".* does not exist") as info:
+        call_in_bluesky_event_loop(run())
+    assert info.value.step == "open file"
+    assert not missing.exists()

@@ -191,3 +191,8 @@ def test_path_info_folders_are_created_below_their_depth(tmp_path: Path) -> None
     deep = tmp_path / "missing" / "a" / "b"
     with pytest.raises(FileNotFoundError, match="missing/a does not exist"):
         make_directories(PathInfo(directory_path=PurePosixPath(deep), filename="f", create_dir_depth=-1))
+
+
+def test_an_unknown_compression_is_refused_when_the_device_is_made() -> None:
+    with pytest.raises(ValueError, match="compression must be one of none, bitshuffle-lz4, got 'zip'"):
+        StdDaqAsyncDetector("http://127.0.0.1:1", compression="zip", name="det")

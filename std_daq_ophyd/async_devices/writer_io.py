@@ -23,6 +23,7 @@ from typing import Any
 from ophyd_async.core import Device, soft_signal_r_and_setter
 
 from daq_backend.rest.models import FINAL_STATES, RequestState, RequestStatus
+from daq_backend.writer.layout import COMPRESSIONS
 from daq_backend.writer.request import WriteRequest
 from std_daq_ophyd.async_devices.steps import (
     CLOSE_FILE,
@@ -57,6 +58,8 @@ class StdDaqWriterIO(Device):
 
     def __init__(self, client: AsyncStdDaqClient, timeouts: AsyncTimeouts, compression: str = "none",
                  name: str = "") -> None:
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
         self.client = client
         self.timeouts = timeouts
         self.compression = compression
@@ -101,8 +104,10 @@ class StdDaqWriterIO(Device):
         if self.is_open:
             raise AcquisitionStepError(OPEN_FILE, f"{self.name}: {self.last and self.last.output_file} "
                                                   "is still open (close it first)")
-        request = WriteRequest(output_file=str(path), n_images=OPEN_ENDED, compression=self.compression,
-                               metadata=metadata or {})
+        # the fields are checked here; the folder is the DAQ host's to check (it may be another host)
+        request = WriteRequest.model_validate(
+            {"output_file": str(path), "n_images": OPEN_ENDED, "compression": self.compression,
+             "metadata": metadata or {}}, context={"check_filesystem": False})
         self.failure, self.failure_reported, self.last, self._counts = None, False, None, None
         self._failed.clear()
         async with in_step(OPEN_FILE):
