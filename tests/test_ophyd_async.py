@@ -380,8 +380,8 @@ def test_a_timing_mode_the_detector_type_lacks_is_refused_at_prepare(up_daq: UpD
     assert info.value.step == "configure"
 
 
-def test_a_killed_write_request_fails_the_trigger_at_once(up_daq: UpDaq, data_dir: Path,
-                                                           RE: RunEngine) -> None:
+def test_a_killed_write_request_fails_the_trigger_at_once(up_daq: UpDaq, data_dir: Path, RE: RunEngine,
+                                                           recorder: Recorder) -> None:
     """The writer's file ends while the trigger waits (here: killed over REST): the trigger fails with
     the writer's reason, naming the step, long before its exposure timeout of 600 s."""
     det = make_async_detector(up_daq, data_dir)
@@ -412,6 +412,8 @@ def test_a_killed_write_request_fails_the_trigger_at_once(up_daq: UpDaq, data_di
     assert client.detector_status(up_daq.detector_name) == "IDLE"
     with h5py.File(str(final.output_file), "r") as h5:
         assert h5.attrs["status"] == "interrupted" and 3 <= h5["/entry/data/data"].shape[0] < 400
+    RE(bp.count([det], 2))  # the next run on the same device does not see the old failure
+    assert recorder.invalid == [] and recorder.of("stop")[0]["exit_status"] == "success"
 
 
 def test_the_v1_device_on_the_same_daq(up_daq: UpDaq, tmp_path: Path, RE: RunEngine,

@@ -102,15 +102,17 @@ class StdDaqAsyncDetector(StandardDetector):
         task = asyncio.current_task()
         assert task is not None
         watch = asyncio.create_task(self._watch(), name=f"{self.name}-watch")
+        waiting = True
 
         def cancel_wait(done: asyncio.Task[None]) -> None:
-            if not done.cancelled() and done.exception() is not None:
+            if waiting and not done.cancelled() and done.exception() is not None:
                 task.cancel()
 
         watch.add_done_callback(cancel_wait)
         try:
             async for update in updates:
                 yield update
+            waiting = False
         except asyncio.CancelledError:
             failure = watch.exception() if watch.done() and not watch.cancelled() else None
             if failure is None:
@@ -120,6 +122,7 @@ class StdDaqAsyncDetector(StandardDetector):
             self.writer.failure_reported = True
             raise failure from None
         finally:
+            waiting = False
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError, AcquisitionStepError, StdDaqError):
                 await watch

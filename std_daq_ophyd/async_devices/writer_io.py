@@ -73,7 +73,7 @@ class StdDaqWriterIO(Device):
         self.failure: AcquisitionStepError | None = None
         #: set by whoever raised :attr:`failure` to the user, so that ``close`` does not raise it twice
         self.failure_reported = False
-        self._failed = asyncio.Event()
+        self._failed: asyncio.Event | None = None  # made in the running loop, on first use
         self._counts: tuple[int, int] | None = None
         self._id: str | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -85,9 +85,14 @@ class StdDaqWriterIO(Device):
 
     async def failed(self) -> AcquisitionStepError:
         """Wait until following the request failed; returns why."""
-        await self._failed.wait()
+        await self._failed_event().wait()
         assert self.failure is not None
         return self.failure
+
+    def _failed_event(self) -> asyncio.Event:
+        if self._failed is None:
+            self._failed = asyncio.Event()
+        return self._failed
 
     def _publish(self, status: RequestStatus) -> None:
         self.last = status
@@ -102,14 +107,14 @@ class StdDaqWriterIO(Device):
     async def open(self, path: PurePath, metadata: dict[str, Any] | None = None) -> RequestStatus:
         """Start writing into ``path`` and return once the writer follows the image stream."""
         if self.is_open:
-            raise AcquisitionStepError(OPEN_FILE, f"{self.name}: {self.last and self.last.output_file} "
+            raise AcquisitionStepError(OPEN_FILE, f"{self.name}: {await self.file_path.get_value()} "
                                                   "is still open (close it first)")
         # the fields are checked here; the folder is the DAQ host's to check (it may be another host)
         request = WriteRequest.model_validate(
             {"output_file": str(path), "n_images": OPEN_ENDED, "compression": self.compression,
              "metadata": metadata or {}}, context={"check_filesystem": False})
         self.failure, self.failure_reported, self.last, self._counts = None, False, None, None
-        self._failed.clear()
+        self._failed_event().clear()
         async with in_step(OPEN_FILE):
             request_id = await self.client.write_async(request)
         self._id = request_id
@@ -141,7 +146,7 @@ class StdDaqWriterIO(Device):
     def _fail(self, failure: AcquisitionStepError) -> None:
         if self.failure is None:
             self.failure = failure
-            self._failed.set()
+            self._failed_event().set()
 
     async def _follow(self, request_id: str) -> None:
         """Publish the request's progress until it ends or the follower is cancelled."""
@@ -177,6 +182,10 @@ class StdDaqWriterIO(Device):
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
         request_id, self._id = self._id, None
+        reported = self.failure_reported
+        # the failure belonged to this request: a wait of the next one must not see it
+        self.failure, self.failure_reported = None, False
+        self._failed_event().clear()
         if request_id is None:
             return None
         t = self.timeouts
@@ -188,8 +197,7 @@ class StdDaqWriterIO(Device):
                     step=CLOSE_FILE, bound=t.close_file, poll=t.poll, show=show,
                     waiting_for=f"the writer to close {status.output_file}")
         self._publish(status)
-        if status.state is RequestState.FAILED and not self.failure_reported:
-            self.failure_reported = True
+        if status.state is RequestState.FAILED and not reported:
             raise AcquisitionStepError(CLOSE_FILE,
                                        f"the writer failed {status.output_file}: {status.message}")
         return status
