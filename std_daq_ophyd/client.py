@@ -64,13 +64,15 @@ def _body(request: Mapping[str, Any] | BaseModel) -> Any:
 
 @dataclass(frozen=True)
 class ApiCall(Generic[T]):
-    """One REST call: ``method path`` with an optional JSON body and query, and how its answer is read."""
+    """One REST call: ``method path`` with an optional JSON body and query, how its answer is read, and
+    which HTTP error codes still carry an answer to decode (``accept``)."""
 
     method: str
     path: str
     decode: Callable[[Any], T]
     json: Any = None
     params: dict[str, str] = field(default_factory=dict)
+    accept: tuple[int, ...] = ()
 
 
 def _model(model: type[M]) -> Callable[[Any], M]:
@@ -161,7 +163,12 @@ class _ClientBase:
         )
 
     def _answer(self, call: ApiCall[T], response: httpx.Response) -> T:
-        if response.status_code >= 400:
+        if response.status_code == 401:
+            hint = ("the token this client sent is not the DAQ's" if self.token
+                    else "this client sent no token: pass token=...")
+            raise StdDaqError(f"std-daq {call.method} {call.path} refused (HTTP 401): {_detail(response)} "
+                              f"({hint})", 401)
+        if response.status_code >= 400 and response.status_code not in call.accept:
             raise StdDaqError(f"std-daq {call.method} {call.path} failed (HTTP {response.status_code}): "
                               f"{_detail(response)}", response.status_code)
         try:

@@ -116,7 +116,8 @@ def test_both_clients_return_the_rest_models_and_send_the_token(fake: FakeDaq) -
 def test_refusals_and_strangers_become_clear_errors(fake: FakeDaq) -> None:
     fake.routes = {"/requests/gone": (404, {"detail": "unknown request_id 'gone'"}),
                    "/health": (200, "<html>a web server</html>"),
-                   "/requests/odd": (200, {"state": "running"})}
+                   "/requests/odd": (200, {"state": "running"}),
+                   "/write_async": (401, {"detail": "a bearer token is required"})}
     client = StdDaqClient(fake.url)
     refused = r"GET /requests/gone failed \(HTTP 404\): unknown request_id"
     with pytest.raises(StdDaqError, match=refused) as info:
@@ -126,6 +127,9 @@ def test_refusals_and_strangers_become_clear_errors(fake: FakeDaq) -> None:
         client.health()
     with pytest.raises(StdDaqError, match="/requests/odd answered in an unexpected shape"):
         client.request_status("odd")
+    with pytest.raises(StdDaqError, match=r"refused \(HTTP 401\): a bearer token .*sent no token") as info:
+        client.write_async({"output_file": "/data/x.h5", "n_images": 1})
+    assert info.value.status_code == 401
     nobody = f"http://127.0.0.1:{free_tcp_port()}"
     with pytest.raises(StdDaqUnreachable, match=f"std-daq backend at {nobody} is unreachable"):
         asyncio.run(AsyncStdDaqClient(nobody).health())
