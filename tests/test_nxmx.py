@@ -83,14 +83,16 @@ def write_file(path: Path, config: DetectorConfig, metadata: dict[str, Any], n_i
 
 
 def jungfrau(**fields: Any) -> DetectorConfig:
-    base: dict[str, Any] = {"detector_name": "JF", "detector_type": "jungfrau", "n_modules": 2, "bit_depth": 16,
-                            "image_pixel_height": 1024, "image_pixel_width": 1024, "start_udp_port": 50000}
+    base: dict[str, Any] = {"detector_name": "JF", "detector_type": "jungfrau", "n_modules": 2,
+                            "bit_depth": 16, "image_pixel_height": 1024, "image_pixel_width": 1024,
+                            "start_udp_port": 50000}
     return parse_config({**base, **fields})
 
 
 def eiger(bit_depth: int = 16) -> DetectorConfig:
-    return parse_config({"detector_name": "EG", "detector_type": "eiger", "n_modules": 2, "bit_depth": bit_depth,
-                         "image_pixel_height": 512, "image_pixel_width": 514, "start_udp_port": 50000,
+    return parse_config({"detector_name": "EG", "detector_type": "eiger", "n_modules": 2,
+                         "bit_depth": bit_depth, "image_pixel_height": 512, "image_pixel_width": 514,
+                         "start_udp_port": 50000,
                          "module_positions": {"0": [0, 255, 513, 0], "1": [0, 256, 513, 511]}})
 
 
@@ -269,7 +271,8 @@ def daq_up(ipc_env: str, tmp_path: Path) -> Iterator[tuple[str, DetectorConfig, 
     port = free_tcp_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, STD_DAQ_IPC_DIR=ipc_env)
-    up = subprocess.Popen([*CLI, "up", str(path), "--rest-port", str(port), "--status-interval", "0.2"], env=env)
+    up = subprocess.Popen([*CLI, "up", str(path), "--rest-port", str(port), "--status-interval", "0.2"],
+                          env=env)
     sender: subprocess.Popen[bytes] | None = None
     try:
         status_path = ipc.status_file(config.detector_name)
@@ -313,7 +316,7 @@ def test_file_of_a_real_acquisition_passes_the_nxmx_validator(
     warnings, errors, messages = validate(output, application=True)
     assert errors == 0, messages
     assert base_class_errors(output) == []
-    refused = requests.post(f"{url}/write_sync", json={"output_file": str(tmp_path / "bad.h5"), "n_images": 1,
-                                                       "metadata": {"nxmx": {"sample_name": "x"}}}, timeout=60)
+    bad = {"output_file": str(tmp_path / "bad.h5"), "n_images": 1, "metadata": {"nxmx": {"sample_name": "x"}}}
+    refused = requests.post(f"{url}/write_sync", json=bad, timeout=60)
     assert refused.status_code in (400, 422), refused.text
     assert "nxmx.instrument_name" in refused.text and not (tmp_path / "bad.h5").exists()
