@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -196,19 +197,37 @@ def module_boxes(config: DetectorConfig) -> list[ModuleBox]:
     return out
 
 
+#: rows per chunk of the stored pixel mask: all-zero chunks are not stored at all
+MASK_CHUNK_ROWS = 64
+MASK_GZIP_LEVEL = 1
+
+
+@dataclass(frozen=True)
+class StoredMask:
+    """A pixel mask and its gzip chunks, compressed once per config: writing a file copies bytes."""
+
+    mask: np.ndarray
+    chunk_rows: int
+    chunks: tuple[tuple[int, bytes], ...]  # (first row, deflated bytes) of every non-zero chunk
+
+
 def pixel_mask(config: DetectorConfig) -> np.ndarray:
     """The NXmx pixel mask of ``config``'s images (read-only; cached per config and calibration file)."""
+    return _stored_mask(config).mask
+
+
+def _stored_mask(config: DetectorConfig) -> StoredMask:
     mtime = 0
     if config.pedestal_file is not None:
         try:
             mtime = Path(config.pedestal_file).stat().st_mtime_ns
         except OSError:
             mtime = -1
-    return _pixel_mask(config.model_dump_json(), mtime)
+    return _build_mask(config.model_dump_json(), mtime)
 
 
 @lru_cache(maxsize=8)
-def _pixel_mask(config_json: str, mtime_ns: int) -> np.ndarray:
+def _build_mask(config_json: str, mtime_ns: int) -> StoredMask:
     from daq_backend.detectors import layout_for
     from daq_backend.detectors.calibration import bad_pixels
 
@@ -222,7 +241,23 @@ def _pixel_mask(config_json: str, mtime_ns: int) -> np.ndarray:
             index = layout.module_pixels(m)
             mask[index] = mask[index] | (bad.astype(np.uint32) * np.uint32(MASK_BAD))
     mask.flags.writeable = False
-    return mask
+    rows = min(MASK_CHUNK_ROWS, mask.shape[0])
+    chunks = []
+    for first in range(0, mask.shape[0], rows):
+        block = np.zeros((rows, mask.shape[1]), np.uint32)  # the last chunk is padded, as HDF5 stores it
+        part = mask[first : first + rows]
+        block[: part.shape[0]] = part
+        if block.any():  # HDF5's deflate filter is zlib's format: zlib.compress writes what it reads
+            chunks.append((first, zlib.compress(block.tobytes(), MASK_GZIP_LEVEL)))
+    return StoredMask(mask, rows, tuple(chunks))
+
+
+def _write_mask(detector: h5py.Group, stored: StoredMask) -> None:
+    ds = detector.create_dataset("pixel_mask", shape=stored.mask.shape, dtype=np.uint32,
+                                 chunks=(stored.chunk_rows, stored.mask.shape[1]), compression="gzip",
+                                 compression_opts=MASK_GZIP_LEVEL, fillvalue=0)
+    for first, data in stored.chunks:
+        ds.id.write_direct_chunk((first, 0), data)
 
 
 def _estimated_end(start_time: str, n_images: int, exptime: float | None, period: float | None) -> str:
@@ -318,9 +353,7 @@ def write_nexus(h5: h5py.File, config: DetectorConfig, *, n_images: int, metadat
         _field(detector, "count_time", exptime, "s")
     if period is not None and period > 0:
         _field(detector, "frame_time", period, "s")
-    mask = pixel_mask(config)
-    detector.create_dataset("pixel_mask", data=mask, chunks=mask.shape, compression="gzip",
-                            compression_opts=1)
+    _write_mask(detector, _stored_mask(config))
     _field(detector, "pixel_mask_applied", np.bool_(config.converted and config.pedestal_file is not None))
 
     h, w = config.image_shape
