@@ -160,7 +160,7 @@ def jf_utils_tables(gains: np.ndarray, pedestals: np.ndarray, mask: np.ndarray, 
 
 
 @lru_cache(maxsize=4)
-def _jf_utils_mask(pedestal_file: str, mtime_ns: int, n_modules: int) -> np.ndarray:
+def _jf_utils_mask(pedestal_file: str, n_modules: int) -> np.ndarray:
     shape = jf_utils_shape(n_modules)
     with _open("pedestal_file", pedestal_file) as f:
         mask = _dataset("pedestal_file", f, "pixel_mask", shape, "module rows stacked, columns")
@@ -171,14 +171,9 @@ def _jf_utils_mask(pedestal_file: str, mtime_ns: int, n_modules: int) -> np.ndar
 
 def bad_pixels(config: DetectorConfig, module: int) -> np.ndarray | None:
     """Module-local bool mask of the pixels the calibration marks bad (jungfrau_utils layout), or
-    None when the configured calibration carries no mask. Cached per file version."""
+    None when the configured calibration carries no mask. Read once per file and process."""
     if config.pedestal_file is None:
         return None
-    path = config.pedestal_file
-    try:
-        mtime = Path(path).stat().st_mtime_ns
-    except OSError as exc:
-        raise ConfigError(f"pedestal_file: cannot open {path}: {exc.strerror}") from None
-    mask = _jf_utils_mask(path, mtime, config.n_modules)
+    mask = _jf_utils_mask(config.pedestal_file, config.n_modules)
     rows = JUNGFRAU_MODULE_SHAPE[0]
     return mask[module * rows : (module + 1) * rows]

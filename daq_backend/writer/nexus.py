@@ -61,7 +61,6 @@ import math
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import h5py
@@ -212,22 +211,18 @@ class StoredMask:
 
 
 def pixel_mask(config: DetectorConfig) -> np.ndarray:
-    """The NXmx pixel mask of ``config``'s images (read-only; cached per config and calibration file)."""
+    """The NXmx pixel mask of ``config``'s images (read-only, cached)."""
     return _stored_mask(config).mask
 
 
 def _stored_mask(config: DetectorConfig) -> StoredMask:
-    mtime = 0
-    if config.pedestal_file is not None:
-        try:
-            mtime = Path(config.pedestal_file).stat().st_mtime_ns
-        except OSError:
-            mtime = -1
-    return _build_mask(config.model_dump_json(), mtime)
+    """Built once per config and process, like the assembler loads the calibration once at its start:
+    the mask in a file is the one the data was converted with (restart to load a new pedestal file)."""
+    return _build_mask(config.model_dump_json())
 
 
 @lru_cache(maxsize=8)
-def _build_mask(config_json: str, mtime_ns: int) -> StoredMask:
+def _build_mask(config_json: str) -> StoredMask:
     from daq_backend.detectors import layout_for
     from daq_backend.detectors.calibration import bad_pixels
 
