@@ -27,6 +27,8 @@ jungfrau_utils layout (``gain_file`` + ``pedestal_file``), as PSI ships it and a
 * high-gain mode (``high_gain``, the detector runs with HG0 switched on): every pixel is converted
   with the HG0 planes whatever its gain bits, ``E = (adc - P[3]) / G[3]`` (jungfrau_utils'
   ``highgain = True`` with a 4-plane file);
+* jungfrau_utils also reads a later variant (gains ``(6, ...)`` with HG0, HG1, HG2 for high-gain
+  mode, pedestals ``(3, ...)``); it is refused here with the expected shape, not guessed at;
 * masked pixels are NaN. jungfrau_utils writes 0 for them; here a 0 would look like a real pixel
   with no signal, and missing pixels are NaN in converted images already. A pixel whose gain is 0
   (it cannot be converted; jungfrau_utils would give an infinite energy) is NaN too.
