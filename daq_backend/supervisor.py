@@ -7,7 +7,10 @@ SIGTERM/Ctrl-C (or ``stop()``) it terminates the children by PID, waits for them
 shared-memory segments and ipc socket files of *its* detector that a killed owner left behind.
 
 Children run in their own session (a terminal's Ctrl-C reaches only the supervisor, which then stops
-them in order) and get ``PR_SET_PDEATHSIG`` so they die with a SIGKILLed supervisor too.
+them in order) and get ``PR_SET_PDEATHSIG`` so they die with a SIGKILLed supervisor too. A
+command-line child's stderr is a pipe the supervisor reads: each line goes on to the supervisor's
+stderr and the newest ones, with the supervisor's own messages, into the status file
+(``daq_backend.logtail``).
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ from typing import Any
 from daq_backend import ipc
 from daq_backend.component import SERVICE_NAME_ENV, run_service  # noqa: F401 (run_service: re-exported)
 from daq_backend.config import DetectorConfig
+from daq_backend.logtail import LogTail, TailHandler
 from daq_backend.ram_buffer import shm_path
 from daq_backend.stats import StatsCollector
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+#: Newest stderr lines per service in the status file (the supervisor keeps more in memory).
+STATUS_LOG_LINES = 30
 
 
 def _die_with_parent() -> None:
@@ -107,6 +113,8 @@ class _Child:
         self.exit_code: int | None = None
         self.next_start: float | None = None
         self.backoff = 0.0
+        self.log = LogTail()  # kept across restarts: a crash's traceback stays visible
+        self.log_reader: threading.Thread | None = None
 
     @property
     def pid(self) -> int | None:
@@ -162,6 +170,8 @@ class Supervisor:
         self._collector: StatsCollector | None = None
         self._next_status = 0.0
         self._lock = threading.Lock()
+        self._log = LogTail()
+        self._log_handler = TailHandler(self._log, lambda _r, text: text.startswith(f"{self.detector}: "))
 
     # -- public ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -179,6 +189,7 @@ class Supervisor:
                     f"a second instance would take over its ports, rings and sockets"
                 )
         self._started = True
+        log.addHandler(self._log_handler)
         if self._own_config_file:
             self.config_path.write_text(json.dumps(self.config.to_json_dict(), indent=1))
         try:
@@ -261,6 +272,8 @@ class Supervisor:
             "updated": time.time(),
             "interval": self.status_interval,
             "services": services,
+            "logs": {"supervisor": self._log.summary(STATUS_LOG_LINES)}
+            | {name: child.log.summary(STATUS_LOG_LINES) for name, child in self._children.items()},
         }
 
     def pids(self) -> dict[str, int | None]:
@@ -284,6 +297,10 @@ class Supervisor:
                     self._wait(child, 5.0)
                 child.exit_code = child.poll()
                 child.proc = None
+        for child in self._children.values():
+            if child.log_reader is not None:  # the last lines a stopping child wrote
+                child.log_reader.join(2.0)
+        log.removeHandler(self._log_handler)
         self._remove_leftovers()
         if self._collector is not None:
             self._collector.close()
@@ -304,8 +321,11 @@ class Supervisor:
         env["STD_DAQ_IPC_DIR"] = ipc.ipc_dir()
         if spec.argv is not None:
             child.proc = subprocess.Popen(
-                list(spec.argv), env=env, start_new_session=True, preexec_fn=_die_with_parent
+                list(spec.argv), env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                stderr=subprocess.PIPE,
             )
+            assert child.proc.stderr is not None
+            child.log_reader = child.log.follow(child.proc.stderr, spec.name)
         else:
             ctx = multiprocessing.get_context("spawn")
             proc = ctx.Process(target=_run_target, args=(spec.target, spec.args, spec.name), name=spec.name)

@@ -70,7 +70,7 @@ LABELS = [
     "POST /requests/{request_id}/stop", "GET /health", "GET /stats", "GET /preview", "GET /config",
     "POST /writer/write_sync", "POST /writer/write_async", "GET /writer/status", "POST /writer/stop",
     "GET /daq/config", "POST /daq/config", "GET /daq/stats", "GET /daq/logs/{n_logs}", "GET /daq/deployment",
-    "POST /epics/write_async",
+    "POST /epics/write_async", "GET /ui", "GET /ui/snapshot",
 ]  # fmt: skip
 
 

@@ -38,6 +38,7 @@ from daq_backend.rest.backend import (
     check_output_root,
     explain_validation,
 )
+from daq_backend.rest.dashboard import dashboard_router
 from daq_backend.writer.request import WriteRequest
 
 _logger = logging.getLogger(__name__)
@@ -480,6 +481,8 @@ def create_app(backend: DaqBackend) -> FastAPI:
             message=f"Deployment status for {name}.",
             deployment=backend.config_store.deployment(),
         )
+
+    app.include_router(dashboard_router(app, backend))  # /ui: the live dashboard
 
     # -- OpenAPI: add the hand-parsed request bodies' schemas ------------------------------------
     def openapi() -> dict[str, Any]:

@@ -31,6 +31,7 @@ from daq_backend.config import DetectorConfig, load_config
 from daq_backend.control.base import DetectorControl
 from daq_backend.rest.app import create_app
 from daq_backend.rest.backend import DaqBackend, PreviewProvider, status_file_stats
+from daq_backend.rest.dashboard import close_dashboard
 
 _logger = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class RestServer:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        close_dashboard(self.app)  # open event streams end now instead of holding the shutdown
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
