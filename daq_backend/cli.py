@@ -13,6 +13,7 @@ import glob
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from daq_backend import ipc
-from daq_backend.config import ConfigError, load_config
+from daq_backend.config import ConfigError, DetectorConfig, load_config
+from daq_backend.topology import Topology
 
 Subparsers = Any  # argparse's private _SubParsersAction
 
@@ -70,27 +72,31 @@ def add_up(sub: Subparsers) -> None:
                    help="point the detector's UDP stream at this DAQ at start-up")
     p.add_argument("--output-root", "--output_root", dest="output_roots", action="append", default=[],
                    help="folder writes are confined to (repeatable; default anywhere)")
-    p.add_argument("--log_level", "--log-level", dest="log_level", default="INFO")
+    p.add_argument("--stream-send", "--stream_send", dest="stream_send", default=None, metavar="ADDRESS",
+                   help="also replicate the image buffer on this address (e.g. tcp://*:9000)")
+    p.add_argument("--live-stream", "--live_stream", dest="live_stream", default=None, metavar="ADDRESS",
+                   help="also serve the Array-1.0 live stream on this address (e.g. tcp://*:9100)")
+    p.add_argument("--live-stream-mode", "--live_stream_mode", dest="live_stream_mode", default="forward",
+                   choices=("forward", "periodic", "batch"), help="which images the live stream sends")
+    p.add_argument("--log_level", "--log-level", dest="log_level", default="INFO", type=str.upper,
+                   choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"),
+                   help="of the supervisor and every process it starts")
     p.set_defaults(func=cmd_up)
 
 
-def up_services(args: argparse.Namespace, config_path: Path, broker_url: str) -> list[Any]:
-    """What ``std-daq up`` runs besides the readout: writer agent (+ h5 writer) and the REST API."""
-    from daq_backend.rest.server import rest_service_spec
-    from daq_backend.supervisor import ServiceSpec
-
-    services = []
-    if args.writer:
-        services.append(ServiceSpec("writer", argv=(
-            sys.executable, "-m", "daq_backend.cli", "writer-agent", str(config_path), "--with-h5-writer",
-            "--broker-url", broker_url)))
-    if args.rest_port:
-        rest_args = ["--broker-url", broker_url, "--detector-control", args.detector_control]
-        rest_args += [f"--detector-host={h}" for h in args.detector_hosts]
-        rest_args += [f"--output-root={r}" for r in args.output_roots]
-        rest_args += ["--configure-udp"] if args.configure_udp else []
-        services.append(rest_service_spec(config_path, args.rest_port, *rest_args))
-    return services
+def up_topology(args: argparse.Namespace, config: DetectorConfig, broker_url: str) -> Topology:
+    """The processes ``std-daq up`` runs for ``config``: the readout, writer agent + h5 writer, the
+    REST API and the optional streams. They read the supervisor's live copy of the config."""
+    rest_args = ["--detector-control", args.detector_control]
+    rest_args += [f"--detector-host={h}" for h in args.detector_hosts]
+    rest_args += [f"--output-root={r}" for r in args.output_roots]
+    rest_args += ["--configure-udp"] if args.configure_udp else []
+    return Topology(
+        config, Path(ipc.config_file(config.detector_name)), broker_url, writer=args.writer,
+        rest_port=args.rest_port, rest_args=tuple(rest_args), stream_send=args.stream_send,
+        live_stream=args.live_stream, live_stream_args=("--mode", args.live_stream_mode),
+        log_level=args.log_level,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -113,16 +119,18 @@ def cmd_up(args: argparse.Namespace) -> int:
             hub = None
         broker_url = f"{EMBEDDED}://{name}"
     try:
-        supervisor = Supervisor(config, config_path, up_services(args, config_path, broker_url),
+        supervisor = Supervisor(config, config_path, topology=up_topology(args, config, broker_url),
                                 status_interval=args.status_interval)
+        try:
+            supervisor.start()
+        except RuntimeError as exc:
+            print(f"std-daq up: {exc}", file=sys.stderr)
+            return 1
         rest = f"REST http://127.0.0.1:{args.rest_port}, " if args.rest_port else ""
         print(f"std-daq: {config.detector_name} up ({len(supervisor.services)} services; {rest}"
               f"broker {broker_url}); `std-daq status {args.config}` shows them; Ctrl-C stops all",
               file=sys.stderr)
         supervisor.run()
-    except RuntimeError as exc:
-        print(f"std-daq up: {exc}", file=sys.stderr)
-        return 1
     finally:
         if hub is not None:
             hub.stop()
@@ -169,9 +177,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(not s["stale"] and all(x["alive"] for x in s["services"]) for s in statuses) else 3
 
 
-def render_status(status: dict[str, Any]) -> None:
-    """One rich table per detector."""
+def render_status(status: dict[str, Any], console: Any = None) -> None:
+    """One rich table per detector. Nothing is cut: on a terminal narrower than the table the cells
+    wrap; into a pipe or file the table keeps its natural width."""
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     age = time.time() - float(status.get("updated", 0))
@@ -180,7 +190,8 @@ def render_status(status: dict[str, Any]) -> None:
                         f"updated {age:.1f} s ago")
     for column in ("service", "pid", "alive", "restarts", "packets", "frames", "images", "lost pkts",
                    "rate", "problems"):
-        table.add_column(column, justify="left" if column in ("service", "problems") else "right")
+        table.add_column(column, justify="left" if column in ("service", "problems") else "right",
+                         overflow="fold")
     for svc in status["services"]:
         c = svc.get("counters", {})
         r = svc.get("rates", {})
@@ -195,7 +206,14 @@ def render_status(status: dict[str, Any]) -> None:
             _fmt(c.get("packets")), _fmt(c.get("frames")), _fmt(c.get("images")),
             _fmt(c.get("missing_packets")), rate, problems,
         )
-    Console().print(table)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            wide = Console(width=10_000)
+            console = Console(width=max(80, Measurement.get(wide, wide.options, table).maximum))
+    console.print(table)
+    if status.get("ended"):
+        console.print(f"[red]{status['ended']}[/red]")
 
 
 def _fmt(value: int | None) -> str:
@@ -238,5 +256,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run(argv: list[str] | None = None) -> int:
+    """``main`` as a program: a reader that closes the pipe early (``std-daq status --json | head``)
+    ends the output quietly instead of with a BrokenPipeError."""
+    try:
+        code = main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit: point it at /dev/null so that flush cannot fail
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
