@@ -93,7 +93,7 @@ def up_topology(args: argparse.Namespace, config: DetectorConfig, broker_url: st
     rest_args += ["--configure-udp"] if args.configure_udp else []
     return Topology(
         config, Path(ipc.config_file(config.detector_name)), broker_url, writer=args.writer,
-        rest_port=args.rest_port, rest_args=tuple(rest_args), stream_send=args.stream_send,
+        rest_port=args.rest_port or None, rest_args=tuple(rest_args), stream_send=args.stream_send,
         live_stream=args.live_stream, live_stream_args=("--mode", args.live_stream_mode),
         log_level=args.log_level,
     )

@@ -97,7 +97,7 @@ class Topology:
 
     ``config_path``: the detector JSON every process reads (the supervisor keeps it equal to the live
     config). ``broker_url``: where the writer agent and the REST API meet (``embedded://NAME`` or
-    ``amqp://...``). ``rest_port`` 0 leaves the REST API out; ``rest_args`` are more ``std-daq rest``
+    ``amqp://...``). ``rest_port`` None leaves the REST API out; ``rest_args`` are more ``std-daq rest``
     options. ``stream_send`` / ``live_stream``: the address to serve on (None: not run);
     ``live_stream_args``: more ``std-daq live-stream`` options (``--mode``, ``--param``).
     ``receiver_args``: more receiver options (``--rcvbuf``). ``log_level``: every process's."""
@@ -106,7 +106,7 @@ class Topology:
     config_path: Path
     broker_url: str
     writer: bool = True
-    rest_port: int = 0
+    rest_port: int | None = None
     rest_host: str = "127.0.0.1"
     rest_args: tuple[str, ...] = ()
     stream_send: str | None = None
@@ -151,16 +151,16 @@ class Topology:
         specs = self.readout()
         if self.writer:
             specs.append(ServiceSpec(
-                "writer-agent",
-                argv=self._cli("writer-agent", "--broker-url", self.broker_url),
-                ipc_addresses=(ipc.writer_agent_address(det),),
-                role=Role.WRITER_AGENT, reports_stats=True,
-            ))
-            specs.append(ServiceSpec(
                 "h5-writer",
                 argv=self._cli("h5-writer"),
                 ipc_addresses=(ipc.writer_status_address(det),),
                 role=Role.H5_WRITER, reports_stats=True,
+            ))
+            specs.append(ServiceSpec(
+                "writer-agent",
+                argv=self._cli("writer-agent", "--broker-url", self.broker_url),
+                ipc_addresses=(ipc.writer_agent_address(det),),
+                role=Role.WRITER_AGENT, reports_stats=True,
             ))
         if self.stream_send:
             specs.append(ServiceSpec(
@@ -174,7 +174,7 @@ class Topology:
                 ipc_addresses=(self.live_stream,) if self.live_stream.startswith("ipc://") else (),
                 role=Role.LIVE_STREAM, reports_stats=True,
             ))
-        if self.rest_port:
+        if self.rest_port is not None:
             specs.append(ServiceSpec(
                 "rest",
                 argv=self._cli("rest", "--rest-port", str(self.rest_port), "--host", self.rest_host,
