@@ -100,7 +100,9 @@ class Topology:
     ``amqp://...``). ``rest_port`` None leaves the REST API out; ``rest_args`` are more ``std-daq rest``
     options. ``stream_send`` / ``live_stream``: the address to serve on (None: not run);
     ``live_stream_args``: more ``std-daq live-stream`` options (``--mode``, ``--param``).
-    ``receiver_args``: more receiver options (``--rcvbuf``). ``log_level``: every process's."""
+    ``receiver_args``: more receiver options (``--rcvbuf``). ``log_level``: every process's.
+    ``launcher``: a command line prefix every process runs under (it must ``exec`` the rest, so the PID
+    stays the supervisor's child: e.g. a shell redirecting the output to a log)."""
 
     config: DetectorConfig
     config_path: Path
@@ -114,13 +116,15 @@ class Topology:
     live_stream_args: tuple[str, ...] = ()
     receiver_args: tuple[str, ...] = ()
     log_level: str | None = None
+    launcher: tuple[str, ...] = ()
     python: str = sys.executable
 
     def _log(self) -> tuple[str, ...]:
         return ("--log-level", self.log_level.upper()) if self.log_level else ()
 
     def _cli(self, command: str, *args: str) -> tuple[str, ...]:
-        return (self.python, "-m", "daq_backend.cli", command, str(self.config_path), *args, *self._log())
+        return (*self.launcher, self.python, "-m", "daq_backend.cli", command, str(self.config_path), *args,
+                *self._log())
 
     def readout(self) -> list[ServiceSpec]:
         """A receiver per required module plus the synchroniser/assembler."""
@@ -129,8 +133,8 @@ class Topology:
         specs = [
             ServiceSpec(
                 f"receiver-{m}",
-                argv=(self.python, "-m", "daq_backend.readout.receiver", path, str(m), *self.receiver_args,
-                      *self._log()),
+                argv=(*self.launcher, self.python, "-m", "daq_backend.readout.receiver", path, str(m),
+                      *self.receiver_args, *self._log()),
                 shm_names=(ipc.frame_ring_name(det, m),),
                 role=Role.RECEIVER, module=m, reports_stats=True,
             )
@@ -138,7 +142,7 @@ class Topology:
         ]
         specs.append(ServiceSpec(
             "assembler",
-            argv=(self.python, "-m", "daq_backend.readout.assembler", path, *self._log()),
+            argv=(*self.launcher, self.python, "-m", "daq_backend.readout.assembler", path, *self._log()),
             shm_names=(ipc.image_ring_name(det),),
             ipc_addresses=(ipc.module_frames_address(det), ipc.image_metadata_address(det)),
             role=Role.ASSEMBLER, reports_stats=True,
