@@ -243,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASSTHROUGH:
-        return int(_resolve(PASSTHROUGH[argv[0]][0])(argv[1:]) or 0)
+        try:
+            return int(_resolve(PASSTHROUGH[argv[0]][0])(argv[1:]) or 0)
+        except ConfigError as exc:  # every command refuses a bad detector config in one line
+            print(f"std-daq {argv[0]}: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

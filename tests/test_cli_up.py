@@ -55,11 +55,12 @@ def test_up_serves_cli_and_rest_writes_then_stops_cleanly(ipc_env: str, tmp_path
                 return None
             services = read_status(status_path)["services"]
             names = {s["name"] for s in services}
-            if names == {"receiver-0", "assembler", "writer", "rest"} and all(s["alive"] for s in services):
+            if names == {"receiver-0", "assembler", "h5-writer", "writer-agent", "rest"} and all(
+                    s["alive"] for s in services):
                 return [s["pid"] for s in services]
             return None
 
-        child_pids = wait_for(services_up, 120, "receiver, assembler, writer and rest alive")
+        child_pids = wait_for(services_up, 120, "receiver, assembler, h5 writer, writer agent and rest alive")
         wait_for(lambda: healthy(url), 120, "REST API healthy")
 
         # the detector runs continuously; every write takes the next N images, whatever their ids
