@@ -124,7 +124,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     print(f"std-daq demo: simulated {args.detector} {config.image_pixel_height}x{config.image_pixel_width}, "
           f"{args.points} points x {args.frames} images, files in {output}")
     t0 = time.monotonic()
-    daq = LocalDaq(config, broker_url=args.broker_url, log_level=args.log_level)
+    daq = LocalDaq(config, broker_url=args.broker_url, log_level=args.log_level, output_roots=[output])
     try:
         daq.start(wait=False)  # the processes start while bluesky is imported here
         import bluesky.plans as bp

@@ -365,7 +365,9 @@ class EmbeddedDaq:
                     h5_writer.start()
                     self._components.append(h5_writer)
                 elif spec.role is Role.WRITER_AGENT:
-                    self._components.append(WriterAgent(config, self._transport()).start())
+                    roots = [Path(r) for r in self.output_roots] if self.output_roots else None
+                    agent = WriterAgent(config, self._transport(), output_roots=roots)
+                    self._components.append(agent.start())
                 elif spec.role is Role.REST:
                     controls = {config.detector_name: self.control, config.detector_type.value: self.control}
                     self._backend = DaqBackend(
