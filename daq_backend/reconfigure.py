@@ -123,7 +123,7 @@ class SupervisorClient:
     def _ask(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
         path = self.address.removeprefix("ipc://")
         if not os.path.exists(path):
-            raise SupervisorUnreachable(
+            raise ConfigNotApplied(
                 f"no supervisor runs detector {self.detector_name!r} here (no {path}): "
                 "a config can only be applied to a DAQ started with `std-daq up`")
         sock = self._ctx.socket(zmq.REQ)

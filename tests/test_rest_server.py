@@ -214,11 +214,14 @@ def test_readme_examples_verbatim(tmp_path: Path) -> None:
     assert body["response"]["state"] == "interrupted" and body["response"]["status"] == "request_fail"
     assert 0 < body["response"]["n_written"] < 10
 
-    assert results["detector set"] == (200, {"response": "request_success"})
+    # dr=32 would change the DAQ's bit_depth, and this API (no supervisor) cannot apply that: refused
+    # with the reason, the detector kept at its dr, instead of a file rewritten without effect
+    status, body = results["detector set"]
+    assert status == 409 and body["response"].startswith("dr=32 not applied, the detector keeps dr=16")
     status, body = results["detector set unknown"]
     assert status == 400 and body["response"] == "Parameter not valid: FOO"
     status, body = results["detector get"]
     assert status == 200 and set(body) == DETECTOR_KEYS
-    assert body["det_name"] == "eiger" and body["frames"] == 5 and body["dr"] == 32
+    assert body["det_name"] == "eiger" and body["frames"] == 5 and body["dr"] == 16
     assert body["timing"] == "timingMode.AUTO_TIMING" and body["speed"] == "speedLevel.FULL_SPEED"
     assert results["rest exit"] == (0, None)
