@@ -128,7 +128,7 @@ class _Watch:
         self.grace = grace
         self.status_path = status_path
         self.children: dict[int, tuple[int, str]] = {}  # pidfd -> (pid, name)
-        self.groups: set[int] = set()
+        self.groups: dict[int, str] = {}  # process group (= the child's pid) -> the child's name
         self.paths: list[str] = []
 
     def serve(self) -> int:
@@ -162,7 +162,7 @@ class _Watch:
         op = message.get("op")
         if op == "watch" and fds:
             self.children[fds[0]] = (int(message["pid"]), str(message.get("name", "")))
-            self.groups.add(int(message["pid"]))
+            self.groups[int(message["pid"])] = str(message.get("name", ""))
             for fd in fds[1:]:
                 os.close(fd)
         elif op == "leftovers":
@@ -195,6 +195,10 @@ class _Watch:
             for pidfd in readable:
                 self._forget(pidfd)
         killed = sorted(name for _, name in self.children.values())
+        for group, name in sorted(self.groups.items(), key=lambda item: item[1]):
+            with contextlib.suppress(OSError):
+                os.killpg(group, 0)  # raises when no process of the group is left
+                killed.append(f"what {name} started")
         self._signal_all(signal.SIGKILL)
         while self.children:  # a SIGKILLed process exits at once; its pidfd says so
             readable, _, _ = select.select(list(self.children), [], [], 5.0)
@@ -216,7 +220,7 @@ class _Watch:
             status = json.loads(path.read_text())
         except (OSError, ValueError):
             return
-        how = f"; SIGKILLed after {self.grace:g} s: {', '.join(killed)}" if killed else ""
+        how = f" (SIGKILLed after {self.grace:g} s: {', '.join(killed)})" if killed else ""
         status["ended"] = (f"the supervisor died; the guardian stopped its processes in {took:.1f} s{how} "
                            "and removed their rings and sockets")
         for service in status.get("services", []):

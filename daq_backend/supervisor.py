@@ -230,6 +230,13 @@ class Supervisor:
                     f"{self.detector} is already up (supervisor pid {other.get('supervisor_pid')}); "
                     f"a second instance would take over its ports, rings and sockets"
                 )
+            pid = other.get("supervisor_pid")
+            if isinstance(pid, int) and pid != os.getpid() and not _gone(pid):
+                raise RuntimeError(
+                    f"{self.detector}: its supervisor (pid {pid}) has not updated {self.status_path} for "
+                    f"{time.time() - float(other.get('updated', 0)):.0f} s but still runs: stop it first "
+                    "(or, if that pid is no std-daq supervisor, remove the status file)"
+                )
             self._take_over(other)
         self._started = True
         try:
@@ -638,21 +645,19 @@ class Supervisor:
         while (mark and isinstance(guardian, int) and _environ_mark(guardian) == mark
                and time.monotonic() < deadline):
             time.sleep(0.05)  # it is taking the dead supervisor's processes down
-        orphans = []
-        for service in stale.get("services", []):
-            pid = service.get("pid") if isinstance(service, dict) else None
-            if isinstance(pid, int) and mark and _environ_mark(pid) == mark:
-                orphans.append((pid, service.get("name")))
-        for pid, name in orphans:
+        orphans = _marked_processes(mark) if mark else []  # its children and theirs
+        names = {s.get("pid"): s.get("name") for s in stale.get("services", []) if isinstance(s, dict)}
+        for pid in orphans:
             log.warning("%s: %s (pid %d) of a dead supervisor still runs: stopping it",
-                        self.detector, name, pid)
+                        self.detector, names.get(pid, "a process"), pid)
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
         deadline = time.monotonic() + self.stop_timeout
         while orphans and time.monotonic() < deadline:
-            orphans = [(p, n) for p, n in orphans if _environ_mark(p) == mark]
+            orphans = [p for p in orphans if _environ_mark(p) == mark]
             time.sleep(0.05)
-        for pid, _ in orphans:
+        for pid in orphans:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         self._remove_leftovers()
@@ -673,8 +678,28 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _gone(pid: int) -> bool:
+    """Process ``pid`` does not exist or is a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def _marked_processes(mark: str) -> list[int]:
+    """Live processes whose environment carries ``STD_DAQ_SUPERVISOR=<mark>`` (a supervisor's
+    children and the processes they started)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid() and _environ_mark(int(entry)) == mark:
+            pids.append(int(entry))
+    return pids
+
+
 def _environ_mark(pid: int) -> str | None:
-    """The ``STD_DAQ_SUPERVISOR`` mark in the environment of process ``pid`` (None: gone, or not ours)."""
+    """The ``STD_DAQ_SUPERVISOR`` mark in the environment of process ``pid`` (None: gone, a zombie,
+    or not ours)."""
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
