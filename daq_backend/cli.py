@@ -108,19 +108,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     config_path = Path(args.config).resolve()
     config = load_config(config_path)
     broker_url = resolve_broker_url(args.broker_url)
-    hub: EmbeddedBrokerHub | None = None
-    if broker_url == EMBEDDED or broker_url.startswith(f"{EMBEDDED}://"):
+    embedded = broker_url == EMBEDDED or broker_url.startswith(f"{EMBEDDED}://")
+    if embedded:
         name = broker_url.removeprefix(EMBEDDED).removeprefix("://").strip("/") or DEFAULT_EMBEDDED_NAME
+        broker_url = f"{EMBEDDED}://{name}"
+    supervisor = Supervisor(config, config_path, topology=up_topology(args, config, broker_url),
+                            status_interval=args.status_interval)
+    try:
+        supervisor.check_can_start()  # before anything is claimed: the broker hub, the status file
+    except RuntimeError as exc:
+        print(f"std-daq up: {exc}", file=sys.stderr)
+        return 1
+    hub: EmbeddedBrokerHub | None = None
+    if embedded:
         hub = EmbeddedBrokerHub(name)
         try:
             hub.start()
         except RuntimeError as exc:  # another `std-daq up` owns it: share it
             logging.getLogger("std-daq").info("%s", exc)
             hub = None
-        broker_url = f"{EMBEDDED}://{name}"
     try:
-        supervisor = Supervisor(config, config_path, topology=up_topology(args, config, broker_url),
-                                status_interval=args.status_interval)
         try:
             supervisor.start()
         except RuntimeError as exc:

@@ -213,6 +213,29 @@ class Supervisor:
         return self.user_config_path is None or self.user_config_path.resolve() != self.config_path.resolve()
 
     # -- public ------------------------------------------------------------------------------
+    def check_can_start(self) -> dict[str, Any] | None:
+        """Raise RuntimeError when a supervisor runs this detector (or still runs without updating its
+        status); returns a dead supervisor's status (to take over from), None when there is none."""
+        if not self.status_path.exists():
+            return None
+        try:
+            other = read_status(self.status_path)
+        except (OSError, ValueError):
+            return {"stale": True}
+        if not other["stale"]:
+            raise RuntimeError(
+                f"{self.detector} is already up (supervisor pid {other.get('supervisor_pid')}); "
+                f"a second instance would take over its ports, rings and sockets"
+            )
+        pid = other.get("supervisor_pid")
+        if isinstance(pid, int) and pid != os.getpid() and not _gone(pid):
+            raise RuntimeError(
+                f"{self.detector}: its supervisor (pid {pid}) has not updated {self.status_path} for "
+                f"{time.time() - float(other.get('updated', 0)):.0f} s but still runs: stop it first "
+                "(or, if that pid is no std-daq supervisor, remove the status file)"
+            )
+        return other
+
     def start(self) -> None:
         """Spawn every service (returns at once; ``run()`` / ``poll_once()`` watch them).
 
@@ -220,23 +243,8 @@ class Supervisor:
         (orphaned processes, rings, sockets) are removed first."""
         if self._started:
             return
-        if self.status_path.exists():
-            try:
-                other = read_status(self.status_path)
-            except (OSError, ValueError):
-                other = {"stale": True}
-            if not other["stale"]:
-                raise RuntimeError(
-                    f"{self.detector} is already up (supervisor pid {other.get('supervisor_pid')}); "
-                    f"a second instance would take over its ports, rings and sockets"
-                )
-            pid = other.get("supervisor_pid")
-            if isinstance(pid, int) and pid != os.getpid() and not _gone(pid):
-                raise RuntimeError(
-                    f"{self.detector}: its supervisor (pid {pid}) has not updated {self.status_path} for "
-                    f"{time.time() - float(other.get('updated', 0)):.0f} s but still runs: stop it first "
-                    "(or, if that pid is no std-daq supervisor, remove the status file)"
-                )
+        other = self.check_can_start()
+        if other is not None:
             self._take_over(other)
         self._started = True
         try:

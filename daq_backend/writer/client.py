@@ -130,6 +130,7 @@ class _Progress:
 
     def __init__(self, request_id: str, total: int, enabled: bool, out: TextIO) -> None:
         self.request_id = request_id
+        self._out = out
         self._bar = tqdm(total=total, unit="img", disable=not enabled, file=out, dynamic_ncols=True)
         self._lock = threading.Lock()
         self.started = False
@@ -154,7 +155,7 @@ class _Progress:
 
     def write(self, text: str) -> None:
         with self._lock:
-            self._bar.write(text, file=self._bar.fp)
+            tqdm.write(text, file=self._out)  # above the bar, which is redrawn below
 
     def close(self) -> None:
         with self._lock:
