@@ -180,6 +180,7 @@ class LocalDaq:
         self._thread: threading.Thread | None = None
         self._control: RestDetectorControl | None = None
         self._url: str | None = None
+        self._error: BaseException | None = None
 
     @property
     def url(self) -> str:
@@ -216,8 +217,10 @@ class LocalDaq:
         port = self.port or free_tcp_port()
         try:
             self.supervisor = Supervisor(self.config, topology=self.topology(port), status_interval=0.5)
-            self.supervisor.start()
-            self._thread = threading.Thread(target=self.supervisor.run, daemon=True,
+            self.supervisor.check_can_start()
+            # Every process is started from the supervisor's own thread: their PR_SET_PDEATHSIG fires
+            # when the *thread* that started them ends, so not the caller's thread, which may end first.
+            self._thread = threading.Thread(target=self._supervise, daemon=True,
                                             name=f"supervisor-{self.detector_name}")
             self._thread.start()
             self._url = f"http://127.0.0.1:{port}"
@@ -227,6 +230,13 @@ class LocalDaq:
             self.stop()
             raise
         return self
+
+    def _supervise(self) -> None:
+        try:
+            self.supervisor.run()
+        except BaseException as exc:  # wait_ready reports it
+            self._error = exc
+            log.exception("%s: the supervisor failed", self.detector_name)
 
     def wait_ready(self) -> LocalDaq:
         """Wait until every process reported in and the REST API answers (stops all on failure)."""
@@ -244,6 +254,9 @@ class LocalDaq:
         deadline = time.monotonic() + self.startup_timeout
         specs = {s.name: s for s in self.supervisor.services}
         while True:
+            if self._error is not None:
+                error = self._error
+                raise RuntimeError(f"{self.detector_name}: the supervisor failed: {error}") from error
             status = self.supervisor.status()
             dead = [s["name"] for s in status["services"] if s["exit_code"] is not None]
             if dead:
@@ -274,8 +287,7 @@ class LocalDaq:
             if self._thread is not None:
                 self._thread.join(120)
                 self._thread = None
-            else:
-                self.supervisor.shutdown()
+            self.supervisor.shutdown()  # a no-op after run() ended; else it undoes a partial start
             self.supervisor = None
         self._broker.stop()
 

@@ -97,16 +97,18 @@ class Topology:
 
     ``config_path``: the detector JSON every process reads (the supervisor keeps it equal to the live
     config). ``broker_url``: where the writer agent and the REST API meet (``embedded://NAME`` or
-    ``amqp://...``). ``rest_port`` None leaves the REST API out; ``rest_args`` are more ``std-daq rest``
-    options. ``stream_send`` / ``live_stream``: the address to serve on (None: not run);
-    ``live_stream_args``: more ``std-daq live-stream`` options (``--mode``, ``--param``).
-    ``receiver_args``: more receiver options (``--rcvbuf``). ``log_level``: every process's.
-    ``launcher``: a command line prefix every process runs under (it must ``exec`` the rest, so the PID
-    stays the supervisor's child: e.g. a shell redirecting the output to a log)."""
+    ``amqp://...``). ``readout_processes`` / ``writer``: run the receivers and assembler / the h5
+    writer and writer agent (False: they run elsewhere). ``rest_port`` None leaves the REST API out;
+    ``rest_args`` are more ``std-daq rest`` options. ``stream_send`` / ``live_stream``: the address to
+    serve on (None: not run); ``live_stream_args``: more ``std-daq live-stream`` options (``--mode``,
+    ``--param``). ``receiver_args``: more receiver options (``--rcvbuf``). ``log_level``: every
+    process's. ``launcher``: a command line prefix every process runs under (it must ``exec`` the
+    rest, so the PID stays the supervisor's child: e.g. a shell redirecting the output to a log)."""
 
     config: DetectorConfig
     config_path: Path
     broker_url: str
+    readout_processes: bool = True
     writer: bool = True
     rest_port: int | None = None
     rest_host: str = "127.0.0.1"
@@ -152,7 +154,7 @@ class Topology:
     def services(self) -> list[ServiceSpec]:
         """Every process of the detector, upstream first (the order they are started in)."""
         det = self.config.detector_name
-        specs = self.readout()
+        specs = self.readout() if self.readout_processes else []
         if self.writer:
             specs.append(ServiceSpec(
                 "h5-writer",

@@ -20,8 +20,9 @@ from fastapi import FastAPI
 
 from daq_backend.broker.embedded_hub import hub_is_running
 from daq_backend.config import DetectorConfig
-from daq_backend.rest.server import RestServer, rest_main, rest_service_spec
+from daq_backend.rest.server import RestServer, rest_main
 from daq_backend.supervisor import Supervisor
+from daq_backend.topology import Topology
 from tests.readout_fixtures import free_tcp_port, ipc_env, make_config, wait_for
 
 __all__ = ["ipc_env"]
@@ -139,14 +140,12 @@ def test_supervisor_runs_the_api_as_a_service(ipc_env: str, tmp_path: Path) -> N
     path = write_config(tmp_path, config)
     hub = f"sv-{uuid.uuid4().hex[:8]}"
     port = free_tcp_port()
-    spec = rest_service_spec(path, port, "--broker-url", f"embedded://{hub}")
-    assert spec.name == "rest" and spec.argv[-4:] == (
-        "--rest-port",
-        str(port),
-        "--broker-url",
-        f"embedded://{hub}",
-    )
-    supervisor = Supervisor(config, path, [spec], readout=False, status_interval=0.2)
+    topology = Topology(config, path, f"embedded://{hub}", readout_processes=False, writer=False,
+                        rest_port=port)
+    spec, = topology.services()
+    assert spec.name == "rest" and spec.argv[3:8] == ("rest", str(path), "--rest-port", str(port), "--host")
+    assert spec.argv[-2:] == ("--broker-url", f"embedded://{hub}")
+    supervisor = Supervisor(config, path, topology=topology, status_interval=0.2)
     url = f"http://127.0.0.1:{port}"
     supervisor.start()
     try:

@@ -2,8 +2,8 @@
 
 ``RestService`` wires everything (broker transport — starting an embedded broker hub if none runs —,
 detector control, stats from the supervisor's status file, preview from the image ring) and serves it
-with uvicorn in a thread; ``rest_main`` is its thin command line; ``rest_service_spec`` is the
-supervisor's process entry.
+with uvicorn in a thread; ``rest_main`` is its thin command line (``std-daq up`` runs it as a process
+of the detector's ``topology``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -411,27 +410,6 @@ def rest_main(argv: Sequence[str] | None = None) -> int:
     finally:
         service.stop()
     return 0
-
-
-def rest_argv(config_path: str | Path, port: int = DEFAULT_PORT, *extra: str) -> tuple[str, ...]:
-    """Command line of the REST process (``extra``: more ``std-daq rest`` options)."""
-    return (
-        sys.executable,
-        "-m",
-        "daq_backend.cli",
-        "rest",
-        str(config_path),
-        "--rest-port",
-        str(port),
-        *extra,
-    )
-
-
-def rest_service_spec(config_path: str | Path, port: int = DEFAULT_PORT, *extra: str, **spec: Any) -> Any:
-    """The supervisor's ``ServiceSpec`` for the REST API (``std-daq up CONFIG --rest-port PORT``)."""
-    from daq_backend.supervisor import ServiceSpec
-
-    return ServiceSpec("rest", argv=rest_argv(config_path, port, *extra), **spec)
 
 
 if __name__ == "__main__":
