@@ -20,7 +20,9 @@ rings and sockets — within ``messages.FAULT_BOUND`` of the death. Should the g
 the next ``std-daq up`` of the detector stops what the dead supervisor left running (recognised by
 the ``STD_DAQ_SUPERVISOR`` mark in their environment) and removes the leftovers before it starts.
 Children run in their own session, so a terminal's Ctrl-C reaches only the supervisor, which then
-stops them in order.
+stops them in order. The kernel sends ``PR_SET_PDEATHSIG`` when the *thread* that started a child
+ends, so a supervisor starts every child from the thread that runs it (``run()``; the control socket
+is served there too), which lives as long as the children.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ builds the same roles as threads).
 
 The data flows receiver -> assembler -> (writer agent, h5 writer, stream-send, live-stream), each
 arrow a ring the upstream process creates and the downstream ones map. :func:`restart_set` says which
-processes a config change must restart: those that read a changed field, and everything downstream of
-them (a restarted process re-creates the ring its readers map).
+processes a config change must restart: those that read a changed field, and the readers of the image
+ring when the assembler restarts (they keep the ring they mapped; the assembler itself follows a
+re-created frame ring).
 """
 
 from __future__ import annotations
@@ -47,16 +48,22 @@ class Role(str, Enum):
     OTHER = "other"
 
 
-#: roles that map a ring the given role creates (and so must restart with it)
+#: roles that must restart with the given role: the readers of the image ring keep the ring they
+#: mapped, so a re-created one (a restarted assembler) needs them restarted too; the assembler follows
+#: a re-created frame ring by itself (a restarted receiver alone is enough)
 DOWNSTREAM: dict[Role, tuple[Role, ...]] = {
-    Role.RECEIVER: (Role.ASSEMBLER,),
     Role.ASSEMBLER: (Role.WRITER_AGENT, Role.H5_WRITER, Role.STREAM_SEND, Role.LIVE_STREAM),
 }
 
-#: config fields read by one part of the pipeline only; every other field restarts the receivers
-#: (and so, downstream, everything but the REST API)
+#: config fields read by one part of the pipeline only; every other field (geometry, bit depth,
+#: detector type, ...) restarts the receivers and the assembler (and so, downstream, everything but
+#: the REST API)
 FIELD_READERS: dict[str, tuple[Role, ...]] = {
+    "udp_host": (Role.RECEIVER,),
+    "start_udp_port": (Role.RECEIVER,),
     "receiver_rt_priority": (Role.RECEIVER,),
+    "frame_ring_slots": (Role.RECEIVER,),
+    "image_id_source": (Role.RECEIVER,),
     "module_sync_timeout": (Role.ASSEMBLER,),
     "module_sync_queue_size": (Role.ASSEMBLER,),
     "pedestal_gain_file": (Role.ASSEMBLER,),
@@ -212,7 +219,7 @@ def restart_set(old: DetectorConfig, new: DetectorConfig,
     config in place)."""
     roles: set[Role] = set()
     for name in changed_fields(old, new):
-        roles.update(FIELD_READERS.get(name, (Role.RECEIVER,)))
+        roles.update(FIELD_READERS.get(name, (Role.RECEIVER, Role.ASSEMBLER)))
     pending = list(roles)
     while pending:
         for down in DOWNSTREAM.get(pending.pop(), ()):

@@ -159,9 +159,10 @@ def test_new_port_and_host_are_live_when_the_answer_comes(up: Up) -> None:
     saved = json.loads(up.path.read_text())  # the next `std-daq up` of the file starts the same
     assert (saved["start_udp_port"], saved["udp_host"]) == (new_port, "0.0.0.0")
     after = up.services()
-    for name in ("receiver-0", "assembler", "h5-writer", "writer-agent"):  # the pipeline restarted
-        assert after[name]["pid"] != before[name]["pid"] and after[name]["alive"], name
-    assert after["rest"]["pid"] == before["rest"]["pid"]  # the API that answered stayed
+    assert after["receiver-0"]["pid"] != before["receiver-0"]["pid"]  # only the receiver restarted:
+    for name in ("assembler", "h5-writer", "writer-agent", "rest"):  # the others read no port or host
+        assert after[name]["pid"] == before[name]["pid"] and after[name]["alive"], name
+    assert "(restarted: receiver-0)" in answer.json()["message"]
     deployment = requests.get(f"{up.url}/daq/deployment", timeout=WAIT_S).json()["deployment"]
     assert deployment["status"] == "SUCCESS" and "live" in deployment["message"]
     # images reach the file through the new port (the simulated detector follows the config)
@@ -211,6 +212,8 @@ def test_a_dr_change_on_the_detector_is_applied_to_the_daq(up: Up) -> None:
     assert up.daq_config()["bit_depth"] == 32 and json.loads(up.path.read_text())["bit_depth"] == 32
     detector = requests.get(f"{up.url}/detector/{up.config.detector_name}", timeout=WAIT_S).json()
     assert detector["dr"] == 32
+    restarted = response.split("(restarted: ", 1)[1].split(")", 1)[0].split(", ")
+    assert sorted(restarted) == ["assembler", "h5-writer", "receiver-0", "receiver-1", "writer-agent"]
     new = parse_config({**up.config.to_json_dict(), "bit_depth": 32})
     data, ids, final = up.acquire(3, "dr32.h5")
     assert final["state"] == "completed" and data.dtype == np.uint32
