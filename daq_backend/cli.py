@@ -78,6 +78,9 @@ def add_up(sub: Subparsers) -> None:
                    help="also serve the Array-1.0 live stream on this address (e.g. tcp://*:9100)")
     p.add_argument("--live-stream-mode", "--live_stream_mode", dest="live_stream_mode", default="forward",
                    choices=("forward", "periodic", "batch"), help="which images the live stream sends")
+    p.add_argument("--live-stream-param", "--live_stream_param", dest="live_stream_param", default=None,
+                   metavar="N,X",
+                   help="periodic: 'n,f' (n images every 1/f s); batch: 'n,m' (image_id %% m < n)")
     p.add_argument("--log_level", "--log-level", dest="log_level", default="INFO", type=str.upper,
                    choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"),
                    help="of the supervisor and every process it starts")
@@ -91,10 +94,12 @@ def up_topology(args: argparse.Namespace, config: DetectorConfig, broker_url: st
     rest_args += [f"--detector-host={h}" for h in args.detector_hosts]
     rest_args += [f"--output-root={r}" for r in args.output_roots]
     rest_args += ["--configure-udp"] if args.configure_udp else []
+    live_args = ("--mode", args.live_stream_mode)
+    live_args += ("--param", args.live_stream_param) if args.live_stream_param else ()
     return Topology(
         config, Path(ipc.config_file(config.detector_name)), broker_url, writer=args.writer,
         rest_port=args.rest_port or None, rest_args=tuple(rest_args), stream_send=args.stream_send,
-        live_stream=args.live_stream, live_stream_args=("--mode", args.live_stream_mode),
+        live_stream=args.live_stream, live_stream_args=live_args,
         log_level=args.log_level,
     )
 
