@@ -94,7 +94,7 @@ def up_topology(args: argparse.Namespace, config: DetectorConfig, broker_url: st
     rest_args += [f"--detector-host={h}" for h in args.detector_hosts]
     rest_args += [f"--output-root={r}" for r in args.output_roots]
     rest_args += ["--configure-udp"] if args.configure_udp else []
-    live_args = ("--mode", args.live_stream_mode)
+    live_args: tuple[str, ...] = ("--mode", args.live_stream_mode)
     live_args += ("--param", args.live_stream_param) if args.live_stream_param else ()
     return Topology(
         config, Path(ipc.config_file(config.detector_name)), broker_url, writer=args.writer,

@@ -134,15 +134,16 @@ class _Watch:
     def serve(self) -> int:
         """Follow the supervisor until it says stop (0) or disappears (take everything down, 0)."""
         while True:
-            readable, _, _ = select.select([self.sock, *self.children], [], [])
+            sock = self.sock.fileno()
+            readable, _, _ = select.select([sock, *self.children], [], [])
             for fd in readable:
-                if fd is self.sock:
+                if fd == sock:
                     if not self._message():
                         self._take_down()
                         return 0
-                    if self.sock.fileno() < 0:
+                    if self.sock.fileno() < 0:  # told to stop
                         return 0
-                elif isinstance(fd, int):
+                else:
                     self._forget(fd)
 
     def _message(self) -> bool:

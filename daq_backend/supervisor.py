@@ -491,7 +491,7 @@ class Supervisor:
     def _bind_control(self) -> None:
         address = ipc.supervisor_address(self.detector)
         ipc.unlink_ipc(address)  # a dead supervisor's socket file (the status said it is stale)
-        sock = zmq.Context.instance().socket(zmq.REP)
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.REP)
         sock.setsockopt(zmq.LINGER, 0)
         sock.bind(address)
         self._control = sock
@@ -542,12 +542,14 @@ class Supervisor:
                                name=spec.name)
             proc.start()
             child.proc = proc
+        pid = child.proc.pid
+        assert pid is not None  # started
         if self._guardian is not None:
-            self._guardian.watch(child.proc.pid, spec.name)
+            self._guardian.watch(pid, spec.name)
         child.started = time.monotonic()
         child.next_start = None
         child.exit_code = None
-        log.info("%s: %s started, pid %d", self.detector, spec.name, child.proc.pid)
+        log.info("%s: %s started, pid %d", self.detector, spec.name, pid)
 
     def _on_exit(self, child: _Child, code: int, now: float) -> None:
         spec = child.spec
@@ -590,9 +592,11 @@ class Supervisor:
 
     @staticmethod
     def _signal(child: _Child, sig: int) -> None:
-        assert child.proc is not None
+        pid = child.pid
+        if pid is None:
+            return
         try:
-            os.kill(child.proc.pid, sig)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
 
