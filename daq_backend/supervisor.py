@@ -40,18 +40,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 
 from daq_backend import ipc
+from daq_backend.component import SERVICE_NAME_ENV, run_service
 from daq_backend.config import ConfigError, DetectorConfig, parse_config
 from daq_backend.guardian import DEFAULT_GRACE, Guardian
 from daq_backend.ram_buffer import shm_path
-from daq_backend.stats import SERVICE_NAME_ENV, StatsCollector
+from daq_backend.stats import StatsCollector
 from daq_backend.topology import ServiceSpec, Topology, readout_services, restart_set
 
-__all__ = ["Component", "ServiceSpec", "Supervisor", "read_status", "readout_services", "run_service"]
+__all__ = ["ServiceSpec", "Supervisor", "read_status", "readout_services", "run_service"]
 
 log = logging.getLogger(__name__)
 
@@ -62,32 +63,6 @@ try:  # resolved once here: the child between fork and exec must not load librar
     _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):
     _prctl = None
-
-
-class Component(Protocol):
-    def run(self) -> None: ...
-    def stop(self) -> None: ...
-    def close(self) -> None: ...
-
-
-def run_service(component: Component) -> int:
-    """Run ``component.run()`` in this (main) thread until SIGTERM/SIGINT, then ``close()`` it.
-
-    The thin ``main()`` of every process uses this, so all of them stop the same way."""
-
-    name = os.environ.get(SERVICE_NAME_ENV, type(component).__name__)
-
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("%s: signal %d, stopping", name, signum)
-        component.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        component.run()
-    finally:
-        component.close()
-    return 0
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:

@@ -133,7 +133,7 @@ def test_abort_in_a_trigger(RE: RunEngine, recorder: Recorder, daq: Daq, data_di
     assert stop["exit_status"] == "abort"
     assert len(recorder.of("event")) == 2
     assert daq.control.status() == "IDLE"
-    assert StdDaqClient(daq.url).health()["requests_active"] == 0  # the writer let go of the file
+    assert StdDaqClient(daq.url).health().requests_active == 0  # the writer let go of the file
     images = assert_coherent(recorder, daq)
     assert images.shape[0] == 2
 
@@ -152,7 +152,7 @@ def test_stop_during_a_trigger_stops_detector_and_writer(daq: Daq, data_dir: Pat
             status.wait(120)
         assert daq.control.status() == "IDLE"
         answer = StdDaqClient(daq.url).request_status(request_id)
-        assert answer["state"] == "interrupted"
+        assert answer.state == "interrupted"
         assert det.writer.request_id.get() == ""
     finally:
         det.unstage()  # nothing left to close: must not fail
