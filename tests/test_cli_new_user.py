@@ -167,8 +167,8 @@ def readme_block(heading: str, index: int) -> str:
 
 def test_readme_quick_start_runs_top_to_bottom(ipc_env: str, tmp_path: Path) -> None:
     """Terminal 1's ``up``, then terminal 2's block as written, with the venv on PATH. Substituted:
-    the config (same detector, free ports, small rings, so tests can run side by side), the data root
-    and the REST port."""
+    the config (same detector, free ports, small rings, so tests can run side by side), the home of the
+    data root (``XDG_DATA_HOME``) and the REST port."""
     terminal_1 = readme_block("Quick start at a beamline", 0)
     terminal_2 = readme_block("Quick start at a beamline", 1)
     original = json.loads((REPO / "configs/jungfrau_1m.json").read_text())
@@ -176,7 +176,8 @@ def test_readme_quick_start_runs_top_to_bottom(ipc_env: str, tmp_path: Path) -> 
                          module_positions=original["module_positions"])
     config_path = tmp_path / "jungfrau_1m.json"
     config_path.write_text(json.dumps(config.to_json_dict()))
-    data = tmp_path / "data"
+    xdg = tmp_path / "xdg"  # this test's own data root: $XDG_DATA_HOME/std-daq
+    data = xdg / "std-daq"
 
     def adapt(block: str) -> str:
         return (block.replace("configs/jungfrau_1m.json", str(config_path))
@@ -185,8 +186,9 @@ def test_readme_quick_start_runs_top_to_bottom(ipc_env: str, tmp_path: Path) -> 
     up_line = adapt(terminal_1.strip().splitlines()[0].split("#")[0]).strip()
     assert up_line.startswith("std-daq up ")
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    env = dict(os.environ, STD_DAQ_IPC_DIR=ipc_env, PATH=path, XDG_DATA_HOME=str(tmp_path / "xdg"))
-    data.mkdir()
+    env = dict(os.environ, STD_DAQ_IPC_DIR=ipc_env, PATH=path, XDG_DATA_HOME=str(xdg))
+    env.pop("STD_DAQ_OUTPUT_ROOTS", None)
+    data.mkdir(parents=True)
     up = subprocess.Popen(["bash", "-c", f"exec {up_line} --rest-port 0"], env=env, cwd=tmp_path,
                           stderr=subprocess.PIPE, text=True)
     try:
