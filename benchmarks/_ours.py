@@ -1,10 +1,11 @@
 """This project's full pipeline, run the way production runs it, for one benchmark acquisition.
 
-One OS process per service under the project's :class:`~daq_backend.supervisor.Supervisor`: a receiver
-per module, the synchroniser/assembler, the writer agent and the h5 writer (as ``std-daq up`` plus the
-writer would), talking through the detector's shared-memory rings and ipc sockets; write requests go
-through an embedded broker hub in this process. Every child's output goes to a log file so a failure
-can be shown. Each acquisition gets a fresh pipeline (fresh processes, so RSS start/end belong to it).
+One OS process per service of the detector's :class:`~daq_backend.topology.Topology` under the
+project's :class:`~daq_backend.supervisor.Supervisor`: a receiver per module, the synchroniser/assembler,
+the h5 writer and the writer agent (what ``std-daq up`` runs, without the REST API), talking through
+the detector's shared-memory rings and ipc sockets; write requests go through an embedded broker hub
+in this process. Every child's output goes to a log file so a failure can be shown. Each acquisition
+gets a fresh pipeline (fresh processes, so RSS start/end belong to it).
 
 What a run yields is counted from the HDF5 file itself (rows, ``status``, ``image_id``), not from the
 pipeline's own claims; the h5 writer's status stream only times the end of writing.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,13 +31,10 @@ from _net import bound_udp_ports
 from daq_backend import ipc
 from daq_backend.broker import BrokerClient, EmbeddedTransport, NoRouteError
 from daq_backend.config import DetectorConfig
-from daq_backend.supervisor import ServiceSpec, Supervisor, readout_services
+from daq_backend.supervisor import Supervisor
+from daq_backend.topology import Topology
 from daq_backend.writer import layout
 
-WRITER_AGENT_CODE = ("import sys; from daq_backend.writer.agent import writer_agent_main as m; "
-                     "sys.exit(m(sys.argv[1:]))")
-H5_WRITER_CODE = ("import sys; from daq_backend.writer.h5_writer import h5_writer_main as m; "
-                  "sys.exit(m(sys.argv[1:]))")
 CHILD_LOG_LEVEL = "WARNING"
 
 
@@ -79,33 +76,17 @@ def read_h5_counts(path: Path, expected: range) -> H5Count:
         return H5Count.from_arrays(h5[layout.IMAGE_ID][:n], h5[layout.STATUS][:n], expected)
 
 
-def _logged(argv: tuple[str, ...], log_path: Path) -> tuple[str, ...]:
-    """Run ``argv`` with its output appended to ``log_path``; ``exec`` keeps the PID the supervisor knows."""
-    return ("/bin/sh", "-c", f'exec "$@" >>{shlex.quote(str(log_path))} 2>&1', "sh", *argv)
+def _log_to(log_path: Path) -> tuple[str, ...]:
+    """A launcher appending a process's output to ``log_path`` (``exec``: the supervisor knows the PID)."""
+    return ("/bin/sh", "-c", f'exec "$@" >>{shlex.quote(str(log_path))} 2>&1', "sh")
 
 
-def pipeline_services(config: DetectorConfig, config_path: Path, broker_url: str, log_path: Path,
-                      rcvbuf: int | None) -> list[ServiceSpec]:
-    """The readout services ``std-daq up`` starts, plus the writer agent and h5 writer processes."""
-    specs = []
-    for spec in readout_services(config, config_path):
-        argv = tuple(spec.argv or ())
-        if spec.name.startswith("receiver") and rcvbuf is not None:
-            argv += ("--rcvbuf", str(rcvbuf))
-        argv += ("--log-level", CHILD_LOG_LEVEL)
-        specs.append(dataclasses.replace(spec, argv=_logged(argv, log_path)))
-    name = config.detector_name
-    specs.append(ServiceSpec(
-        "writer-agent",
-        argv=_logged((sys.executable, "-c", WRITER_AGENT_CODE, str(config_path), "--broker-url", broker_url,
-                      "--log-level", CHILD_LOG_LEVEL), log_path),
-        ipc_addresses=(ipc.writer_agent_address(name),)))
-    specs.append(ServiceSpec(
-        "h5-writer",
-        argv=_logged((sys.executable, "-c", H5_WRITER_CODE, str(config_path), "--log-level", CHILD_LOG_LEVEL),
-                     log_path),
-        ipc_addresses=(ipc.writer_status_address(name),)))
-    return specs
+def pipeline_topology(config: DetectorConfig, config_path: Path, broker_url: str, log_path: Path,
+                      rcvbuf: int | None) -> Topology:
+    """What ``std-daq up`` runs without its REST API: receivers, assembler, h5 writer, writer agent."""
+    receiver_args = ("--rcvbuf", str(rcvbuf)) if rcvbuf else ()
+    return Topology(config, config_path, broker_url, receiver_args=receiver_args, log_level=CHILD_LOG_LEVEL,
+                    launcher=_log_to(log_path))
 
 
 class WriterEvents:
@@ -203,9 +184,9 @@ class OurPipeline:
     def start(self) -> OurPipeline:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config.to_json_dict(), indent=1))
-        specs = pipeline_services(self.config, self.config_path, self.broker_url, self.log_path, self.rcvbuf)
-        self.supervisor = Supervisor(self.config, self.config_path, extra_services=specs, readout=False,
-                                     stable_after=1e9)
+        topology = pipeline_topology(self.config, self.config_path, self.broker_url, self.log_path,
+                                     self.rcvbuf)
+        self.supervisor = Supervisor(self.config, self.config_path, topology=topology, stable_after=1e9)
         self.events = WriterEvents(ipc.writer_status_address(self.config.detector_name))
         self._thread = threading.Thread(target=self.supervisor.run, name="supervisor", daemon=True)
         self._thread.start()

@@ -13,6 +13,7 @@ import glob
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from daq_backend import ipc
-from daq_backend.config import ConfigError, load_config
+from daq_backend.config import ConfigError, DetectorConfig, load_config
+from daq_backend.topology import Topology
 
 Subparsers = Any  # argparse's private _SubParsersAction
 
@@ -70,27 +72,36 @@ def add_up(sub: Subparsers) -> None:
                    help="point the detector's UDP stream at this DAQ at start-up")
     p.add_argument("--output-root", "--output_root", dest="output_roots", action="append", default=[],
                    help="folder writes are confined to (repeatable; default anywhere)")
-    p.add_argument("--log_level", "--log-level", dest="log_level", default="INFO")
+    p.add_argument("--stream-send", "--stream_send", dest="stream_send", default=None, metavar="ADDRESS",
+                   help="also replicate the image buffer on this address (e.g. tcp://*:9000)")
+    p.add_argument("--live-stream", "--live_stream", dest="live_stream", default=None, metavar="ADDRESS",
+                   help="also serve the Array-1.0 live stream on this address (e.g. tcp://*:9100)")
+    p.add_argument("--live-stream-mode", "--live_stream_mode", dest="live_stream_mode", default="forward",
+                   choices=("forward", "periodic", "batch"), help="which images the live stream sends")
+    p.add_argument("--live-stream-param", "--live_stream_param", dest="live_stream_param", default=None,
+                   metavar="N,X",
+                   help="periodic: 'n,f' (n images every 1/f s); batch: 'n,m' (image_id %% m < n)")
+    p.add_argument("--log_level", "--log-level", dest="log_level", default="INFO", type=str.upper,
+                   choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"),
+                   help="of the supervisor and every process it starts")
     p.set_defaults(func=cmd_up)
 
 
-def up_services(args: argparse.Namespace, config_path: Path, broker_url: str) -> list[Any]:
-    """What ``std-daq up`` runs besides the readout: writer agent (+ h5 writer) and the REST API."""
-    from daq_backend.rest.server import rest_service_spec
-    from daq_backend.supervisor import ServiceSpec
-
-    services = []
-    if args.writer:
-        services.append(ServiceSpec("writer", argv=(
-            sys.executable, "-m", "daq_backend.cli", "writer-agent", str(config_path), "--with-h5-writer",
-            "--broker-url", broker_url)))
-    if args.rest_port:
-        rest_args = ["--broker-url", broker_url, "--detector-control", args.detector_control]
-        rest_args += [f"--detector-host={h}" for h in args.detector_hosts]
-        rest_args += [f"--output-root={r}" for r in args.output_roots]
-        rest_args += ["--configure-udp"] if args.configure_udp else []
-        services.append(rest_service_spec(config_path, args.rest_port, *rest_args))
-    return services
+def up_topology(args: argparse.Namespace, config: DetectorConfig, broker_url: str) -> Topology:
+    """The processes ``std-daq up`` runs for ``config``: the readout, writer agent + h5 writer, the
+    REST API and the optional streams. They read the supervisor's live copy of the config."""
+    rest_args = ["--detector-control", args.detector_control]
+    rest_args += [f"--detector-host={h}" for h in args.detector_hosts]
+    rest_args += [f"--output-root={r}" for r in args.output_roots]
+    rest_args += ["--configure-udp"] if args.configure_udp else []
+    live_args: tuple[str, ...] = ("--mode", args.live_stream_mode)
+    live_args += ("--param", args.live_stream_param) if args.live_stream_param else ()
+    return Topology(
+        config, Path(ipc.config_file(config.detector_name)), broker_url, writer=args.writer,
+        rest_port=args.rest_port or None, rest_args=tuple(rest_args), stream_send=args.stream_send,
+        live_stream=args.live_stream, live_stream_args=live_args,
+        log_level=args.log_level,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -102,27 +113,36 @@ def cmd_up(args: argparse.Namespace) -> int:
     config_path = Path(args.config).resolve()
     config = load_config(config_path)
     broker_url = resolve_broker_url(args.broker_url)
-    hub: EmbeddedBrokerHub | None = None
-    if broker_url == EMBEDDED or broker_url.startswith(f"{EMBEDDED}://"):
+    embedded = broker_url == EMBEDDED or broker_url.startswith(f"{EMBEDDED}://")
+    if embedded:
         name = broker_url.removeprefix(EMBEDDED).removeprefix("://").strip("/") or DEFAULT_EMBEDDED_NAME
+        broker_url = f"{EMBEDDED}://{name}"
+    supervisor = Supervisor(config, config_path, topology=up_topology(args, config, broker_url),
+                            status_interval=args.status_interval)
+    try:
+        supervisor.check_can_start()  # before anything is claimed: the broker hub, the status file
+    except RuntimeError as exc:
+        print(f"std-daq up: {exc}", file=sys.stderr)
+        return 1
+    hub: EmbeddedBrokerHub | None = None
+    if embedded:
         hub = EmbeddedBrokerHub(name)
         try:
             hub.start()
         except RuntimeError as exc:  # another `std-daq up` owns it: share it
             logging.getLogger("std-daq").info("%s", exc)
             hub = None
-        broker_url = f"{EMBEDDED}://{name}"
     try:
-        supervisor = Supervisor(config, config_path, up_services(args, config_path, broker_url),
-                                status_interval=args.status_interval)
+        try:
+            supervisor.start()
+        except RuntimeError as exc:
+            print(f"std-daq up: {exc}", file=sys.stderr)
+            return 1
         rest = f"REST http://127.0.0.1:{args.rest_port}, " if args.rest_port else ""
         print(f"std-daq: {config.detector_name} up ({len(supervisor.services)} services; {rest}"
               f"broker {broker_url}); `std-daq status {args.config}` shows them; Ctrl-C stops all",
               file=sys.stderr)
         supervisor.run()
-    except RuntimeError as exc:
-        print(f"std-daq up: {exc}", file=sys.stderr)
-        return 1
     finally:
         if hub is not None:
             hub.stop()
@@ -169,9 +189,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(not s["stale"] and all(x["alive"] for x in s["services"]) for s in statuses) else 3
 
 
-def render_status(status: dict[str, Any]) -> None:
-    """One rich table per detector."""
+def render_status(status: dict[str, Any], console: Any = None) -> None:
+    """One rich table per detector. Nothing is cut: on a terminal narrower than the table the cells
+    wrap; into a pipe or file the table keeps its natural width."""
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
 
     age = time.time() - float(status.get("updated", 0))
@@ -180,7 +202,8 @@ def render_status(status: dict[str, Any]) -> None:
                         f"updated {age:.1f} s ago")
     for column in ("service", "pid", "alive", "restarts", "packets", "frames", "images", "lost pkts",
                    "rate", "problems"):
-        table.add_column(column, justify="left" if column in ("service", "problems") else "right")
+        table.add_column(column, justify="left" if column in ("service", "problems") else "right",
+                         overflow="fold")
     for svc in status["services"]:
         c = svc.get("counters", {})
         r = svc.get("rates", {})
@@ -195,7 +218,14 @@ def render_status(status: dict[str, Any]) -> None:
             _fmt(c.get("packets")), _fmt(c.get("frames")), _fmt(c.get("images")),
             _fmt(c.get("missing_packets")), rate, problems,
         )
-    Console().print(table)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            wide = Console(width=10_000)
+            console = Console(width=max(80, Measurement.get(wide, wide.options, table).maximum))
+    console.print(table)
+    if status.get("ended"):
+        console.print(f"[red]{status['ended']}[/red]")
 
 
 def _fmt(value: int | None) -> str:
@@ -225,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASSTHROUGH:
-        return int(_resolve(PASSTHROUGH[argv[0]][0])(argv[1:]) or 0)
+        try:
+            return int(_resolve(PASSTHROUGH[argv[0]][0])(argv[1:]) or 0)
+        except ConfigError as exc:  # every command refuses a bad detector config in one line
+            print(f"std-daq {argv[0]}: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
@@ -238,5 +272,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run(argv: list[str] | None = None) -> int:
+    """``main`` as a program: a reader that closes the pipe early (``std-daq status --json | head``)
+    ends the output quietly instead of with a BrokenPipeError."""
+    try:
+        code = main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit: point it at /dev/null so that flush cannot fail
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -1,13 +1,14 @@
 """``std-daq demo``: the whole DAQ on one laptop, driven by a real bluesky scan, checked end to end.
 
-Starts, inside this process and with no external service, everything ``std-daq up`` would run —
-embedded broker hub, UDP receivers + assembler, writer agent + h5 writer, REST API on a free port,
-and the built-in UDP detector simulator as the detector — then runs
+Starts, with no external service, exactly the processes ``std-daq up`` runs — UDP receivers,
+assembler, h5 writer, writer agent and the REST API, under a supervisor in this process, on an
+embedded broker hub — with the built-in UDP detector simulator as the detector, then runs
 ``bp.scan([det], motor, -1, 1, N)`` with an ``ophyd.sim`` motor and a ``StdDaqDetector`` that reaches
 the DAQ through its REST API only. Afterwards it reads the images back *through the run's documents*
 (StreamResource uri + dataset + StreamDatum indices), compares every pixel with the simulator's
-pattern, prints where the HDF5 file is and what it holds, writes a PNG preview of one image, and
-exits non-zero if anything is off. Everything it started is stopped before it returns.
+pattern, validates every document against event-model's schemas, prints where the HDF5 file is and
+what it holds, writes a PNG preview of one image, and exits non-zero if anything is off. Everything
+it started is stopped before it returns.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _detector_config(kind: str) -> Any:
-    from std_daq_ophyd.sim import simulated_config
+    from daq_backend.embedded import simulated_config
 
     if kind == "eiger":
         positions = {"0": [0, 0, 513, 255], "1": [0, 513, 513, 258]}
@@ -115,17 +116,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
         print("std-daq demo: --points and --frames must be >= 1, --period >= 0", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    import bluesky.plans as bp
-    import h5py
-    from bluesky import RunEngine
-    from bluesky.callbacks.best_effort import BestEffortCallback
-    from ophyd.sim import SynAxis
-
-    from daq_backend.stream.preview import render_png
-    from std_daq_ophyd import StdDaqDetector
-    from std_daq_ophyd.beamline import RunStore
-    from std_daq_ophyd.readback import file_summary, format_summary
-    from std_daq_ophyd.sim import EmbeddedDaq
+    from daq_backend.embedded import LocalDaq
 
     output = args.output_dir or Path(tempfile.mkdtemp(prefix="std-daq-demo-"))
     output.mkdir(parents=True, exist_ok=True)
@@ -133,10 +124,24 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     print(f"std-daq demo: simulated {args.detector} {config.image_pixel_height}x{config.image_pixel_width}, "
           f"{args.points} points x {args.frames} images, files in {output}")
     t0 = time.monotonic()
-    daq = EmbeddedDaq(config, broker_url=args.broker_url)
+    daq = LocalDaq(config, broker_url=args.broker_url, log_level=args.log_level, output_roots=[output])
     try:
-        daq.start()
-        print(f"std-daq demo: DAQ REST API at {daq.url} (broker: {args.broker_url or 'embedded'})")
+        daq.start(wait=False)  # the processes start while bluesky is imported here
+        import bluesky.plans as bp
+        import h5py
+        from bluesky import RunEngine
+        from bluesky.callbacks.best_effort import BestEffortCallback
+        from ophyd.sim import SynAxis
+
+        from daq_backend.stream.preview import render_png
+        from std_daq_ophyd import StdDaqDetector
+        from std_daq_ophyd.beamline import RunStore
+        from std_daq_ophyd.readback import file_summary, format_summary
+
+        daq.wait_ready()
+        names = ", ".join(s.name for s in daq.supervisor.services)
+        print(f"std-daq demo: DAQ up as {len(daq.supervisor.services)} processes ({names}); "
+              f"REST API at {daq.url} (broker: {args.broker_url or 'embedded'})")
         det = StdDaqDetector(name="det", url=daq.url, output_dir=str(output))
         det.frames_per_trigger.put(args.frames)
         det.period.put(args.period)

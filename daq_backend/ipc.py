@@ -51,6 +51,11 @@ def stats_address(detector_name: str) -> str:
     return ipc_address(detector_name, "stats")
 
 
+def supervisor_address(detector_name: str) -> str:
+    """The supervisor binds REP here: the REST API asks it to apply a new config (``reconfigure``)."""
+    return ipc_address(detector_name, "supervisor")
+
+
 def live_stream_address(detector_name: str) -> str:
     """Default bind of the Array-1.0 live stream (viewers on other hosts need a tcp:// address)."""
     return ipc_address(detector_name, "live")

@@ -1,12 +1,12 @@
 """What the IPython beamline profile is made of, as plain functions a test can call.
 
 ``load_beamline(path)`` reads the YAML beamline config, makes sure a DAQ answers at its URL (starting
-an :class:`~std_daq_ophyd.sim.EmbeddedDaq` in this process if it does not and the config allows
-it), builds the devices it lists and a document store. The config::
+a :class:`~std_daq_ophyd.sim.LocalDaq`, the processes of ``std-daq up``, if it does not and the config
+allows it), builds the devices it lists and a document store. The config::
 
     daq:
       url: http://127.0.0.1:5000      # REST API of the DAQ (any host)
-      embedded_fallback: true         # nothing answers there: run a simulated DAQ in-process
+      embedded_fallback: true         # nothing answers there: run a simulated DAQ from here
       detector_type: jungfrau         # ... of this type (jungfrau | eiger | gigafrost)
       data_dir: /tmp/std-daq-data     # default folder of the files
     catalog: tiled                    # tiled (in-memory Tiled catalog + TiledWriter) | memory
@@ -81,7 +81,7 @@ class Beamline:
     store: RunStore
     tiled: Any = None  # a tiled client when catalog: tiled
     tiled_writer: Any = None
-    daq: Any = None  # the EmbeddedDaq when the fallback started one
+    daq: Any = None  # the LocalDaq when the fallback started one
     _closers: list[Any] = field(default_factory=list)
 
     def close(self) -> None:
@@ -123,10 +123,11 @@ def ensure_daq(url: str, fallback: bool, detector_type: str = "jungfrau") -> tup
             raise
     finally:
         client.close()
-    from std_daq_ophyd.sim import EmbeddedDaq, simulated_config
+    from std_daq_ophyd.sim import LocalDaq, simulated_config
 
-    daq = EmbeddedDaq(simulated_config(detector_type)).start()
-    log.warning("no std-daq at %s: started an embedded simulated %s DAQ at %s", url, detector_type, daq.url)
+    daq = LocalDaq(simulated_config(detector_type)).start()
+    log.warning("no std-daq at %s: started an embedded simulated %s DAQ at %s (the processes of "
+                "`std-daq up`, stopped with this session)", url, detector_type, daq.url)
     return daq.url, daq
 
 

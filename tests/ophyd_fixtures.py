@@ -1,5 +1,6 @@
-"""Shared helpers of the ophyd-device tests: a real std-daq (embedded or RabbitMQ broker) in this
-process, detectors pointed at its REST URL, a RunEngine that records and validates every document."""
+"""Shared helpers of the ophyd-device tests: a real std-daq (embedded or RabbitMQ broker) — as threads
+of this process or as the processes ``std-daq up`` runs —, detectors pointed at its REST URL, a
+RunEngine that records and validates every document."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from daq_backend.simulator.pattern import expected_image
 from std_daq_ophyd import StdDaqDetector, Timeouts
 from std_daq_ophyd.documents import uri_path
 from std_daq_ophyd.readback import stream_data
-from std_daq_ophyd.sim import EmbeddedDaq, simulated_config
+from std_daq_ophyd.sim import EmbeddedDaq, LocalDaq, simulated_config
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 TRANSPORTS = {"embedded": None, "rabbitmq": RABBITMQ_URL}
@@ -28,6 +29,9 @@ TRANSPORTS = {"embedded": None, "rabbitmq": RABBITMQ_URL}
 TIMEOUTS = Timeouts(acquisition=120.0, missing=20.0)
 
 Docs = list[tuple[str, dict[str, Any]]]
+Daq = EmbeddedDaq | LocalDaq
+#: how a DAQ runs: ``threads`` of this process, or ``processes`` as ``std-daq up`` runs them
+RUN_AS = ("threads", "processes")
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +44,28 @@ def ipc_dir() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def start_daq(broker_url: str | None = None, **config: Any) -> EmbeddedDaq:
+def start_daq(broker_url: str | None = None, run_as: str = "threads", **config: Any) -> Daq:
+    """A DAQ of a simulated detector; ``run_as="processes"``: the processes of ``std-daq up``."""
+    if run_as == "processes":
+        return LocalDaq(simulated_config(**config), broker_url=broker_url).start()
     return EmbeddedDaq(simulated_config(**config), broker_url=broker_url).start()
 
 
 @pytest.fixture(scope="module")
 def daq(ipc_dir: str) -> Iterator[EmbeddedDaq]:
     """One embedded DAQ (one-module Jungfrau, embedded broker) shared by a module's tests."""
-    daq = start_daq()
+    daq = EmbeddedDaq(simulated_config()).start()
+    try:
+        yield daq
+    finally:
+        daq.stop()
+
+
+@pytest.fixture(scope="module", params=RUN_AS)
+def daq_threads_and_processes(request: pytest.FixtureRequest, ipc_dir: str) -> Iterator[Daq]:
+    """A module's tests run against a DAQ in threads of this process, then against the processes of
+    ``std-daq up`` (one-module Jungfrau, embedded broker)."""
+    daq = start_daq(run_as=request.param)
     try:
         yield daq
     finally:
@@ -61,7 +79,7 @@ def data_dir(tmp_path: Path) -> Path:
     return path
 
 
-def make_detector(daq: EmbeddedDaq, data_dir: Path, frames: int = 2, period: float = 0.02,
+def make_detector(daq: Daq, data_dir: Path, frames: int = 2, period: float = 0.02,
                   **kwargs: Any) -> StdDaqDetector:
     det = StdDaqDetector(name=kwargs.pop("name", "det"), url=daq.url, output_dir=str(data_dir),
                          timeouts=kwargs.pop("timeouts", TIMEOUTS), **kwargs)
@@ -109,7 +127,7 @@ def file_rows(path: str) -> dict[str, np.ndarray]:
                 "status": h5["/entry/data/status"][:], "file_status": np.array(str(h5.attrs["status"]))}
 
 
-def assert_pattern(daq: EmbeddedDaq, data: np.ndarray, image_ids: np.ndarray) -> None:
+def assert_pattern(daq: Daq, data: np.ndarray, image_ids: np.ndarray) -> None:
     """Every image equals what the simulator sent for its id."""
     assert len(data) == len(image_ids)
     for image, image_id in zip(data, image_ids, strict=True):
@@ -121,7 +139,7 @@ def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:6]}"
 
 
-def check_run(recorder: Recorder, daq: EmbeddedDaq, n_events: int, frames: int) -> dict[str, np.ndarray]:
+def check_run(recorder: Recorder, daq: Daq, n_events: int, frames: int) -> dict[str, np.ndarray]:
     """The document stream of a successful step scan of ``det``; returns the file's rows."""
     assert recorder.invalid == []
     start, = recorder.of("start")

@@ -109,7 +109,10 @@ def ipc_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def shm_segments(detector_name: str) -> list[str]:
-    return sorted(p.name for p in SHM_DIR.glob(f"std-daq-{detector_name}-*"))
+    """This detector's rings in ``/dev/shm`` (under this process's ``STD_DAQ_SHM_PREFIX``), including
+    one still being built (``.<name>.<pid>.creating``)."""
+    prefix = f"{ipc.shm_prefix()}std-daq-{detector_name}-"
+    return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith((prefix, f".{prefix}")))
 
 
 class UdpSender:

@@ -55,11 +55,12 @@ def test_up_serves_cli_and_rest_writes_then_stops_cleanly(ipc_env: str, tmp_path
                 return None
             services = read_status(status_path)["services"]
             names = {s["name"] for s in services}
-            if names == {"receiver-0", "assembler", "writer", "rest"} and all(s["alive"] for s in services):
+            if names == {"receiver-0", "assembler", "h5-writer", "writer-agent", "rest"} and all(
+                    s["alive"] for s in services):
                 return [s["pid"] for s in services]
             return None
 
-        child_pids = wait_for(services_up, 120, "receiver, assembler, writer and rest alive")
+        child_pids = wait_for(services_up, 120, "receiver, assembler, h5 writer, writer agent and rest alive")
         wait_for(lambda: healthy(url), 120, "REST API healthy")
 
         # the detector runs continuously; every write takes the next N images, whatever their ids
@@ -91,4 +92,36 @@ def test_up_serves_cli_and_rest_writes_then_stops_cleanly(ipc_env: str, tmp_path
         up.send_signal(signal.SIGINT)
         assert up.wait(60) == 0
     assert child_pids and not any(pid_alive(p) for p in child_pids)
+    assert_no_leftovers(config, ipc_env)
+
+
+def test_up_runs_the_optional_streams_of_the_topology(ipc_env: str, tmp_path: Path) -> None:  # noqa: F811
+    """``--stream-send`` and ``--live-stream`` add their processes to the detector's; stopped with it."""
+    config = make_config("jungfrau", frame_ring_slots=16, image_ring_slots=16)
+    path = tmp_path / "detector.json"
+    path.write_text(json.dumps(config.to_json_dict()))
+    live = f"ipc://{ipc_env}/std-daq-{config.detector_name}-viewers"
+    send = f"tcp://127.0.0.1:{free_tcp_port()}"
+    up = subprocess.Popen([*CLI, "up", str(path), "--rest-port", "0", "--no-writer", "--status-interval",
+                           "0.2", "--stream-send", send, "--live-stream", live, "--live-stream-mode", "batch",
+                           "--live-stream-param", "1,10", "--log-level", "WARNING"],
+                          env=dict(os.environ, STD_DAQ_IPC_DIR=ipc_env))
+    try:
+        status_path = ipc.status_file(config.detector_name)
+
+        def streams_up() -> list[int] | None:
+            if not os.path.exists(status_path):
+                return None
+            services = read_status(status_path)["services"]
+            names = [s["name"] for s in services]
+            ok = names == ["receiver-0", "assembler", "stream-send", "live-stream"]
+            ready = ok and all(s["alive"] and s["counters"] for s in services)
+            return [s["pid"] for s in services] if ready else None
+
+        pids = wait_for(streams_up, 120, "receiver, assembler, stream-send and live-stream reporting")
+        assert os.path.exists(live.removeprefix("ipc://"))
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0
+    assert not any(pid_alive(p) for p in pids)
     assert_no_leftovers(config, ipc_env)

@@ -264,7 +264,8 @@ def test_bad_nxmx_metadata_is_refused_naming_the_field(tmp_path: Path, metadata:
 
 @pytest.fixture
 def daq_up(ipc_env: str, tmp_path: Path) -> Iterator[tuple[str, DetectorConfig, dict[str, str]]]:
-    """``std-daq up`` (receiver, assembler, writer, REST as separate processes) and the simulator."""
+    """``std-daq up`` (receiver, assembler, h5 writer, writer agent, REST as separate processes) and the
+    simulator."""
     config = make_config("jungfrau", frame_ring_slots=64, image_ring_slots=64)
     path = tmp_path / "detector.json"
     path.write_text(json.dumps(config.to_json_dict()))
@@ -281,9 +282,9 @@ def daq_up(ipc_env: str, tmp_path: Path) -> Iterator[tuple[str, DetectorConfig, 
             if not os.path.exists(status_path):
                 return False
             services = read_status(status_path)["services"]
-            return len(services) == 4 and all(s["alive"] for s in services)
+            return len(services) == 5 and all(s["alive"] for s in services)
 
-        wait_for(services_up, 120, "receiver, assembler, writer and rest alive")
+        wait_for(services_up, 120, "receiver, assembler, h5 writer, writer agent and rest alive")
         wait_for(lambda: healthy(url), 120, "REST API healthy")
         sender = subprocess.Popen([*CLI, "simulate", str(path), "--rate", "40", "--n-images", "1000000",
                                    "--no-progress"], env=env, stdout=subprocess.DEVNULL)

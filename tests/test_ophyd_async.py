@@ -107,12 +107,12 @@ def up_daq() -> Iterator[UpDaq]:
             if not os.path.exists(status_path):
                 return None
             services = read_status(status_path)["services"]
-            if {s["name"] for s in services} >= {"receiver-0", "assembler", "writer", "rest"} and all(
-                    s["alive"] for s in services):
+            names = {"receiver-0", "assembler", "h5-writer", "writer-agent", "rest"}
+            if {s["name"] for s in services} >= names and all(s["alive"] for s in services):
                 return [s["pid"] for s in services]
             return None
 
-        pids = wait_for(services_up, 180, "receiver, assembler, writer and REST API of std-daq up")
+        pids = wait_for(services_up, 180, "the processes of std-daq up")
         wait_for(lambda: healthy(url), 180, "the REST API of std-daq up")
         yield UpDaq(url, config, process)
     finally:

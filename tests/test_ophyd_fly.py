@@ -6,17 +6,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from bluesky import RunEngine
 
 from std_daq_ophyd import fly
 from std_daq_ophyd.documents import uri_path
 from std_daq_ophyd.readback import stream_data
-from std_daq_ophyd.sim import EmbeddedDaq
 from tests.ophyd_fixtures import (
     RE,
+    Daq,
     Recorder,
     assert_pattern,
-    daq,
+    daq_threads_and_processes,
     data_dir,
     file_rows,
     ipc_dir,
@@ -24,10 +25,16 @@ from tests.ophyd_fixtures import (
     recorder,
 )
 
-__all__ = ["RE", "daq", "data_dir", "ipc_dir", "recorder"]
+__all__ = ["RE", "daq_threads_and_processes", "data_dir", "ipc_dir", "recorder"]
 
 
-def test_fly_plan_collects_every_image(RE: RunEngine, recorder: Recorder, daq: EmbeddedDaq,
+@pytest.fixture(scope="module")
+def daq(daq_threads_and_processes: Daq) -> Daq:  # noqa: F811
+    """Every test here runs against the DAQ in threads and as the processes of `std-daq up`."""
+    return daq_threads_and_processes
+
+
+def test_fly_plan_collects_every_image(RE: RunEngine, recorder: Recorder, daq: Daq,
                                        data_dir: Path) -> None:
     det = make_detector(daq, data_dir, frames=2, period=0.05)
     det.triggers.put(10)
@@ -54,7 +61,7 @@ def test_fly_plan_collects_every_image(RE: RunEngine, recorder: Recorder, daq: E
     assert_pattern(daq, rows["data"], rows["image_id"])
 
 
-def test_kickoff_complete_progress_and_step_triggers_after(daq: EmbeddedDaq, data_dir: Path) -> None:
+def test_kickoff_complete_progress_and_step_triggers_after(daq: Daq, data_dir: Path) -> None:
     det = make_detector(daq, data_dir, frames=3, period=0.02)
     det.triggers.put(4)
     seen: list[dict[str, Any]] = []

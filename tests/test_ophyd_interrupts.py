@@ -19,12 +19,12 @@ from std_daq_ophyd.acquisition import AcquisitionCancelled
 from std_daq_ophyd.client import StdDaqClient
 from std_daq_ophyd.documents import uri_path
 from std_daq_ophyd.readback import stream_data
-from std_daq_ophyd.sim import EmbeddedDaq
 from tests.ophyd_fixtures import (
     RE,
+    Daq,
     Recorder,
     assert_pattern,
-    daq,
+    daq_threads_and_processes,
     data_dir,
     file_rows,
     ipc_dir,
@@ -32,7 +32,13 @@ from tests.ophyd_fixtures import (
     recorder,
 )
 
-__all__ = ["RE", "daq", "data_dir", "ipc_dir", "recorder"]
+__all__ = ["RE", "daq_threads_and_processes", "data_dir", "ipc_dir", "recorder"]
+
+
+@pytest.fixture(scope="module")
+def daq(daq_threads_and_processes: Daq) -> Daq:  # noqa: F811
+    """Every test here runs against the DAQ in threads and as the processes of `std-daq up`."""
+    return daq_threads_and_processes
 
 FRAMES = 6
 PERIOD = 0.05  # 0.3 s per trigger: long enough to be interrupted in the middle
@@ -64,7 +70,7 @@ def resources(recorder: Recorder, key: str = "det_image") -> list[dict[str, Any]
     return [r for r in recorder.of("stream_resource") if r["data_key"] == key]
 
 
-def assert_coherent(recorder: Recorder, daq: EmbeddedDaq) -> np.ndarray:
+def assert_coherent(recorder: Recorder, daq: Daq) -> np.ndarray:
     """Documents valid; one datum per key per event; every referenced image is what the simulator sent
     and has consecutive ids within its event. Returns the images of the run (events x frames)."""
     assert recorder.invalid == []
@@ -90,7 +96,7 @@ def assert_coherent(recorder: Recorder, daq: EmbeddedDaq) -> np.ndarray:
     return images
 
 
-def test_pause_in_a_trigger_then_resume(RE: RunEngine, recorder: Recorder, daq: EmbeddedDaq,
+def test_pause_in_a_trigger_then_resume(RE: RunEngine, recorder: Recorder, daq: Daq,
                                         data_dir: Path) -> None:
     det = make_detector(daq, data_dir, frames=FRAMES, period=PERIOD)
     fired = pause_in_trigger(RE, det, 2)
@@ -116,7 +122,7 @@ def test_pause_in_a_trigger_then_resume(RE: RunEngine, recorder: Recorder, daq: 
     assert [d["indices"] for d in datums] == [{"start": 0, "stop": 1}]
 
 
-def test_abort_in_a_trigger(RE: RunEngine, recorder: Recorder, daq: EmbeddedDaq, data_dir: Path) -> None:
+def test_abort_in_a_trigger(RE: RunEngine, recorder: Recorder, daq: Daq, data_dir: Path) -> None:
     det = make_detector(daq, data_dir, frames=FRAMES, period=PERIOD)
     fired = pause_in_trigger(RE, det, 3)
     with pytest.raises(RunEngineInterrupted):
@@ -132,7 +138,7 @@ def test_abort_in_a_trigger(RE: RunEngine, recorder: Recorder, daq: EmbeddedDaq,
     assert images.shape[0] == 2
 
 
-def test_stop_during_a_trigger_stops_detector_and_writer(daq: EmbeddedDaq, data_dir: Path) -> None:
+def test_stop_during_a_trigger_stops_detector_and_writer(daq: Daq, data_dir: Path) -> None:
     det = make_detector(daq, data_dir, frames=200, period=0.05)  # 10 s if nobody stops it
     det.stage()
     try:
@@ -156,7 +162,7 @@ def test_stop_during_a_trigger_stops_detector_and_writer(daq: EmbeddedDaq, data_
     assert_pattern(daq, rows["data"], rows["image_id"])
 
 
-def test_unstage_during_a_trigger_ends_cleanly(daq: EmbeddedDaq, data_dir: Path) -> None:
+def test_unstage_during_a_trigger_ends_cleanly(daq: Daq, data_dir: Path) -> None:
     det = make_detector(daq, data_dir, frames=200, period=0.05)
     det.stage()
     status = det.trigger()

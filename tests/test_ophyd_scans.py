@@ -13,10 +13,10 @@ import pytest
 from bluesky import RunEngine
 from ophyd.sim import SynAxis
 
-from std_daq_ophyd.sim import EmbeddedDaq
 from tests.ophyd_fixtures import (
     RABBITMQ_URL,
     RE,
+    Daq,
     Recorder,
     check_run,
     data_dir,
@@ -29,23 +29,29 @@ from tests.ophyd_fixtures import (
 __all__ = ["RE", "data_dir", "ipc_dir", "recorder"]
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
-def daq(request: pytest.FixtureRequest, ipc_dir: str) -> Iterator[EmbeddedDaq]:
-    daq = start_daq(RABBITMQ_URL if request.param == "rabbitmq" else None)
+@pytest.fixture(scope="module", params=["threads", "processes",
+                                        pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def daq(request: pytest.FixtureRequest, ipc_dir: str) -> Iterator[Daq]:
+    """Threads of this process and the processes of `std-daq up` on the embedded broker; the
+    processes of `std-daq up` on RabbitMQ."""
+    if request.param == "rabbitmq":
+        daq = start_daq(RABBITMQ_URL, run_as="processes")
+    else:
+        daq = start_daq(run_as=request.param)
     try:
         yield daq
     finally:
         daq.stop()
 
 
-def test_count(RE: RunEngine, recorder: Recorder, daq: EmbeddedDaq, data_dir: Path) -> None:
+def test_count(RE: RunEngine, recorder: Recorder, daq: Daq, data_dir: Path) -> None:
     det = make_detector(daq, data_dir, frames=2)
     RE(bp.count([det], 3))
     check_run(recorder, daq, n_events=3, frames=2)
     assert det.writer.images_written.get() == 6
 
 
-def test_scan(RE: RunEngine, recorder: Recorder, daq: EmbeddedDaq, data_dir: Path) -> None:
+def test_scan(RE: RunEngine, recorder: Recorder, daq: Daq, data_dir: Path) -> None:
     det = make_detector(daq, data_dir, frames=3)
     motor = SynAxis(name="motor")
     RE(bp.scan([det], motor, -1, 1, 4))
@@ -53,14 +59,14 @@ def test_scan(RE: RunEngine, recorder: Recorder, daq: EmbeddedDaq, data_dir: Pat
     assert [e["data"]["motor"] for e in recorder.of("event")] == pytest.approx([-1, -1 / 3, 1 / 3, 1])
 
 
-def test_grid_scan(RE: RunEngine, recorder: Recorder, daq: EmbeddedDaq, data_dir: Path) -> None:
+def test_grid_scan(RE: RunEngine, recorder: Recorder, daq: Daq, data_dir: Path) -> None:
     det = make_detector(daq, data_dir, frames=2)
     m1, m2 = SynAxis(name="m1"), SynAxis(name="m2")
     RE(bp.grid_scan([det], m1, -1, 1, 2, m2, -1, 1, 3))
     check_run(recorder, daq, n_events=6, frames=2)
 
 
-def test_two_runs_two_files_and_readback_of_settings(RE: RunEngine, recorder: Recorder, daq: EmbeddedDaq,
+def test_two_runs_two_files_and_readback_of_settings(RE: RunEngine, recorder: Recorder, daq: Daq,
                                                      data_dir: Path) -> None:
     det = make_detector(daq, data_dir, frames=1, file_template="{name}_{count:03d}_{uid}.h5")
     det.exptime.put(0.002)
@@ -74,7 +80,7 @@ def test_two_runs_two_files_and_readback_of_settings(RE: RunEngine, recorder: Re
     assert configs[0]["det_writer_file_name"] != configs[1]["det_writer_file_name"]
 
 
-def test_trigger_progress_reaches_watchers(daq: EmbeddedDaq, data_dir: Path) -> None:
+def test_trigger_progress_reaches_watchers(daq: Daq, data_dir: Path) -> None:
     det = make_detector(daq, data_dir, frames=5, period=0.05)
     seen: list[dict[str, Any]] = []
     det.stage()

@@ -559,9 +559,16 @@ def test_std_daq_client_errors_raise_its_exception(rest: RestHarness, tmp_path: 
 
 
 def test_std_daq_client_partial_config_update_keeps_other_fields(ipc_env: str, tmp_path: Path) -> None:
-    """Weakness 14: fields not given (or given as null) keep their values."""
+    """Fields not given (or given as null) keep their values. A change is taken only once applied:
+    here by a stand-in for the supervisor (``tests/fault/test_config_apply.py`` has the real one)."""
     config_path = tmp_path / "detector.json"
-    harness = RestHarness(tmp_path, config_path=config_path)
+    applied_configs: list[Any] = []
+
+    def apply(config: Any) -> str:
+        applied_configs.append(config)
+        return "the config is live (applied by the test)"
+
+    harness = RestHarness(tmp_path, config_path=config_path, on_config_change=apply)
     try:
         client = StdDaqClient(url_base=harness.url)
         before = client.get_config()
@@ -572,6 +579,7 @@ def test_std_daq_client_partial_config_update_keeps_other_fields(ipc_env: str, t
         )
         assert applied == {**before, "module_sync_timeout": 2.5}
         assert client.get_config() == applied
+        assert [c.to_json_dict() for c in applied_configs] == [applied]
         assert json.loads(config_path.read_text()) == applied
         deployment = client.get_deployment_status()
         assert deployment["status"] == "SUCCESS" and deployment["config_id"] != first_id
@@ -583,17 +591,33 @@ def test_std_daq_client_partial_config_update_keeps_other_fields(ipc_env: str, t
             client.set_config({"detector_name": "other"})
         assert client.get_config() == applied  # a refused change changes nothing
         assert client.get_deployment_status()["config_id"] == deployment["config_id"]
+        assert len(applied_configs) == 1
     finally:
         harness.close()
 
 
-def test_config_change_refused_while_writing(rest: RestHarness) -> None:
-    client = StdDaqClient(url_base=rest.url)
-    client.start_writer_async({"n_images": 10, "output_file": rest.file("w.h5")})
-    with pytest.raises(StdDaqAdminException, match="while a write request is running"):
-        client.set_config({"module_sync_timeout": 3.0})
-    client.stop_writer()
-    assert client.set_config({"module_sync_timeout": 3.0})["module_sync_timeout"] == 3.0
+def test_a_config_change_nothing_can_apply_is_refused(rest: RestHarness) -> None:
+    """No supervisor runs this API's DAQ: the change cannot take effect, so it is not taken."""
+    before = rest.http.get("/daq/config").json()["config"]
+    answer = rest.http.post("/daq/config", json={"udp_host": "0.0.0.0"})
+    assert answer.status_code == 200 and answer.json()["status"] == "error"  # the admin interface's way
+    assert "config not applied" in answer.json()["message"]
+    assert rest.http.get("/daq/config").json()["config"] == before
+    answer = rest.http.post(f"/detector/{rest.config.detector_name}", json={"config": {"frames": 3}})
+    assert answer.status_code == 200  # detector settings that leave the DAQ's config alone still work
+
+
+def test_config_change_refused_while_writing(ipc_env: str, tmp_path: Path) -> None:
+    rest = RestHarness(tmp_path, on_config_change=lambda config: "the config is live (applied by the test)")
+    try:
+        client = StdDaqClient(url_base=rest.url)
+        client.start_writer_async({"n_images": 10, "output_file": rest.file("w.h5")})
+        with pytest.raises(StdDaqAdminException, match="while a write request is running"):
+            client.set_config({"module_sync_timeout": 3.0})
+        client.stop_writer()
+        assert client.set_config({"module_sync_timeout": 3.0})["module_sync_timeout"] == 3.0
+    finally:
+        rest.close()
 
 
 class WriterProcess:

@@ -20,8 +20,9 @@ from fastapi import FastAPI
 
 from daq_backend.broker.embedded_hub import hub_is_running
 from daq_backend.config import DetectorConfig
-from daq_backend.rest.server import RestServer, rest_main, rest_service_spec
+from daq_backend.rest.server import RestServer, rest_main
 from daq_backend.supervisor import Supervisor
+from daq_backend.topology import Topology
 from tests.readout_fixtures import free_tcp_port, ipc_env, make_config, wait_for
 
 __all__ = ["ipc_env"]
@@ -139,14 +140,12 @@ def test_supervisor_runs_the_api_as_a_service(ipc_env: str, tmp_path: Path) -> N
     path = write_config(tmp_path, config)
     hub = f"sv-{uuid.uuid4().hex[:8]}"
     port = free_tcp_port()
-    spec = rest_service_spec(path, port, "--broker-url", f"embedded://{hub}")
-    assert spec.name == "rest" and spec.argv[-4:] == (
-        "--rest-port",
-        str(port),
-        "--broker-url",
-        f"embedded://{hub}",
-    )
-    supervisor = Supervisor(config, path, [spec], readout=False, status_interval=0.2)
+    topology = Topology(config, path, f"embedded://{hub}", readout_processes=False, writer=False,
+                        rest_port=port)
+    spec, = topology.services()
+    assert spec.name == "rest" and spec.argv[3:8] == ("rest", str(path), "--rest-port", str(port), "--host")
+    assert spec.argv[-2:] == ("--broker-url", f"embedded://{hub}")
+    supervisor = Supervisor(config, path, topology=topology, status_interval=0.2)
     url = f"http://127.0.0.1:{port}"
     supervisor.start()
     try:
@@ -214,11 +213,14 @@ def test_readme_examples_verbatim(tmp_path: Path) -> None:
     assert body["response"]["state"] == "interrupted" and body["response"]["status"] == "request_fail"
     assert 0 < body["response"]["n_written"] < 10
 
-    assert results["detector set"] == (200, {"response": "request_success"})
+    # dr=32 would change the DAQ's bit_depth, and this API (no supervisor) cannot apply that: refused
+    # with the reason, the detector kept at its dr, instead of a file rewritten without effect
+    status, body = results["detector set"]
+    assert status == 409 and body["response"].startswith("dr=32 not applied, the detector keeps dr=16")
     status, body = results["detector set unknown"]
     assert status == 400 and body["response"] == "Parameter not valid: FOO"
     status, body = results["detector get"]
     assert status == 200 and set(body) == DETECTOR_KEYS
-    assert body["det_name"] == "eiger" and body["frames"] == 5 and body["dr"] == 32
+    assert body["det_name"] == "eiger" and body["frames"] == 5 and body["dr"] == 16
     assert body["timing"] == "timingMode.AUTO_TIMING" and body["speed"] == "speedLevel.FULL_SPEED"
     assert results["rest exit"] == (0, None)

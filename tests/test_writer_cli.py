@@ -48,9 +48,8 @@ def test_write_main_success_failure_and_no_agent(harness: Harness, monkeypatch: 
     monkeypatch.setenv(client.DETECTOR_ENV, h.tag)  # the tag from the environment
     monkeypatch.chdir(h.tmp_path)
     code, out, err = _write(h, "--n_images", "3", "--output", "cli.h5")  # relative: made absolute
-    assert code == 1 and out == ""
-    assert err.strip() == (f"std-daq write: writer_agent: invalid write request: output_file: file {path} "
-                           "already exists (set overwrite: true to replace it)")
+    assert code == 2 and out == ""
+    assert err.strip() == f"std-daq write: {path} already exists: --overwrite replaces it"  # the CLI's flag
     start = h.assembler.next_id + 5
     code, out, err = _write(h, "--n-images", "3", "--output", "cli.h5", "--overwrite",
                             "--start-id", str(start), "--timeout", "60")

@@ -2,7 +2,7 @@
 
 from daq_backend.rest.app import create_app
 from daq_backend.rest.backend import ApiError, ConfigStore, DaqBackend, RequestRecord, RequestTracker
-from daq_backend.rest.server import RestOptions, RestServer, RestService, rest_main, rest_service_spec
+from daq_backend.rest.server import RestOptions, RestServer, RestService, rest_main
 
 __all__ = [
     "ApiError",
@@ -15,5 +15,4 @@ __all__ = [
     "RestService",
     "create_app",
     "rest_main",
-    "rest_service_spec",
 ]

@@ -449,7 +449,9 @@ def create_app(backend: DaqBackend) -> FastAPI:
     async def admin_set_config(request: Request) -> m.AdminConfigResponse:
         changes = await _json_body(request)
         await run_in_threadpool(backend.update_config, changes)
-        return admin_config(f"DAQ configured for bit_depth={backend.config.bit_depth}.")
+        return admin_config(
+            f"DAQ configured for bit_depth={backend.config.bit_depth}. {backend.config_store.last_message}"
+        )
 
     @app.get(
         "/daq/stats", response_model=m.AdminStatsResponse, tags=["admin"], summary="Image and byte rates"

@@ -472,25 +472,30 @@ def config_id(config: DetectorConfig) -> str:
 
 
 class ConfigStore:
-    """The detector config of this DAQ, changed by partial updates (weakness 14: a field the caller
-    did not give — or gave as ``null`` — keeps its value). A change is written to ``path`` (atomically)
-    and handed to ``on_change`` (e.g. the supervisor restarting the pipeline)."""
+    """The detector config of this DAQ, changed by partial updates (a field the caller did not give —
+    or gave as ``null`` — keeps its value).
+
+    A change is only taken once ``apply`` made it live (the supervisor restarting what must restart;
+    it answers with a message saying so, or raises ``ConfigNotApplied`` / ``SupervisorUnreachable``):
+    without ``apply`` a change is refused, as nothing could make it take effect. An applied config is
+    then written to ``path`` (atomically), if given."""
 
     def __init__(
         self,
         config: DetectorConfig,
         path: Path | None = None,
-        on_change: Callable[[DetectorConfig], None] | None = None,
+        apply: Callable[[DetectorConfig], str] | None = None,
     ) -> None:
         self._config = config
         self.path = path
-        self.on_change = on_change
+        self.apply = apply
+        self.last_message = "Initial configuration."
         self._lock = threading.Lock()
         now = time.time()
         self._deployment: dict[str, Any] = {
             "config_id": config_id(config),
             "status": "SUCCESS",
-            "message": "Initial configuration.",
+            "message": self.last_message,
             "servers": {socket.gethostname(): "Done"},
             "stats": {"start_time": now, "stop_time": now},
         }
@@ -530,25 +535,36 @@ class ConfigStore:
             raise ApiError(422, str(exc)) from None
 
     def update(self, changes: Any) -> DetectorConfig:
+        """Apply ``changes``; returns the config once it is live (``last_message`` says how)."""
+        from daq_backend.reconfigure import ConfigNotApplied, SupervisorUnreachable
+
         new = self.merged(changes)
         with self._lock:
             if new == self._config:
+                self.last_message = "The config is live (unchanged)."
                 return new
+            if self.apply is None:
+                raise ApiError(409, "config not applied: nothing runs this DAQ's processes for this API "
+                                    "(start it with `std-daq up CONFIG`, which applies changes)")
             started = time.time()
             self._deploy_state(config_id(new), "RUNNING", "Deploying.", "Deploying", started, None)
             try:
-                if self.path is not None:
+                message = self.apply(new)
+            except (ConfigNotApplied, SupervisorUnreachable) as exc:
+                unreachable = isinstance(exc, SupervisorUnreachable)
+                detail = f"config not applied: {exc}" + ("" if unreachable else "; the previous config runs")
+                self._deploy_state(config_id(new), "ERROR", detail, "Error", started, time.time())
+                raise ApiError(503 if unreachable else 409, detail) from None
+            if self.path is not None:
+                try:
                     tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
                     tmp.write_text(json.dumps(new.to_json_dict(), indent=1))
                     os.replace(tmp, self.path)
-                if self.on_change is not None:
-                    self.on_change(new)
-            except Exception as exc:
-                message = f"Deployment failed: {exc}"
-                self._deploy_state(config_id(new), "ERROR", message, "Error", started, time.time())
-                raise ApiError(500, f"config is valid but could not be deployed: {exc}") from exc
+                except OSError as exc:
+                    message += f" ({self.path} not updated: {exc.strerror})"
             self._config = new
-            self._deploy_state(config_id(new), "SUCCESS", "Config deployed.", "Done", started, time.time())
+            self.last_message = message[:1].upper() + message[1:] + ("" if message.endswith(".") else ".")
+            self._deploy_state(config_id(new), "SUCCESS", self.last_message, "Done", started, time.time())
             return new
 
     def _deploy_state(
@@ -682,7 +698,7 @@ class DaqBackend:
         output_roots: Sequence[str | Path] | None = None,
         check_filesystem: bool = True,
         config_path: Path | None = None,
-        on_config_change: Callable[[DetectorConfig], None] | None = None,
+        on_config_change: Callable[[DetectorConfig], str] | None = None,
         tag: str | None = None,
         epics_tag: str | None = EPICS_TAG,
         kill_timeout: float = KILL_TIMEOUT,
@@ -941,10 +957,11 @@ class DaqBackend:
         answer: dict[str, Any] = {"response": "request_success"}
         with self._locked(control), _control_errors():
             if request.config is not None:
+                previous_dr = control.get_config().get("dr") if "dr" in request.config else None
                 control.set_config(dict(request.config))
-                warning = self._follow_dynamic_range(control, request.config)
-                if warning:
-                    answer["response"] = f"request_success (WARNING: {warning})"
+                applied = self._follow_dynamic_range(control, request.config, previous_dr)
+                if applied:
+                    answer["response"] = f"request_success ({applied})"
             if cmd == "START":
                 control.start()
             elif cmd == "STOP":
@@ -953,9 +970,13 @@ class DaqBackend:
                 answer["status"] = control.status()
         return answer
 
-    def _follow_dynamic_range(self, control: DetectorControl, values: Mapping[str, Any]) -> str | None:
-        """Keep the DAQ's ``bit_depth`` equal to the detector's ``dr`` (the seed did the same by
-        rewriting its config file), else the readout would mis-size every frame."""
+    def _follow_dynamic_range(
+        self, control: DetectorControl, values: Mapping[str, Any], previous_dr: Any
+    ) -> str | None:
+        """Keep the DAQ's ``bit_depth`` equal to the detector's ``dr``, else the readout would mis-size
+        every frame: a new ``dr`` is applied to the DAQ (the supervisor restarts the pipeline) and the
+        answer says it is live; when the DAQ cannot follow, the detector is set back to its previous
+        ``dr`` and the request refused with the reason."""
         dr = values.get("dr")
         if (
             dr is None
@@ -963,13 +984,17 @@ class DaqBackend:
             or dr == self.config.bit_depth
         ):
             return None
-        if self.tracker.active(DETECTOR):
-            return f"detector dr={dr}, but the DAQ bit_depth stays {self.config.bit_depth} while writing"
         try:
             self.update_config({"bit_depth": dr})
         except ApiError as exc:
-            return f"detector dr={dr}, but the DAQ bit_depth could not follow: {exc.detail}"
-        return None
+            if previous_dr is not None:
+                control.set_config({"dr": previous_dr})
+            raise ApiError(
+                exc.status_code,
+                f"dr={dr} not applied, the detector keeps dr={previous_dr}: the DAQ's bit_depth cannot "
+                f"follow ({exc.detail})",
+            ) from None
+        return f"DAQ bit_depth={dr}: {self.config_store.last_message}"
 
     # -- config, stats, preview ---------------------------------------------------------------
     def update_config(self, changes: Any) -> DetectorConfig:

@@ -93,7 +93,8 @@ class DetectorRequest(BaseModel):
 
 
 class DetectorResponse(BaseModel):
-    response: str = Field(description="request_success, or request_success (WARNING: ...)")
+    response: str = Field(description="request_success, or request_success (what else it changed: the DAQ's "
+                                      "bit_depth following dr)")
     status: str | None = Field(default=None, description="detector status, answered to cmd STATUS")
 
 

@@ -2,8 +2,8 @@
 
 ``RestService`` wires everything (broker transport — starting an embedded broker hub if none runs —,
 detector control, stats from the supervisor's status file, preview from the image ring) and serves it
-with uvicorn in a thread; ``rest_main`` is its thin command line; ``rest_service_spec`` is the
-supervisor's process entry.
+with uvicorn in a thread; ``rest_main`` is its thin command line (``std-daq up`` runs it as a process
+of the detector's ``topology``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -165,19 +164,61 @@ def make_control(kind: str, config: DetectorConfig, options: RestOptions) -> Det
     raise ValueError(f"--detector-control: {kind!r} is not one of {', '.join(CONTROL_KINDS)}")
 
 
-def image_ring_preview(config: DetectorConfig) -> PreviewProvider:
-    """PNG of the newest image of this detector's ring (404 from the API while there is none)."""
+def image_ring_preview(config: DetectorConfig | Callable[[], DetectorConfig]) -> PreviewProvider:
+    """PNG of the newest image of this detector's ring (404 from the API while there is none).
+    ``config``: the detector's config, or where to get the current one (it may be changed live)."""
     from daq_backend.stream.preview import preview_png_bytes
 
     def provider() -> bytes:
+        current = config() if callable(config) else config
         try:
-            return preview_png_bytes(config)
+            return preview_png_bytes(current)
         except FileNotFoundError as exc:
             raise LookupError(
-                f"the image ring of {config.detector_name} does not exist (is the readout up?)"
+                f"the image ring of {current.detector_name} does not exist (is the readout up?)"
             ) from exc
 
     return provider
+
+
+def follow_config(
+    controls: Sequence[DetectorControl], config: DetectorConfig, configure_udp: bool
+) -> list[str]:
+    """After a new config went live: the simulated detector sends its new geometry to the new ports;
+    a real one is pointed at them when the API was started with ``--configure-udp``. Returns what
+    could not follow."""
+    from daq_backend.control.base import DetectorStateError, ParameterError
+    from daq_backend.control.simulated import SimulatedDetectorControl
+
+    problems = []
+    for control in {id(c): c for c in controls}.values():
+        if getattr(control, "name", None) != config.detector_name:
+            continue
+        try:
+            if isinstance(control, SimulatedDetectorControl):
+                control.config = config
+                control.configure_receiver(control.destination[0], config.start_udp_port)
+            elif configure_udp:
+                control.configure_receiver(config.udp_host, config.start_udp_port)
+        except (DetectorStateError, ParameterError, ConnectionError, RuntimeError) as exc:
+            problems.append(f"the detector was not pointed at port {config.start_udp_port}: {exc}")
+    return problems
+
+
+def supervisor_apply(config: DetectorConfig, controls: Sequence[DetectorControl],
+                     configure_udp: bool) -> Callable[[DetectorConfig], str]:
+    """How this API applies a config: through the supervisor of the detector (``std-daq up``), then
+    the detector control follows. Returns the supervisor's message saying it is live."""
+    from daq_backend.reconfigure import SupervisorClient
+
+    client = SupervisorClient(config.detector_name)
+
+    def apply(new: DetectorConfig) -> str:
+        result = client.apply(new)
+        problems = follow_config(controls, new, configure_udp)
+        return "; ".join([result.message, *problems])
+
+    return apply
 
 
 class RestService:
@@ -231,10 +272,10 @@ class RestService:
                 self.transport,
                 controls=controls,
                 stats=status_file_stats(config.detector_name),
-                preview=image_ring_preview(config),
+                preview=image_ring_preview(self._current_config),
                 output_roots=opts.output_roots,
                 check_filesystem=opts.check_filesystem,
-                config_path=opts.config_path,
+                on_config_change=supervisor_apply(config, list(controls.values()), opts.configure_udp),
                 tag=opts.tag,
                 owns_transport=True,
                 owns_controls=True,
@@ -244,6 +285,10 @@ class RestService:
             self.stop()
             raise
         return self
+
+    def _current_config(self) -> DetectorConfig:
+        assert self.backend is not None
+        return self.backend.config
 
     def stop(self) -> None:
         if self.server is not None:
@@ -367,27 +412,6 @@ def rest_main(argv: Sequence[str] | None = None) -> int:
     finally:
         service.stop()
     return 0
-
-
-def rest_argv(config_path: str | Path, port: int = DEFAULT_PORT, *extra: str) -> tuple[str, ...]:
-    """Command line of the REST process (``extra``: more ``std-daq rest`` options)."""
-    return (
-        sys.executable,
-        "-m",
-        "daq_backend.cli",
-        "rest",
-        str(config_path),
-        "--rest-port",
-        str(port),
-        *extra,
-    )
-
-
-def rest_service_spec(config_path: str | Path, port: int = DEFAULT_PORT, *extra: str, **spec: Any) -> Any:
-    """The supervisor's ``ServiceSpec`` for the REST API (``std-daq up CONFIG --rest-port PORT``)."""
-    from daq_backend.supervisor import ServiceSpec
-
-    return ServiceSpec("rest", argv=rest_argv(config_path, port, *extra), **spec)
 
 
 if __name__ == "__main__":

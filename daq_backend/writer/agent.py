@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ from daq_backend.broker import BrokerService, RequestContext, Transport, make_tr
 from daq_backend.config import DetectorConfig, load_config
 from daq_backend.formats import DTYPE_CODES, ImageMetadata, StoreOp, StoreStream
 from daq_backend.ram_buffer import RingBuffer, SlotOverwritten
+from daq_backend.stats import Counters, StatsReporter
+from daq_backend.stats import service_name as reported_name
 from daq_backend.writer.h5_writer import (
     EVENT_FINISHED,
     EVENT_PROGRESS,
@@ -70,6 +73,13 @@ class WriteInterrupted(RuntimeError):
 
 class WriterFailed(RuntimeError):
     """The h5 writer could not create or finish the file."""
+
+
+@dataclass
+class AgentCounters(Counters):
+    """What ``std-daq status`` shows of the writer agent (its first report also says it serves)."""
+
+    requests: int = 0
 
 
 class WriterAgent:
@@ -113,6 +123,8 @@ class WriterAgent:
         self._pump_ready = threading.Event()
         self._pump: threading.Thread | None = None
         self._run_ids = itertools.count(1)
+        self.counters = AgentCounters()
+        self._reporter: StatsReporter | None = None
         self.service = BrokerService(transport, service_name, self.tag, self.handle)
 
     # -- lifetime ---------------------------------------------------------------------------------
@@ -134,10 +146,16 @@ class WriterAgent:
         self._pump.start()
         self._pump_ready.wait()
         self.service.start()
+        self._reporter = StatsReporter(self.config.detector_name, reported_name(DEFAULT_SERVICE_NAME),
+                                       self.counters.snapshot, context=self._ctx).start()
+        self._reporter.send()  # at once: the supervisor knows the agent serves
         return self
 
     def stop(self) -> None:
         """Stop serving; a running request is killed (its file closed) first."""
+        if self._reporter is not None:
+            self._reporter.close()
+            self._reporter = None
         self.service.stop()
         self._stop.set()
         if self._pump is not None:
@@ -271,6 +289,7 @@ class WriterAgent:
     def handle(self, ctx: RequestContext) -> dict[str, Any]:
         """``on_request`` of the broker service: write one file; returns the result message."""
         init_timestamp = time.time()
+        self.counters.requests += 1
         request = parse_write_request(ctx.request, output_roots=self.output_roots)
         return _Request(self, ctx, request, next(self._run_ids), init_timestamp).run()
 

@@ -3,18 +3,25 @@
 ``write`` reaches the writer agent of a detector through the broker: RabbitMQ with ``--broker-url``
 (or ``BROKER_URL`` / ``BROKER_HOST``), else the embedded hub that ``std-daq up`` runs. The detector
 (= the agent's tag) is ``--detector``, else ``STD_DAQ_DETECTOR``, else the only detector that is up
-on this host. Nothing waits a fixed time: the command ends with the request, Ctrl-C kills the
-request (the file is closed cleanly) and waits for the writer to confirm.
+on this host. Nothing waits a fixed time: the command ends with the request. Ctrl-C, SIGTERM (e.g.
+from ``timeout``) and SIGHUP (the terminal closed) kill the request (the file is closed cleanly) and
+wait for the writer to confirm; a second one stops waiting. While no image comes the command says so
+(the detector may not be sending yet; the request takes the *next* N images).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
+import signal
 import sys
 import threading
+import time
+import uuid
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -32,6 +39,10 @@ from daq_backend.broker import (
 from daq_backend.writer.request import RequestError, parse_write_request
 
 DETECTOR_ENV = "STD_DAQ_DETECTOR"
+#: seconds without an image (or without the request being started) before ``write`` says so
+NO_IMAGE_HINT = 10.0
+#: seconds to wait for the writer to confirm a kill before giving up waiting
+KILL_WAIT = 30.0
 
 
 class CliError(Exception):
@@ -62,7 +73,11 @@ def resolve_detector(name: str | None) -> str:
     if len(names) == 1:
         return names[0]
     if not names:
-        raise CliError(f"no detector is up on this host: name one with --detector NAME (or ${DETECTOR_ENV})")
+        raise CliError(
+            f"no detector is up on this host (no `std-daq up` has a status file in {ipc.ipc_dir()}): start "
+            "one with `std-daq up CONFIG` (same STD_DAQ_IPC_DIR); a detector served on RabbitMQ from "
+            "elsewhere needs --broker-url URL and --detector NAME"
+        )
     raise CliError(f"several detectors are up ({', '.join(names)}): choose one with --detector NAME")
 
 
@@ -82,6 +97,8 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         body["compression"] = args.compression
     if args.overwrite:
         body["overwrite"] = True
+    elif os.path.lexists(body["output_file"]):
+        raise CliError(f"{body['output_file']} already exists: --overwrite replaces it")
     try:
         parse_write_request(body, check_filesystem=False)
     except RequestError as exc:
@@ -108,24 +125,91 @@ def write_parser() -> argparse.ArgumentParser:
 
 
 class _Progress:
-    """Feeds the request's progress statuses into a tqdm bar."""
+    """Follows the request's statuses: feeds progress into a tqdm bar, remembers whether the request
+    was started and when the last image came."""
 
-    def __init__(self, request_id: list[str], total: int, enabled: bool, out: TextIO) -> None:
-        self._ids = request_id
+    def __init__(self, request_id: str, total: int, enabled: bool, out: TextIO) -> None:
+        self.request_id = request_id
+        self._out = out
         self._bar = tqdm(total=total, unit="img", disable=not enabled, file=out, dynamic_ncols=True)
         self._lock = threading.Lock()
+        self.started = False
+        self.n_written = 0
+        self.last_change = time.monotonic()
 
     def __call__(self, status: StatusMessage) -> None:
-        if not self._ids or status.request_id != self._ids[0] or status.action is not Action.PROGRESS:
+        if status.request_id != self.request_id:
             return
-        message = status.message if isinstance(status.message, dict) else {}
         with self._lock:
-            self._bar.n = int(message.get("n_written", self._bar.n))
+            if status.action is Action.START and not self.started:
+                self.started, self.last_change = True, time.monotonic()
+            if status.action is not Action.PROGRESS:
+                return
+            self.started = True
+            message = status.message if isinstance(status.message, dict) else {}
+            n = int(message.get("n_written", self._bar.n))
+            if n != self.n_written:
+                self.n_written, self.last_change = n, time.monotonic()
+            self._bar.n = n
             self._bar.refresh()
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            tqdm.write(text, file=self._out)  # above the bar, which is redrawn below
 
     def close(self) -> None:
         with self._lock:
             self._bar.close()
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP while ``write`` runs (a KeyboardInterrupt, so it stops the wait)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`_Interrupted`, except while ``deferred()``: then the
+    signal waits until the block ends (the request is being published: its kill must follow it)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self._deferred = False
+        self._pending: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self._deferred:
+            self._pending = signum
+            return
+        raise _Interrupted(signum)
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold the signals back for the block (``raise_pending`` delivers one that came)."""
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+
+    def raise_pending(self) -> None:
+        if self._pending is not None:
+            signum, self._pending = self._pending, None
+            raise _Interrupted(signum)
 
 
 def write_main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -139,24 +223,32 @@ def write_main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: Tex
     except (CliError, ConnectionError, ValueError) as exc:
         print(f"std-daq write: {exc}", file=err)
         return 2
-    ids: list[str] = []
-    progress = _Progress(ids, args.n_images, not args.no_progress, err)
+    request_id = str(uuid.uuid4())
+    progress = _Progress(request_id, args.n_images, not args.no_progress, err)
     aggregator = StatusAggregator(transport, tag)
     aggregator.add_listener(progress)
-    try:
-        aggregator.start()
-        client = BrokerClient(transport, tag)
+    client = BrokerClient(transport, tag)
+    with _Signals() as signals:
         try:
-            ids.append(client.request(body))
-        except NoRouteError:
-            where = getattr(transport, "where", None) or getattr(transport, "broker_url", "the broker")
-            print(f"std-daq write: no writer agent serves detector {tag!r} on {where}", file=err)
-            return 2
-        done = _wait(aggregator, client, ids[0], err)
-    finally:
-        progress.close()
-        aggregator.stop()
-        transport.close()
+            aggregator.start()
+            with signals.deferred():
+                try:
+                    client.request(body, request_id=request_id)
+                except NoRouteError:
+                    where = getattr(transport, "where", None) or getattr(transport, "broker_url", None)
+                    where = where or "the broker"
+                    print(f"std-daq write: no writer agent serves detector {tag!r} on {where}", file=err)
+                    return 2
+            done = _wait(aggregator, client, request_id, progress, tag, signals, err)
+        except _Interrupted as exc:  # before the request was sent: nothing to kill
+            print(f"std-daq write: {exc}: no request was sent", file=err)
+            return 1
+        finally:
+            progress.close()
+            aggregator.stop()
+            transport.close()
+    if done is None:
+        return 1
     failed = done["status"] is Action.FAIL
     for source, reports in done["services"].items():
         action, message = reports[-1]
@@ -167,16 +259,47 @@ def write_main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: Tex
     return 1 if failed else 0
 
 
-def _wait(
-    aggregator: StatusAggregator, client: BrokerClient, request_id: str, err: TextIO
-) -> dict[str, Any]:
-    """Wait for the request's end; the first Ctrl-C kills it (and keeps waiting), a second one quits."""
+def _no_image_hint(progress: _Progress, tag: str) -> str:
+    waited = time.monotonic() - progress.last_change
+    if not progress.started:
+        return (f"std-daq write: the writer agent of {tag!r} has not started this request after "
+                f"{waited:.0f} s (it serves one request at a time: is another write running?)")
+    what = "no image yet" if progress.n_written == 0 else f"no new image for {waited:.0f} s"
+    return (f"std-daq write: {what}: the request takes the next images the detector sends; is it sending "
+            "(`std-daq simulate CONFIG`, or the detector started)? Ctrl-C ends the request, --timeout S "
+            "ends it when no image comes for S seconds")
+
+
+def _wait(aggregator: StatusAggregator, client: BrokerClient, request_id: str, progress: _Progress,
+          tag: str, signals: _Signals, err: TextIO) -> dict[str, Any] | None:
+    """Wait for the request's end, saying so once when no image comes; the first Ctrl-C / SIGTERM /
+    SIGHUP kills it (and keeps waiting for the writer's confirmation), a second one quits."""
+    hinted = False
     try:
-        return aggregator.wait_for_complete(request_id)
-    except KeyboardInterrupt:
-        print("\nstd-daq write: killing the request (Ctrl-C again to stop waiting)", file=err)
+        signals.raise_pending()
+        while True:
+            try:
+                return aggregator.wait_for_complete(request_id, timeout=1.0)
+            except TimeoutError:
+                pass
+            if time.monotonic() - progress.last_change >= NO_IMAGE_HINT and not hinted:
+                progress.write(_no_image_hint(progress, tag))
+                hinted = True
+            elif time.monotonic() - progress.last_change < NO_IMAGE_HINT:
+                hinted = False
+    except _Interrupted as exc:
+        how = "Ctrl-C" if exc.signum == signal.SIGINT else str(exc)
+        print(f"\nstd-daq write: {how}: killing the request (Ctrl-C again to stop waiting)", file=err)
         client.kill(request_id)
-        return aggregator.wait_for_complete(request_id)
+    try:
+        return aggregator.wait_for_complete(request_id, timeout=KILL_WAIT)
+    except TimeoutError:
+        print(f"std-daq write: the writer did not confirm the kill within {KILL_WAIT:g} s; request "
+              f"{request_id} may still be running", file=err)
+        return None
+    except KeyboardInterrupt:
+        print("std-daq write: stopped waiting for the writer's confirmation", file=err)
+        return None
 
 
 def listen_main(argv: list[str] | None = None) -> int:
