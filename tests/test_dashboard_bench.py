@@ -32,7 +32,7 @@ def test_bench_dashboard_small_run(tmp_path: Path) -> None:
     assert set(runs) == {"no viewer", "2 viewers"}
     for run in runs.values():
         assert run["images"] == 20 and run["written"] + run["lost_frames"] >= 20
-        assert set(run["cpu_s"]) == {"receiver-0", "assembler", "writer"}
+        assert set(run["cpu_s"]) == {"receiver-0", "assembler", "h5-writer", "writer-agent"}
         assert run["pipeline_cpu_ms_per_image"] > 0
     assert runs["no viewer"]["snapshots_received"] == []
     served = runs["2 viewers"]["snapshots_received"]
