@@ -15,6 +15,10 @@ import numpy as np
 
 from daq_backend.config import DetectorConfig
 
+#: Largest frame number a detector sends: slsDetectorPackage's ``UDP_HEADER_MAX_FRAME_VALUE`` (48 bit;
+#: Jungfrau's counter is wider but starts at 1 and would need 4000 years at 2 kHz to get there).
+MAX_FRAME_NUMBER = 2**48 - 1
+
 #: An index usable as ``image[index]`` giving one module's pixels in module-local order.
 PixelIndex = tuple["slice | np.ndarray", ...]
 
@@ -27,7 +31,9 @@ class PacketInfo:
     packet_index: int
     pulse_id: int = 0
     daq_rec: int = 0
-    module_id: int = 0  # as sent in the header; the pipeline trusts the port, not this
+    #: the module id the header names (SLS ``module_id``; GigaFRoST ``2 * quadrant + link``): a
+    #: receiver takes only the id its port's stream comes from (``readout.window``)
+    module_id: int = 0
     row: int = 0
     column: int = 0
     scan_id: int = 0
@@ -35,6 +41,9 @@ class PacketInfo:
     quadrant: int = 0
     link: int = 0
     image_timing: int = 0
+    #: the numbers an image id is made of (frame number, pulse id) lie within what a detector sends
+    #: (see ``MAX_FRAME_NUMBER``, ``sls.MAX_PULSE_ID``); a packet outside is rejected, never placed
+    in_range: bool = True
 
 
 def span(start: int, n: int, step: int) -> slice:

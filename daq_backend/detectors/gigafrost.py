@@ -173,9 +173,10 @@ class GigaFrostLayout(DetectorLayout):
         index = start_row // rows
         if n != self._sizes[index]:
             return None
+        quadrant, link = status >> 6, (status >> 5) & 1
         return PacketInfo(
-            frame_number=frame_index, packet_index=index, scan_id=scan_id,
-            do_not_store=bool(image_flags & DO_NOT_STORE), quadrant=status >> 6, link=(status >> 5) & 1,
+            frame_number=frame_index, packet_index=index, module_id=2 * quadrant + link, scan_id=scan_id,
+            do_not_store=bool(image_flags & DO_NOT_STORE), quadrant=quadrant, link=link,
             image_timing=timing,
         )
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from daq_backend.config import JUNGFRAU_MODULE_SHAPE, ConfigError, DetectorConfig
+from daq_backend.config import JUNGFRAU_MODULE_SHAPE, ConfigError, DetectorConfig, ImageIdSource
 from daq_backend.detectors.base import PacketInfo, PixelIndex, span
-from daq_backend.detectors.sls import SlsLayout
+from daq_backend.detectors.sls import SLS_DETECTOR_TYPE, SlsLayout
 from daq_backend.formats import JUNGFRAU_PACKETS_PER_FRAME, JUNGFRAU_PAYLOAD
 
 ADC_MASK = 0x3FFF
@@ -80,9 +80,12 @@ class JungfrauLayout(SlsLayout):
     module_shape = JUNGFRAU_MODULE_SHAPE
     raw_dtype = np.dtype("<u2")
 
+    sls_detector_type = SLS_DETECTOR_TYPE["jungfrau"]
+
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
         self._init_sizes(JUNGFRAU_PAYLOAD, JUNGFRAU_PACKETS_PER_FRAME)
+        self.pulse_id_used = config.image_id_source is not ImageIdSource.FRAME_INDEX
 
     def image_id(self, info: PacketInfo) -> int:
         source = self.config.image_id_source.value

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from daq_backend.detectors.base import DetectorLayout, PacketInfo
+from daq_backend.detectors.base import MAX_FRAME_NUMBER, DetectorLayout, PacketInfo
 from daq_backend.formats import SLS_HEADER_DTYPE, SLS_HEADER_SIZE
 
 #: same layout as ``formats.SLS_HEADER_DTYPE``
@@ -23,6 +23,9 @@ assert SLS_HEADER.size == SLS_HEADER_SIZE
 SLS_DETECTOR_TYPE = {"eiger": 1, "jungfrau": 3}
 SLS_HEADER_VERSION = 2
 _MAX_U64 = float(2**64)
+#: Largest pulse id taken from a bunch id: a double holds every integer up to 2**53 exactly (SwissFEL's
+#: pulse ids are near 2**34); a larger or fractional bunch id is no pulse id.
+MAX_PULSE_ID = 2**53
 
 
 class SlsLayout(DetectorLayout):
@@ -33,6 +36,10 @@ class SlsLayout(DetectorLayout):
     payload_size: int
     #: the header's ``bunchid`` is the SwissFEL pulse id (Jungfrau) rather than unused (Eiger)
     bunchid_is_pulse_id: bool
+    #: image ids may come from the pulse id, so its range is checked (``PacketInfo.in_range``)
+    pulse_id_used: bool = False
+    #: ``detector_type`` every packet of this detector carries (``SLS_DETECTOR_TYPE``)
+    sls_detector_type: int
 
     def _init_sizes(self, payload_size: int, packets_per_frame: int) -> None:
         self.payload_size = payload_size
@@ -49,19 +56,28 @@ class SlsLayout(DetectorLayout):
         return self.max_datagram
 
     def parse(self, datagram: memoryview | bytes | bytearray) -> PacketInfo | None:
+        """None unless the datagram has this detector's size, a packet index of a frame, the
+        detector type and header version slsDetectorPackage defines and (Jungfrau) a bunch id that
+        is a number >= 0. Numbers no detector sends (frame number beyond 48 bits, a pulse id that is
+        fractional or beyond 2**53) parse, with ``in_range`` False."""
         if len(datagram) != self.max_datagram:
             return None
         (framenum, _exptime, packetnum, bunchid, _timestamp, module_id, row, column, _z, debug,
-         _round_robin, _det_type, _version) = SLS_HEADER.unpack_from(datagram)
-        if packetnum >= self.packets_per_frame:
+         _round_robin, det_type, version) = SLS_HEADER.unpack_from(datagram)
+        if packetnum >= self.packets_per_frame or det_type != self.sls_detector_type:
+            return None
+        if version != SLS_HEADER_VERSION:
             return None
         pulse_id = 0
+        in_range = framenum <= MAX_FRAME_NUMBER
         if self.bunchid_is_pulse_id:
             # NaN fails both comparisons; a garbage bunch id is not a packet of ours
             if not 0.0 <= bunchid < _MAX_U64:
                 return None
             pulse_id = int(bunchid)
-        return PacketInfo(framenum, packetnum, pulse_id, debug, module_id, row, column)
+            if self.pulse_id_used and (pulse_id > MAX_PULSE_ID or pulse_id != bunchid):
+                in_range = False
+        return PacketInfo(framenum, packetnum, pulse_id, debug, module_id, row, column, in_range=in_range)
 
     def encode_headers(
         self, module_id: int, frame_number: int, pulse_id: int = 0, **fields: Any
