@@ -115,6 +115,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         supervisor = Supervisor(config, config_path, up_services(args, config_path, broker_url),
                                 status_interval=args.status_interval)
+        supervisor.start()  # refuses (RuntimeError) when the detector is up or cannot start here
         rest = f"REST http://127.0.0.1:{args.rest_port}, " if args.rest_port else ""
         print(f"std-daq: {config.detector_name} up ({len(supervisor.services)} services; {rest}"
               f"broker {broker_url}); `std-daq status {args.config}` shows them; Ctrl-C stops all",
@@ -141,7 +142,8 @@ def add_status(sub: Subparsers) -> None:
 
 #: counters shown in the "problems" column when non-zero
 PROBLEM_COUNTERS = (
-    "frames_incomplete", "frames_skipped", "images_skipped", "bad_datagrams", "duplicate_packets",
+    "frames_incomplete", "frames_skipped", "images_skipped", "bad_datagrams", "rejected_module_id",
+    "rejected_out_of_range", "rejected_out_of_window", "duplicate_packets",
     "out_of_order_packets", "late_packets", "frames_unannounced", "images_missing_packets",
     "images_id_mismatch", "missing_module_frames", "lapped_frames", "duplicate_frames", "late_frames",
     "ignored_frames", "bad_messages", "errors",
@@ -172,6 +174,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def render_status(status: dict[str, Any]) -> None:
     """One rich table per detector."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     age = time.time() - float(status.get("updated", 0))
@@ -190,6 +193,9 @@ def render_status(status: dict[str, Any]) -> None:
             rate = f"{per_s:.1f}/s {r.get('bytes', 0.0) / 1e6:.1f} MB/s"
         problems = ", ".join(f"{k}={c[k]}" for k in PROBLEM_COUNTERS if c.get(k))
         alive = "[green]yes[/green]" if svc["alive"] else f"[red]no ({svc.get('exit_code')})[/red]"
+        if svc.get("failed"):
+            alive = "[red]failed[/red]"
+            problems = f"cannot start: {escape(str(svc['failed']))}" + (f"; {problems}" if problems else "")
         table.add_row(
             svc["name"], str(svc.get("pid") or "-"), alive, str(svc.get("restarts", 0)),
             _fmt(c.get("packets")), _fmt(c.get("frames")), _fmt(c.get("images")),

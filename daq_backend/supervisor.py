@@ -8,6 +8,12 @@ shared-memory segments and ipc socket files of *its* detector that a killed owne
 
 Children run in their own session (a terminal's Ctrl-C reaches only the supervisor, which then stops
 them in order) and get ``PR_SET_PDEATHSIG`` so they die with a SIGKILLed supervisor too.
+
+A child that *cannot* start (its port is taken, its host has no such address, /dev/shm has no room
+for its ring, its config no longer loads) exits with ``EXIT_CANNOT_START`` after writing why to the
+file named by ``STD_DAQ_FAILURE_FILE`` (``build_component``): restarting it would fail the same way,
+so the supervisor logs the reason once, marks the service ``failed`` in the status (``std-daq status``
+shows it) and leaves it down; the other services keep running.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig
@@ -35,6 +41,12 @@ from daq_backend.stats import SERVICE_NAME_ENV, StatsCollector
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+#: Exit code of a process that cannot start (sysexits' EX_CONFIG): the supervisor does not restart it.
+EXIT_CANNOT_START = 78
+#: Environment variable naming the file a child writes its reason for ``EXIT_CANNOT_START`` to.
+FAILURE_FILE_ENV = "STD_DAQ_FAILURE_FILE"
+
+T = TypeVar("T")
 
 
 class Component(Protocol):
@@ -61,6 +73,31 @@ def run_service(component: Component) -> int:
     finally:
         component.close()
     return 0
+
+
+def exit_cannot_start(reason: str) -> NoReturn:
+    """End this process with ``EXIT_CANNOT_START``: log ``reason`` and hand it to the supervisor."""
+    name = os.environ.get(SERVICE_NAME_ENV, "std-daq")
+    log.error("%s cannot start: %s", name, reason)
+    path = os.environ.get(FAILURE_FILE_ENV)
+    if path:
+        try:
+            Path(path).write_text(reason)
+        except OSError as exc:
+            log.error("%s: cannot write %s: %s", name, path, exc)
+    sys.exit(EXIT_CANNOT_START)
+
+
+def build_component(factory: Callable[[], T]) -> T:
+    """``factory()`` (a process' component, built before ``run_service``), or ``exit_cannot_start``
+    when it fails for a reason a restart cannot cure: the config does not load, a socket cannot be
+    bound, a ring cannot be created."""
+    from daq_backend.config import ConfigError
+
+    try:
+        return factory()
+    except (ConfigError, OSError, RuntimeError) as exc:
+        exit_cannot_start(str(exc))
 
 
 def _die_with_parent() -> None:
@@ -132,6 +169,8 @@ class _Child:
         self.exit_code: int | None = None
         self.next_start: float | None = None
         self.backoff = 0.0
+        #: why the service cannot start (it exited with ``EXIT_CANNOT_START``); None while it may run
+        self.failed: str | None = None
 
     @property
     def pid(self) -> int | None:
@@ -165,6 +204,7 @@ class Supervisor:
         stable_after: float = 30.0,
         stop_timeout: float = 10.0,
         status_interval: float = 1.0,
+        preflight: bool = True,
     ) -> None:
         self.config = config
         self.detector = config.detector_name
@@ -180,6 +220,8 @@ class Supervisor:
         self.stable_after = stable_after
         self.stop_timeout = stop_timeout
         self.status_interval = status_interval
+        #: check the host (UDP ports, /dev/shm) before starting the readout (``preflight``)
+        self.preflight = preflight and readout
         self.status_path = Path(ipc.status_file(self.detector))
         self._children = {s.name: _Child(s) for s in services}
         self._stop = threading.Event()
@@ -203,6 +245,10 @@ class Supervisor:
                     f"{self.detector} is already up (supervisor pid {other.get('supervisor_pid')}); "
                     f"a second instance would take over its ports, rings and sockets"
                 )
+        if self.preflight:
+            from daq_backend.preflight import check_before_start
+
+            check_before_start(self.config)  # PreflightError (a RuntimeError) names field and fix
         self._started = True
         if self._own_config_file:
             self.config_path.write_text(json.dumps(self.config.to_json_dict(), indent=1))
@@ -273,6 +319,7 @@ class Supervisor:
                     "alive": child.alive,
                     "restarts": child.restarts,
                     "exit_code": child.exit_code,
+                    "failed": child.failed,
                     "uptime": round(now - child.started, 3) if child.alive else 0.0,
                     "counters": stats.get("counters", {}),
                     "rates": stats.get("rates", {}),
@@ -327,6 +374,9 @@ class Supervisor:
         env = dict(os.environ, **spec.env)
         env[SERVICE_NAME_ENV] = spec.name
         env["STD_DAQ_IPC_DIR"] = ipc.ipc_dir()
+        failure = self._failure_file(spec.name)
+        failure.unlink(missing_ok=True)
+        env[FAILURE_FILE_ENV] = str(failure)
         if spec.argv is not None:
             child.proc = subprocess.Popen(
                 list(spec.argv), env=env, start_new_session=True, preexec_fn=_die_with_parent
@@ -339,6 +389,7 @@ class Supervisor:
         child.started = time.monotonic()
         child.next_start = None
         child.exit_code = None
+        child.failed = None
         log.info("%s: %s started, pid %d", self.detector, spec.name, child.proc.pid)
 
     def _on_exit(self, child: _Child, code: int, now: float) -> None:
@@ -347,6 +398,17 @@ class Supervisor:
         ran = now - child.started
         self._reap(child)
         child.proc = None
+        if code == EXIT_CANNOT_START:
+            failure = self._failure_file(spec.name)
+            try:
+                reason = failure.read_text().strip() or f"exit code {code}"
+            except OSError:
+                reason = f"exit code {code} (no reason left in {failure})"
+            failure.unlink(missing_ok=True)
+            child.failed = reason
+            log.error("%s: %s cannot start: %s (not restarted: fix the cause and start the detector again)",
+                      self.detector, spec.name, reason)
+            return
         if not spec.restart:
             log.error("%s: %s exited with %s (not restarted)", self.detector, spec.name, code)
             return
@@ -386,6 +448,9 @@ class Supervisor:
         proc.join(timeout)
         return proc.exitcode is not None
 
+    def _failure_file(self, service: str) -> Path:
+        return Path(ipc.ipc_dir()) / f"std-daq-{self.detector}-{service}-failure.txt"
+
     def _remove_leftovers(self) -> None:
         """Unlink this detector's rings and ipc socket files that a killed owner left behind."""
         det = self.detector
@@ -402,6 +467,8 @@ class Supervisor:
                 path.unlink(missing_ok=True)
         for address in sorted(addresses):
             ipc.unlink_ipc(address)
+        for spec in self.services:
+            self._failure_file(spec.name).unlink(missing_ok=True)
 
     def _write_status(self) -> None:
         self._next_status = time.monotonic() + self.status_interval

@@ -82,7 +82,8 @@ class SlsLayout(DetectorLayout):
     def encode_headers(
         self, module_id: int, frame_number: int, pulse_id: int = 0, **fields: Any
     ) -> np.ndarray:
-        """Fields: ``daq_rec`` (→ ``debug``), ``timestamp``, ``exptime`` (all default 0)."""
+        """Fields: ``daq_rec`` (→ ``debug``), ``timestamp``, ``exptime`` (all default 0). The header's
+        ``module_id`` is the config's ``header_module_ids`` entry of the module, else its number."""
         unknown = set(fields) - {"daq_rec", "timestamp", "exptime"}
         if unknown:
             raise TypeError(f"unknown header field(s) {sorted(unknown)}")
@@ -95,7 +96,7 @@ class SlsLayout(DetectorLayout):
         h["packetnum"] = np.arange(self.packets_per_frame)
         h["bunchid"] = float(pulse_id)
         h["timestamp"] = fields.get("timestamp", 0)
-        h["module_id"] = module_id
+        h["module_id"] = self.config.header_module_ids.get(module_id, module_id)
         h["row"] = row
         h["column"] = column
         h["debug"] = fields.get("daq_rec", 0)

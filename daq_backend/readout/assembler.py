@@ -306,14 +306,15 @@ class ImageAssembler:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m daq_backend.readout.assembler CONFIG``"""
-    from daq_backend.supervisor import run_service
+    from daq_backend.supervisor import build_component, run_service
 
     parser = argparse.ArgumentParser(prog="std-daq-assembler", description=main.__doc__)
     parser.add_argument("config", help="detector JSON file")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return run_service(ImageAssembler(load_config(args.config)))
+    config = build_component(lambda: load_config(args.config))
+    return run_service(build_component(lambda: ImageAssembler(config)))
 
 
 if __name__ == "__main__":

@@ -899,7 +899,7 @@ def _uncovered_ranges(slices: list[tuple[int, int]], frame_nbytes: int) -> list[
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m daq_backend.readout.receiver CONFIG MODULE_ID``"""
-    from daq_backend.supervisor import run_service
+    from daq_backend.supervisor import build_component, run_service
 
     parser = argparse.ArgumentParser(prog="std-daq-receiver", description=main.__doc__)
     parser.add_argument("config", help="detector JSON file")
@@ -912,11 +912,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = load_config(args.config)
+    config = build_component(lambda: load_config(args.config))
     # before the receiver (and its zmq threads) exist, so every thread of the process inherits it
     priority = args.rt_priority if args.rt_priority is not None else config.receiver_rt_priority
     log.info("module %d: %s", args.module_id, apply_rt_priority(priority, f"receiver-{args.module_id}"))
-    return run_service(ModuleReceiver(config, args.module_id, rcvbuf=args.rcvbuf, recv_batch=args.recv_batch))
+    return run_service(build_component(
+        lambda: ModuleReceiver(config, args.module_id, rcvbuf=args.rcvbuf, recv_batch=args.recv_batch)))
 
 
 if __name__ == "__main__":

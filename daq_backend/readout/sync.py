@@ -13,8 +13,9 @@ Rules, for the lowest pending image id (images leave strictly in id order):
 * ``queue_size`` newer ids are pending -> ``QUEUE_FULL``;
 * it has waited ``timeout`` seconds -> ``TIMEOUT``.
 
-A frame for an id emitted less than ``late_window`` seconds (default: ``timeout``) ago is a
-duplicate (its module was part of the image) or late (it was not) and is dropped.
+A frame for an image emitted less than ``late_window`` seconds (default: ``timeout``) ago is a
+duplicate (its module was part of the image) or late (it was not) and is dropped; so is a second
+frame of one module for a pending image.
 
 Images leave in strictly increasing id within one numbering of the detector. Receivers announce a
 module's frames in increasing id within one numbering (``readout.window``), so a module whose id goes
@@ -134,15 +135,14 @@ class Synchroniser:
         pending = self._pending.get(key)
         if pending is not None and module in pending.frames:
             return Accepted.DUPLICATE
-        if pending is None:
-            emitted = self._emitted.get(key)
-            if emitted is not None and now - emitted[0] <= self.late_window:
-                return Accepted.DUPLICATE if module in emitted[1] else Accepted.LATE
         last = self._last_key.get(module)
         if last is not None and image_id <= last[1]:
             key = (self._restart(module), image_id)
             pending = self._pending.get(key)
         if pending is None:
+            emitted = self._emitted.get(key)
+            if emitted is not None and now - emitted[0] <= self.late_window:
+                return Accepted.DUPLICATE if module in emitted[1] else Accepted.LATE
             if self._newest_emitted is not None and key <= self._newest_emitted:
                 return Accepted.LATE
             pending = _Pending(key, now, self._seq)

@@ -191,7 +191,7 @@ class StreamWindow:
         if self.idle(now):
             plausible = [c for c in self._candidates.values() if 2 * c.n_packets >= self.packets_per_frame]
             if plausible:
-                return self._chain(max(plausible, key=lambda c: c.updated)), expired
+                return self._chain(max(plausible, key=lambda c: (c.updated, c.frame_number))), expired
         return None, expired
 
     def next_deadline(self, now: float) -> float | None:
