@@ -102,20 +102,29 @@ def cmd_up(args: argparse.Namespace) -> int:
     config_path = Path(args.config).resolve()
     config = load_config(config_path)
     broker_url = resolve_broker_url(args.broker_url)
-    hub: EmbeddedBrokerHub | None = None
+    hub_name: str | None = None
     if broker_url == EMBEDDED or broker_url.startswith(f"{EMBEDDED}://"):
-        name = broker_url.removeprefix(EMBEDDED).removeprefix("://").strip("/") or DEFAULT_EMBEDDED_NAME
-        hub = EmbeddedBrokerHub(name)
+        hub_name = broker_url.removeprefix(EMBEDDED).removeprefix("://").strip("/") or DEFAULT_EMBEDDED_NAME
+        broker_url = f"{EMBEDDED}://{hub_name}"
+    supervisor = Supervisor(config, config_path, up_services(args, config_path, broker_url),
+                            status_interval=args.status_interval)
+    try:
+        # before anything starts: the detector is not up already (RuntimeError), this host can run it
+        # (UDP ports, /dev/shm: a ConfigError, one line naming the field)
+        supervisor.check_can_start()
+    except RuntimeError as exc:
+        print(f"std-daq up: {exc}", file=sys.stderr)
+        return 1
+    hub: EmbeddedBrokerHub | None = None
+    if hub_name is not None:
+        hub = EmbeddedBrokerHub(hub_name)
         try:
             hub.start()
         except RuntimeError as exc:  # another `std-daq up` owns it: share it
             logging.getLogger("std-daq").info("%s", exc)
             hub = None
-        broker_url = f"{EMBEDDED}://{name}"
     try:
-        supervisor = Supervisor(config, config_path, up_services(args, config_path, broker_url),
-                                status_interval=args.status_interval)
-        supervisor.start()  # refuses (RuntimeError) when the detector is up or cannot start here
+        supervisor.start()
         rest = f"REST http://127.0.0.1:{args.rest_port}, " if args.rest_port else ""
         print(f"std-daq: {config.detector_name} up ({len(supervisor.services)} services; {rest}"
               f"broker {broker_url}); `std-daq status {args.config}` shows them; Ctrl-C stops all",

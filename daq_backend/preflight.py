@@ -16,15 +16,15 @@ import os
 import socket
 
 from daq_backend import ipc
-from daq_backend.config import DetectorConfig
+from daq_backend.config import ConfigError, DetectorConfig
 from daq_backend.detectors import layout_for
 from daq_backend.ram_buffer import SHM_DIR, ring_nbytes, shm_path
 
 MIB = 1 << 20
 
 
-class PreflightError(RuntimeError):
-    """The detector cannot start on this host; the message names the field and the fix."""
+class PreflightError(ConfigError):
+    """The detector's config cannot work on this host; the message names the field and the fix."""
 
 
 def readout_rings(config: DetectorConfig) -> dict[str, int]:
@@ -34,7 +34,8 @@ def readout_rings(config: DetectorConfig) -> dict[str, int]:
         ipc.frame_ring_name(config.detector_name, m): ring_nbytes(frame_nbytes, config.frame_ring_slots)
         for m in config.required_modules
     }
-    rings[ipc.image_ring_name(config.detector_name)] = ring_nbytes(config.image_nbytes, config.image_ring_slots)
+    image = ring_nbytes(config.image_nbytes, config.image_ring_slots)
+    rings[ipc.image_ring_name(config.detector_name)] = image
     return rings
 
 
@@ -79,7 +80,8 @@ def _bind_problem(exc: OSError, host: str, port: int, module: int) -> str:
         return (f"udp_host: {host} is not an address of this host ({exc.strerror}): use the address of "
                 "the interface the detector sends to (127.0.0.1 for a simulator on this host)")
     if exc.errno == errno.EACCES:
-        return f"start_udp_port: binding {where} is not permitted ({exc.strerror}): ports below 1024 need root"
+        return (f"start_udp_port: binding {where} is not permitted ({exc.strerror}): "
+                "ports below 1024 need root")
     return f"start_udp_port/udp_host: cannot bind {where}: {exc.strerror or exc}"
 
 

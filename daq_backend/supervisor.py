@@ -231,10 +231,9 @@ class Supervisor:
         self._lock = threading.Lock()
 
     # -- public ------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Spawn every service (returns at once; ``run()`` / ``poll_once()`` watch them)."""
-        if self._started:
-            return
+    def check_can_start(self) -> None:
+        """Refuse to start a detector that is up already (RuntimeError) or that this host cannot run
+        (``preflight``: a ConfigError naming the field and the fix)."""
         if self.status_path.exists():
             try:
                 other = read_status(self.status_path)
@@ -248,7 +247,13 @@ class Supervisor:
         if self.preflight:
             from daq_backend.preflight import check_before_start
 
-            check_before_start(self.config)  # PreflightError (a RuntimeError) names field and fix
+            check_before_start(self.config)
+
+    def start(self) -> None:
+        """Spawn every service (returns at once; ``run()`` / ``poll_once()`` watch them)."""
+        if self._started:
+            return
+        self.check_can_start()
         self._started = True
         if self._own_config_file:
             self.config_path.write_text(json.dumps(self.config.to_json_dict(), indent=1))

@@ -119,7 +119,7 @@ def test_eviction_keeps_the_frames_of_a_real_restart_under_a_flood_of_strays() -
     adopted = None
     stray = 0
     for image_id in (1, 2, 3):
-        for packet in range(PPF):
+        for _packet in range(PPF):
             now += 0.0001
             frame, _, _ = w.stage(image_id, image_id, 0, None, now)
             adopted = w.received(frame, now) or adopted

@@ -44,8 +44,8 @@ from daq_backend.formats import (
     unpack_received,
 )
 from daq_backend.ram_buffer import AttachedRing, RingBuffer, SlotOverwritten
-from daq_backend.readout.window import MAX_FRAME_GAP
 from daq_backend.readout.sync import Accepted, Release, SyncedImage, Synchroniser
+from daq_backend.readout.window import MAX_FRAME_GAP
 from daq_backend.stats import Counters, StatsReporter, service_name
 
 log = logging.getLogger(__name__)

@@ -590,7 +590,9 @@ class ModuleReceiver:
         return False
 
     # -- candidates of a new numbering (see readout.window) -----------------------------------
-    def _stage(self, mv: memoryview, info: PacketInfo, image_id: int, k: int, pulse_mode: bool | None) -> None:
+    def _stage(
+        self, mv: memoryview, info: PacketInfo, image_id: int, k: int, pulse_mode: bool | None
+    ) -> None:
         """Keep a packet outside the stream's window aside; adopt its numbering once confirmed."""
         now = time.monotonic()
         frame, new, evicted = self.window.stage(image_id, info.frame_number, info.module_id, pulse_mode, now)
@@ -706,8 +708,9 @@ class ModuleReceiver:
             fix = (f'if they come from your detector, set "header_module_ids": {{"{self.module_id}": '
                    f"{foreign[0]}}} in the detector config (it says {expected})")
         elif module and foreign:
-            fix = (f"this port follows header module id {expected}; if module id {foreign[0]} is the detector "
-                   f'now, set "header_module_ids": {{"{self.module_id}": {foreign[0]}}} in the detector config')
+            fix = (f"this port follows header module id {expected}; if module id {foreign[0]} is the "
+                   f'detector now, set "header_module_ids": {{"{self.module_id}": {foreign[0]}}} in the '
+                   "detector config")
         else:
             fix = "is something other than this module's detector sending to this port?"
         log.warning("%s receives only packets it rejects (%s in the last %.0f s): %s",

@@ -97,7 +97,8 @@ class StreamWindow:
         self.expire_after = 2 * restart_idle if expire_after is None else expire_after
         self.n_slots = confirm_frames + 3 if n_slots is None else n_slots
         if self.n_slots < confirm_frames + 1:
-            raise ValueError(f"n_slots: at least confirm_frames + 1 = {confirm_frames + 1}, got {self.n_slots}")
+            raise ValueError(f"n_slots: at least confirm_frames + 1 = {confirm_frames + 1}, "
+                             f"got {self.n_slots}")
         #: header module id of the stream (None until a stream is learned)
         self.module_id = module_id
         self.pinned = module_id is not None

@@ -167,7 +167,8 @@ class LostStats(BaseModel):
 class RejectedStats(BaseModel):
     bad_datagrams: int = Field(default=0, description="datagrams that are no packet of this detector")
     module_id: int = Field(default=0, description="packets of another header module id than the port's")
-    out_of_range: int = Field(default=0, description="packets with a frame number or pulse id no detector sends")
+    out_of_range: int = Field(default=0,
+                              description="packets with a frame number or pulse id no detector sends")
     out_of_window: int = Field(default=0, description="packets whose numbering never formed a stream")
 
 

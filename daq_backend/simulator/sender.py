@@ -391,8 +391,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--garbage-every", type=int, default=0, metavar="N",
                         help="send an invalid datagram after every N valid ones")
     parser.add_argument("--spoof", default="", metavar="KIND[,KIND]",
-                        help="also send hostile datagrams of these kinds (absurd, foreign-module, far-numbers, "
-                             "pulse-ids) from another socket, cycling over kinds and modules")
+                        help="also send hostile datagrams of these kinds (absurd, foreign-module, "
+                             "far-numbers, pulse-ids) from another socket, cycling over kinds and modules")
     parser.add_argument("--spoof-rate", type=float, default=1000.0, metavar="HZ",
                         help="hostile datagrams per second (default 1000)")
     parser.add_argument("--spoof-count", type=int, default=1000, metavar="N",

@@ -83,7 +83,8 @@ class Spoofer:
         uses_pulse = (config.detector_type is DetectorType.JUNGFRAU
                       and config.image_id_source is not ImageIdSource.FRAME_INDEX)
         if SpoofKind.PULSE_IDS in self.kinds and not uses_pulse:
-            raise ValueError("pulse-ids: this detector's image ids are frame numbers, a bunch id changes nothing")
+            raise ValueError("pulse-ids: this detector's image ids are frame numbers, "
+                             "a bunch id changes nothing")
         self.config = config
         self.layout = layout
         self.rate_hz = float(rate_hz)
@@ -95,7 +96,8 @@ class Spoofer:
         self._rng = random.Random(seed)
         nprng = np.random.default_rng(seed)
         payload = layout.max_datagram - layout.header_size
-        self._payloads = [nprng.integers(1, 256, payload, dtype=np.uint8).tobytes() for _ in range(_N_PAYLOADS)]
+        self._payloads = [nprng.integers(1, 256, payload, dtype=np.uint8).tobytes()
+                          for _ in range(_N_PAYLOADS)]
         self._header = np.zeros(1, dtype=SLS_HEADER_DTYPE)
         self._header["detector_type"] = SLS_DETECTOR_TYPE[config.detector_type.value]
         self._header["header_version"] = SLS_HEADER_VERSION
