@@ -41,9 +41,6 @@ class PacketInfo:
     quadrant: int = 0
     link: int = 0
     image_timing: int = 0
-    #: the numbers an image id is made of (frame number, pulse id) lie within what a detector sends
-    #: (see ``MAX_FRAME_NUMBER``, ``sls.MAX_PULSE_ID``); a packet outside is rejected, never placed
-    in_range: bool = True
 
 
 def span(start: int, n: int, step: int) -> slice:
@@ -88,6 +85,11 @@ class DetectorLayout(abc.ABC):
     @abc.abstractmethod
     def image_id(self, info: PacketInfo) -> int:
         """The id under which this packet's frame is stored and synchronised."""
+
+    def numbers_in_range(self, frame_number: int, pulse_id: int) -> bool:
+        """The numbers an image id is made of lie within what a detector sends (``MAX_FRAME_NUMBER``;
+        SLS layouts also check pulse ids); a packet outside is rejected, never placed."""
+        return frame_number <= MAX_FRAME_NUMBER
 
     @abc.abstractmethod
     def encode_headers(

@@ -26,6 +26,8 @@ _MAX_U64 = float(2**64)
 #: Largest pulse id taken from a bunch id: a double holds every integer up to 2**53 exactly (SwissFEL's
 #: pulse ids are near 2**34); a larger or fractional bunch id is no pulse id.
 MAX_PULSE_ID = 2**53
+_NOT_A_PULSE_ID = MAX_PULSE_ID + 1
+assert SLS_HEADER_VERSION == 2  # spelled out in ``parse``, its hot path
 
 
 class SlsLayout(DetectorLayout):
@@ -36,7 +38,7 @@ class SlsLayout(DetectorLayout):
     payload_size: int
     #: the header's ``bunchid`` is the SwissFEL pulse id (Jungfrau) rather than unused (Eiger)
     bunchid_is_pulse_id: bool
-    #: image ids may come from the pulse id, so its range is checked (``PacketInfo.in_range``)
+    #: image ids may come from the pulse id, so its range is checked (``numbers_in_range``)
     pulse_id_used: bool = False
     #: ``detector_type`` every packet of this detector carries (``SLS_DETECTOR_TYPE``)
     sls_detector_type: int
@@ -58,26 +60,27 @@ class SlsLayout(DetectorLayout):
     def parse(self, datagram: memoryview | bytes | bytearray) -> PacketInfo | None:
         """None unless the datagram has this detector's size, a packet index of a frame, the
         detector type and header version slsDetectorPackage defines and (Jungfrau) a bunch id that
-        is a number >= 0. Numbers no detector sends (frame number beyond 48 bits, a pulse id that is
-        fractional or beyond 2**53) parse, with ``in_range`` False."""
+        is a number >= 0. A fractional bunch id where pulse ids are used parses with a pulse id
+        beyond ``MAX_PULSE_ID``, so that ``numbers_in_range`` refuses it with the other numbers no
+        detector sends."""
         if len(datagram) != self.max_datagram:
             return None
         (framenum, _exptime, packetnum, bunchid, _timestamp, module_id, row, column, _z, debug,
          _round_robin, det_type, version) = SLS_HEADER.unpack_from(datagram)
-        if packetnum >= self.packets_per_frame or det_type != self.sls_detector_type:
-            return None
-        if version != SLS_HEADER_VERSION:
+        if packetnum >= self.packets_per_frame or det_type != self.sls_detector_type or version != 2:
             return None
         pulse_id = 0
-        in_range = framenum <= MAX_FRAME_NUMBER
         if self.bunchid_is_pulse_id:
             # NaN fails both comparisons; a garbage bunch id is not a packet of ours
             if not 0.0 <= bunchid < _MAX_U64:
                 return None
             pulse_id = int(bunchid)
-            if self.pulse_id_used and (pulse_id > MAX_PULSE_ID or pulse_id != bunchid):
-                in_range = False
-        return PacketInfo(framenum, packetnum, pulse_id, debug, module_id, row, column, in_range=in_range)
+            if self.pulse_id_used and pulse_id != bunchid:
+                pulse_id = _NOT_A_PULSE_ID
+        return PacketInfo(framenum, packetnum, pulse_id, debug, module_id, row, column)
+
+    def numbers_in_range(self, frame_number: int, pulse_id: int) -> bool:
+        return frame_number <= MAX_FRAME_NUMBER and (not self.pulse_id_used or pulse_id <= MAX_PULSE_ID)
 
     def encode_headers(
         self, module_id: int, frame_number: int, pulse_id: int = 0, **fields: Any

@@ -23,7 +23,7 @@ packet, however much else arrives). Before flushing an incomplete frame the byte
 missing packets are zeroed: a reader never sees pixels of an older frame (reference weakness 8).
 
 Only packets of the module's stream reach the ring (``readout.window``): a header of another detector
-type or version is a bad datagram; numbers no detector sends (``PacketInfo.in_range``) are rejected;
+type or version is a bad datagram; numbers no detector sends (``layout.numbers_in_range``) are rejected;
 a header module id other than the stream's (pinned by ``header_module_ids`` or learned from the
 first stream) is rejected; a numbering outside the stream's window is staged in private buffers and
 placed only once it is confirmed as a new numbering. So a stray, spoofed or absurd packet never
@@ -436,7 +436,8 @@ class ModuleReceiver:
         if key != self._run_key:
             self._run_key, self._run_id = key, self.layout.image_id(info)
         image_id = self._run_id
-        if not 0 <= image_id <= MAX_IMAGE_ID or not info.in_range or info.module_id != self.window.module_id:
+        if (not 0 <= image_id <= MAX_IMAGE_ID or info.module_id != self.window.module_id
+                or not self.layout.numbers_in_range(info.frame_number, info.pulse_id)):
             return False
         if image_id != self._cur_id or info.frame_number != self._cur_fn:
             if image_id == self._cur_id or self._recently_flushed(image_id):
@@ -499,13 +500,14 @@ class ModuleReceiver:
         frame, a rejected or staged packet) and ``_flush``. ``layout.image_id`` is called once per
         change of (frame number, pulse id), the fields an image id is made of."""
         parse, image_id_of = self.layout.parse, self.layout.image_id
+        in_range = self.layout.numbers_in_range
         sizes, slices = self._sizes, self._slices
         ppf, hs = self.packets_per_frame, self.header_size
         st = self.stats
         key: tuple[int, int] | None = None
         key_id = -1
-        key_ok = False
-        cur_id, cur_fn, slot, received = self._cur_id, self._cur_fn, self._slot, self._received
+        key_ok = key_in_range = key_cur = False  # key_cur: the key is the open frame's
+        cur_id, slot, received = self._cur_id, self._slot, self._received
         n_recv, highest = self._n_recv, self._highest
         stream_module = self.window.module_id
         n_packets = n_bytes = n_accepted = 0
@@ -529,18 +531,21 @@ class ModuleReceiver:
                     key = packet_key
                     key_id = image_id_of(info)
                     key_ok = 0 <= key_id <= MAX_IMAGE_ID
+                    key_in_range = in_range(info.frame_number, info.pulse_id)
+                    key_cur = key_id == cur_id and info.frame_number == self._cur_fn
                 if not key_ok:
                     st.bad_datagrams += 1
                     continue
-                if not info.in_range:
+                if not key_in_range:
                     st.rejected_out_of_range += 1
                     continue
-                if key_id != cur_id or info.frame_number != cur_fn or info.module_id != stream_module:
+                if not key_cur or info.module_id != stream_module:
                     self._n_recv, self._highest = n_recv, highest
                     opened = self._new_frame(mv, n, info, key_id, k)
-                    cur_id, cur_fn, slot, received = self._cur_id, self._cur_fn, self._slot, self._received
+                    cur_id, slot, received = self._cur_id, self._slot, self._received
                     n_recv, highest = self._n_recv, self._highest
                     stream_module = self.window.module_id
+                    key_cur = key_id == cur_id and info.frame_number == self._cur_fn
                     if not opened:
                         continue
                 elif received[k]:
@@ -562,6 +567,7 @@ class ModuleReceiver:
                     self._n_recv = n_recv
                     self._flush()
                     cur_id = slot = None
+                    key_cur = False
         finally:
             st.packets += n_packets
             st.bytes += n_bytes
