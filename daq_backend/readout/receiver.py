@@ -74,7 +74,6 @@ MAX_DEFAULT_RCVBUF = 512 * 1024 * 1024
 RECENT_FRAMES = 16
 #: Module frame announcements queued for a busy assembler before they are dropped (and counted).
 ANNOUNCE_HWM = 100_000
-__all__ = ["MAX_FRAME_GAP", "ModuleReceiver", "ReceiverStats"]
 #: Largest image id a ring slot can hold (its seqlock stores id + 1 in 64 bits).
 MAX_IMAGE_ID = 2**64 - 2
 #: Datagrams one ``recvmmsg`` call may return (rows of the staging buffer).
