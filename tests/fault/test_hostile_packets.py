@@ -211,6 +211,11 @@ def test_spoofed_and_absurd_packets_during_a_write_never_reach_the_file(daq: Daq
     stats = requests.get(f"{daq.url}/stats", timeout=30).json()
     assert stats["rejected"]["out_of_range"] == sum(spoofer.expected_rejections(m)["rejected_out_of_range"]
                                                     for m in (0, 1))
+    shown = subprocess.run([*CLI, "status", str(daq.tmp / "detector.json")], capture_output=True, text=True,
+                           timeout=60, env=dict(daq.env, COLUMNS="400"))
+    assert shown.returncode == 0, shown.stderr
+    for counter in ("rejected_module_id=", "rejected_out_of_range=", "rejected_out_of_window="):
+        assert counter in shown.stdout
 
 
 def test_restarted_numberings_and_lost_frames_during_a_write_are_written_as_sent(daq: Daq) -> None:
