@@ -238,6 +238,10 @@ def test_restarted_numberings_and_lost_frames_during_a_write_are_written_as_sent
             np.testing.assert_array_equal(data[row], expected_image(config, ids_list[row]))
     assert final["state"] == "completed" and final["n_written"] == n_images
     assert broker["action"] is Action.SUCCESS and broker["message"]["n_written"] == n_images
+    accounting = ImageAccounting(n_requested=n_images, n_written=final["n_written"],
+                                 n_good=int(np.sum(status == 0)), n_incomplete=final["n_incomplete_images"],
+                                 n_lost=final["n_missing_images"])
+    assert accounting.balanced()
     restarts = ids_list.count(1)
     assert restarts >= 1  # the write spanned at least one restart of the numbering
     for module in (0, 1):
