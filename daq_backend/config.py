@@ -21,6 +21,8 @@ from daq_backend.validation import explain
 _log = logging.getLogger(__name__)
 
 JUNGFRAU_MODULE_SHAPE = (512, 1024)  # rows, columns of one Jungfrau module
+#: rows, columns of one Jungfrau module with the inter-chip gap pixels inserted (2 per chip border)
+JUNGFRAU_MODULE_SHAPE_WITH_GAPS = (514, 1030)
 EIGER_HALF_MODULE_SHAPE = (256, 512)  # rows, columns of one Eiger UDP "module" (half module)
 
 
@@ -65,6 +67,17 @@ class DetectorConfig(BaseModel):
     module_sync_queue_size: int = Field(default=50, ge=1)
     module_sync_timeout: float = Field(default=0.5, gt=0, description="seconds an incomplete id may wait")
     pedestal_gain_file: str | None = None
+    gain_file: str | None = Field(
+        default=None, min_length=1, description="jungfrau_utils gain file: /gains (4, H, W), ADU per keV")
+    pedestal_file: str | None = Field(
+        default=None, min_length=1, description="jungfrau_utils pedestal file: /gains (4, H, W), /pixel_mask")
+    high_gain: bool = Field(default=False, description="Jungfrau runs in high-gain G0 (HG0) mode")
+    gap_pixels: bool = Field(default=False, description="insert the 2-pixel gaps between Jungfrau chips")
+    sensor_material: str | None = Field(default=None, min_length=1, description="NXmx sensor_material")
+    sensor_thickness_um: float | None = Field(default=None, gt=0, le=100_000,
+                                              description="NXmx sensor_thickness in micrometres")
+    pixel_size_um: float | None = Field(default=None, gt=0, le=100_000,
+                                        description="NXmx x/y_pixel_size in micrometres")
     writer_user_id: int = 0
     receiver_rt_priority: int = Field(
         default=DEFAULT_RT_PRIORITY, ge=0, le=99,
@@ -115,6 +128,28 @@ class DetectorConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _calibration(self) -> DetectorConfig:
+        """Jungfrau conversion takes one of two layouts: today's single ``pedestal_gain_file`` or
+        jungfrau_utils' ``gain_file`` + ``pedestal_file`` pair (see ``detectors/calibration.py``)."""
+        jungfrau = self.detector_type is DetectorType.JUNGFRAU
+        for name in ("pedestal_gain_file", "gain_file", "pedestal_file", "high_gain", "gap_pixels"):
+            if getattr(self, name) not in (None, False) and not jungfrau:
+                raise ValueError(f"{name}: only jungfrau images are converted/gap-corrected, this is "
+                                 f"a {self.detector_type.value}")
+        if (self.gain_file is None) != (self.pedestal_file is None):
+            given, missing = ("gain_file", "pedestal_file") if self.pedestal_file is None else (
+                "pedestal_file", "gain_file")
+            raise ValueError(f"{missing}: required together with {given} (the jungfrau_utils layout "
+                             "has a gain file and a pedestal file)")
+        if self.pedestal_gain_file is not None and self.gain_file is not None:
+            raise ValueError("pedestal_gain_file: give either pedestal_gain_file (single-file layout) or "
+                             "gain_file + pedestal_file (jungfrau_utils layout), not both")
+        if self.high_gain and self.gain_file is None:
+            raise ValueError("high_gain: needs the jungfrau_utils layout (gain_file + pedestal_file carry "
+                             "the HG0 plane; pedestal_gain_file has only G0, G1, G2)")
+        return self
+
+    @model_validator(mode="after")
     def _geometry(self) -> DetectorConfig:
         last_port = self.start_udp_port + self.n_modules - 1
         if last_port > 65535:
@@ -144,14 +179,16 @@ class DetectorConfig(BaseModel):
                         f"module_positions[{module}]: {name}={v} lies outside the {h}x{w} image"
                     )
             dx, dy = abs(x1 - x0) + 1, abs(y1 - y0) + 1
+            jf_rows, jf_cols = self.jungfrau_module_box
             expected = {
-                DetectorType.JUNGFRAU: (1024, 512),
+                DetectorType.JUNGFRAU: (jf_cols, jf_rows),
                 DetectorType.EIGER: (514, 256),
             }.get(self.detector_type)
             if expected and (dx, dy) != expected:
                 raise ValueError(
                     f"module_positions[{module}]: box is {dx}x{dy} px, a {self.detector_type.value} "
-                    f"module needs {expected[0]}x{expected[1]} (width x height)"
+                    f"module needs {expected[0]}x{expected[1]} (width x height"
+                    f"{', gap pixels inserted' if self.gap_pixels else ''})"
                 )
         self._no_overlap()
         if self.detector_type is DetectorType.JUNGFRAU and self.bit_depth != 16:
@@ -165,10 +202,11 @@ class DetectorConfig(BaseModel):
                     f"got {h}x{w}"
                 )
         if self.detector_type is DetectorType.JUNGFRAU and not self.module_positions:
-            if (h, w) != (512 * self.n_modules, 1024):
+            rows, cols = self.jungfrau_module_box
+            if (h, w) != (rows * self.n_modules, cols):
                 raise ValueError(
                     "module_positions: required unless the image is the modules stacked vertically "
-                    f"({512 * self.n_modules}x1024), got {h}x{w}"
+                    f"({rows * self.n_modules}x{cols}), got {h}x{w}"
                 )
         if self.detector_type is DetectorType.EIGER and not self.module_positions:
             raise ValueError("module_positions: required for eiger (half-module boxes incl. flips)")
@@ -206,9 +244,16 @@ class DetectorConfig(BaseModel):
         return (self.image_pixel_height, self.image_pixel_width)
 
     @property
+    def jungfrau_module_box(self) -> tuple[int, int]:
+        """(rows, columns) a Jungfrau module covers in the image: 512x1024, or 514x1030 with the
+        inter-chip gap pixels inserted."""
+        return JUNGFRAU_MODULE_SHAPE_WITH_GAPS if self.gap_pixels else JUNGFRAU_MODULE_SHAPE
+
+    @property
     def converted(self) -> bool:
-        """Jungfrau pedestal/gain conversion to float32 is on."""
-        return self.detector_type is DetectorType.JUNGFRAU and self.pedestal_gain_file is not None
+        """Jungfrau pedestal/gain conversion to float32 is on (either calibration layout)."""
+        return self.detector_type is DetectorType.JUNGFRAU and (
+            self.pedestal_gain_file is not None or self.gain_file is not None)
 
     @property
     def image_dtype(self) -> str:

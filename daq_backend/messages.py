@@ -36,7 +36,8 @@ class RequestState(str, Enum):
     QUEUED = "queued"  # accepted; no service has started it yet
     RUNNING = "running"  # a service started it (request_start)
     COMPLETED = "completed"  # every requested image has a row (some may be flagged: see the counts)
-    INTERRUPTED = "interrupted"  # ended early on purpose (kill, stop, timeout); the file holds what was written
+    #: ended early on purpose (kill, stop, timeout); the file holds what was written until then
+    INTERRUPTED = "interrupted"
     FAILED = "failed"  # ended by a fault or refused; ``message`` says why
 
 
@@ -66,7 +67,8 @@ class ImageAccounting(BaseModel):
     n_requested: int | None = Field(description="images requested (None: open-ended, until it ends)")
     n_written: int = Field(default=0, ge=0, description="complete, flushed rows in the file")
     n_good: int = Field(default=0, ge=0, description="rows with status 0 (good)")
-    n_incomplete: int = Field(default=0, ge=0, description="rows with missing packets or a module id mismatch")
+    n_incomplete: int = Field(default=0, ge=0,
+                              description="rows with missing packets or a module id mismatch")
     n_lost: int = Field(default=0, ge=0, description="rows of images lost inside the DAQ (zero pixels)")
     n_not_written: int = Field(default=0, ge=0, description="requested images without a row (ended early)")
 

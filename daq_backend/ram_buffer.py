@@ -1,7 +1,15 @@
 """Shared-memory slot rings in ``/dev/shm`` (frame rings per module, the image ring).
 
-Layout: a 4 KiB ring header, ``n_slots`` slot headers of 128 bytes, then the data region
-(4 KiB aligned, one contiguous block per slot so numpy views and ``write_direct_chunk`` need no copy).
+Layout: a 4 KiB ring header, ``n_slots`` slot headers of 128 bytes, the commit log (``n_slots``
+uint64), then the data region (4 KiB aligned, one contiguous block per slot so numpy views and
+``write_direct_chunk`` need no copy).
+
+The commit log lets a reader in another process follow the producer without a message per slot:
+each ``commit`` appends the slot's id at ``log[seq % n_slots]``, then raises ``committed`` (the
+number of commits since the ring was created) and bumps a futex word (:mod:`daq_backend.futex`) that
+readers sleep on. :class:`RingFollower` is that reader: it hands out the ids committed since it last
+looked, says how many it missed because the producer lapped it, and moves to a re-created ring (a
+restarted producer) by itself.
 
 A slot header is a seqlock: ``begin`` (id+1 being written) is set before the data changes and ``end``
 (id+1 completely written) after, followed by up to 112 bytes of the producer's metadata. A reader
@@ -21,9 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from daq_backend.futex import SharedWord
+
 SHM_DIR = Path("/dev/shm")
-MAGIC = b"STDDAQR1"
-RING_HEADER = struct.Struct("<8sQQQQ")  # magic, n_slots, slot_nbytes, data_offset, slot_stride
+MAGIC = b"STDDAQR2"
+#: magic, n_slots, slot_nbytes, data_offset, slot_stride, log_offset
+RING_HEADER = struct.Struct("<8sQQQQQ")
+#: Offsets in the ring header of the commit counter (uint64) and of the futex word (uint32).
+COMMITTED_OFFSET = 64
+DOORBELL_OFFSET = 72
 RING_HEADER_BYTES = 4096
 SLOT_HEADER_BYTES = 128
 SLOT_META_BYTES = SLOT_HEADER_BYTES - 16
@@ -57,9 +71,9 @@ def _align(n: int, to: int) -> int:
 
 
 def ring_nbytes(slot_nbytes: int, n_slots: int) -> int:
-    """Bytes of /dev/shm a ring of ``n_slots`` slots of ``slot_nbytes`` takes (header and padding
-    included): what ``RingBuffer.create`` reserves."""
-    data_offset = _align(RING_HEADER_BYTES + n_slots * SLOT_HEADER_BYTES, _PAGE)
+    """Bytes of /dev/shm a ring of ``n_slots`` slots of ``slot_nbytes`` takes (headers, commit log and
+    padding included): what ``RingBuffer.create`` reserves."""
+    data_offset = _align(RING_HEADER_BYTES + n_slots * SLOT_HEADER_BYTES + 8 * n_slots, _PAGE)
     return _align(data_offset + n_slots * _align(slot_nbytes, 64), _PAGE)
 
 
@@ -82,13 +96,15 @@ class RingBuffer:
         os.close(fd)
         if populate:
             _populate(self._mm, write=owner)
-        magic, self.n_slots, self.slot_nbytes, data_offset, self.slot_stride = RING_HEADER.unpack_from(
-            self._mm, 0
-        )
+        magic, self.n_slots, self.slot_nbytes, data_offset, self.slot_stride, log_offset = \
+            RING_HEADER.unpack_from(self._mm, 0)
         if magic != MAGIC:
             self._mm.close()
             raise ValueError(f"/dev/shm/{name} is not a std-daq ring (bad magic)")
         buf = np.frombuffer(self._mm, dtype=np.uint8)
+        self._committed = buf[COMMITTED_OFFSET : COMMITTED_OFFSET + 8].view("<u8")
+        self._log = buf[log_offset : log_offset + 8 * self.n_slots].view("<u8")
+        self.doorbell = SharedWord(self._mm, DOORBELL_OFFSET)
         hdr = buf[RING_HEADER_BYTES : RING_HEADER_BYTES + self.n_slots * SLOT_HEADER_BYTES]
         hdr = hdr.reshape(self.n_slots, SLOT_HEADER_BYTES)
         self._seq = hdr[:, :16].view("<u8")  # [:, 0] begin, [:, 1] end
@@ -105,7 +121,8 @@ class RingBuffer:
             raise ValueError("slot_nbytes and n_slots must be positive")
         path = shm_path(name)
         stride = _align(slot_nbytes, 64)
-        data_offset = _align(RING_HEADER_BYTES + n_slots * SLOT_HEADER_BYTES, _PAGE)
+        log_offset = RING_HEADER_BYTES + n_slots * SLOT_HEADER_BYTES
+        data_offset = _align(log_offset + 8 * n_slots, _PAGE)
         size = ring_nbytes(slot_nbytes, n_slots)
         # Built under a temporary name and renamed into place: readers never see a half-made ring, and
         # a re-created ring is a new file (new inode) while old readers keep their intact mapping.
@@ -116,7 +133,7 @@ class RingBuffer:
             # Reserve every page now (ENOSPC here, not SIGBUS mid-acquisition); the owner's mapping
             # then writes them all once (see ``_populate``).
             os.posix_fallocate(fd, 0, size)
-            os.pwrite(fd, RING_HEADER.pack(MAGIC, n_slots, slot_nbytes, data_offset, stride), 0)
+            os.pwrite(fd, RING_HEADER.pack(MAGIC, n_slots, slot_nbytes, data_offset, stride, log_offset), 0)
             os.rename(building, path)
         except OSError as exc:
             os.close(fd)
@@ -161,13 +178,28 @@ class RingBuffer:
         return self._data[i]
 
     def commit(self, image_id: int, meta: bytes = b"") -> None:
-        """Publish the slot: metadata first, then ``end`` so readers see a complete slot."""
+        """Publish the slot: metadata first, then ``end`` so readers see a complete slot, then the
+        commit log entry and counter, then wake the followers."""
         i = image_id % self.n_slots
         if len(meta) > SLOT_META_BYTES:
             raise ValueError(f"slot metadata is limited to {SLOT_META_BYTES} bytes")
         if meta:
             self._meta[i, : len(meta)] = np.frombuffer(meta, dtype=np.uint8)
         self._seq[i, 1] = image_id + 1
+        seq = int(self._committed[0])
+        self._log[seq % self.n_slots] = image_id
+        self._committed[0] = seq + 1
+        self.doorbell.bump()
+
+    @property
+    def committed(self) -> int:
+        """Commits since the ring was created (the next commit's sequence number)."""
+        return int(self._committed[0])
+
+    def logged_ids(self, start: int, stop: int) -> np.ndarray:
+        """Ids of commits ``start .. stop-1`` from the commit log (the caller checks they were not
+        overwritten meanwhile: only the last ``n_slots`` commits are kept)."""
+        return self._log[np.arange(start, stop, dtype=np.uint64) % np.uint64(self.n_slots)]
 
     def write(self, image_id: int, data: bytes | np.ndarray, meta: bytes = b"") -> None:
         """Copy ``data`` into the slot and commit (convenience for producers that own a buffer)."""
@@ -232,7 +264,8 @@ class RingBuffer:
         if self._closed:
             return
         self._closed = True
-        del self._seq, self._meta, self._data
+        self.doorbell.release()
+        del self._seq, self._meta, self._data, self._committed, self._log
         try:
             self._mm.close()
         except BufferError:
@@ -276,6 +309,138 @@ class AttachedRing:
             return False
         self.close()
         return self.get() is not None
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+
+class Followed:
+    """What one :meth:`RingFollower.take` found: the ids committed since the last take, in commit order.
+
+    ``lapped``: commits the follower never saw because the producer overwrote their log entries first
+    (the follower fell more than ``n_slots`` commits behind); ``reattached``: the producer re-created
+    the ring (a restart) since the last take, so ``ids`` are the new ring's from its first commit."""
+
+    __slots__ = ("ids", "lapped", "reattached")
+
+    def __init__(self, ids: list[int], lapped: int = 0, reattached: bool = False) -> None:
+        self.ids = ids
+        self.lapped = lapped
+        self.reattached = reattached
+
+    def __bool__(self) -> bool:
+        return bool(self.ids) or bool(self.lapped) or self.reattached
+
+
+class RingFollower:
+    """Follows a ring's commit log from another process: no message per slot, one futex wait per wake-up.
+
+    ``wait(timeout)`` sleeps until the producer commits (or the timeout passes); ``take()`` returns the
+    ids committed since the previous take. The follower starts at the ring's current head (only
+    commits made after it attached) unless ``from_start`` is set. Every ``recheck`` seconds of waiting,
+    and whenever ``wait`` times out, it checks whether the segment was re-created (a new inode: the
+    producer restarted) and then follows the new ring from its first commit, so nothing the restarted
+    producer made is missed. Reading a slot stays the caller's business (``view``/``check``/``meta``
+    with the seqlock), because a logged id's slot may have been lapped since.
+    """
+
+    def __init__(self, name: str, *, from_start: bool = False, populate: bool = True,
+                 recheck: float = 0.05) -> None:
+        self.name = name
+        self.from_start = from_start
+        self.populate = populate
+        self.recheck = recheck
+        self.ring: RingBuffer | None = None
+        #: the next commit sequence number to hand out
+        self.position = 0
+        #: how many times the follower moved to a re-created ring
+        self.reattachments = 0
+        self._inode = 0
+        self._pending_reattach = False
+        self._last_check = 0.0
+
+    def attach(self, timeout: float = 0.0) -> RingBuffer | None:
+        """Map the ring (waiting up to ``timeout`` s for it to exist); None if it does not exist."""
+        if self.ring is None:
+            try:
+                ring = RingBuffer.attach(self.name, timeout=timeout, populate=self.populate)
+            except FileNotFoundError:
+                return None
+            self.ring, self._inode = ring, ring.inode
+            self.position = 0 if (self.from_start or self._pending_reattach) else ring.committed
+        return self.ring
+
+    def skip_to_head(self) -> int:
+        """Forget what was committed so far: the next take starts with the next commit."""
+        ring = self.attach()
+        self.position = ring.committed if ring is not None else 0
+        self._pending_reattach = False
+        return self.position
+
+    def _check_recreated(self) -> bool:
+        """Move to a re-created ring if the segment on disk is not the mapped one."""
+        self._last_check = time.monotonic()
+        try:
+            inode = os.stat(shm_path(self.name)).st_ino
+        except FileNotFoundError:
+            return False
+        if self.ring is not None and inode == self._inode:
+            return False
+        had_ring = self.ring is not None
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        if had_ring:
+            self.reattachments += 1
+            self._pending_reattach = True
+        return self.attach() is not None
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until there is something to take, or ``timeout`` s; True if there is."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ring = self.ring or self.attach()
+            if ring is not None and (ring.committed != self.position or self._pending_reattach):
+                return True
+            now = time.monotonic()
+            if now - self._last_check >= self.recheck and self._check_recreated():
+                continue
+            remaining = deadline - now
+            if remaining <= 0:
+                return False
+            step = min(remaining, self.recheck)
+            if ring is None:
+                time.sleep(min(step, 0.02))
+                continue
+            seen = ring.doorbell.value
+            if ring.committed != self.position:
+                return True
+            ring.doorbell.wait(seen, step)
+
+    def take(self, limit: int | None = None) -> Followed:
+        """The ids committed since the last take (at most ``limit``), oldest first."""
+        ring = self.ring or self.attach()
+        reattached, self._pending_reattach = self._pending_reattach, False
+        if ring is None:
+            return Followed([], 0, reattached)
+        n = ring.n_slots
+        head = ring.committed
+        start = self.position
+        if head < start:  # cannot happen for one ring; be safe rather than wait forever
+            start = 0
+        lapped = max(0, head - n - start)
+        start += lapped
+        stop = head if limit is None else min(head, start + limit)
+        ids = ring.logged_ids(start, stop)
+        overwritten = max(0, ring.committed - n - start)  # entries the producer reused while we read
+        if overwritten:
+            overwritten = min(overwritten, stop - start)
+            ids = ids[overwritten:]
+            lapped += overwritten
+        self.position = stop
+        return Followed(ids.tolist(), lapped, reattached)
 
     def close(self) -> None:
         if self.ring is not None:

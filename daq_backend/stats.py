@@ -20,9 +20,9 @@ from typing import Any
 import zmq
 
 from daq_backend import ipc
+from daq_backend.component import SERVICE_NAME_ENV, service_name
 
-#: Environment variable the supervisor sets so a child reports under its service name.
-SERVICE_NAME_ENV = "STD_DAQ_SERVICE_NAME"
+__all__ = ["SERVICE_NAME_ENV", "Counters", "StatsCollector", "StatsReporter", "service_name"]
 
 
 @dataclass
@@ -31,11 +31,6 @@ class Counters:
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)
-
-
-def service_name(default: str) -> str:
-    """The name this process reports under: the supervisor's choice, else ``default``."""
-    return os.environ.get(SERVICE_NAME_ENV, default)
 
 
 class StatsReporter:

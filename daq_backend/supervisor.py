@@ -11,7 +11,7 @@ them in order) and get ``PR_SET_PDEATHSIG`` so they die with a SIGKILLed supervi
 
 A child that *cannot* start (its port is taken, its host has no such address, /dev/shm has no room
 for its ring, its config no longer loads) exits with ``EXIT_CANNOT_START`` after writing why to the
-file named by ``STD_DAQ_FAILURE_FILE`` (``build_component``): restarting it would fail the same way,
+file named by ``STD_DAQ_FAILURE_FILE`` (``component.build_component``): restarting it would fail the same way,
 so the supervisor logs the reason once, marks the service ``failed`` in the status (``std-daq status``
 shows it) and leaves it down; the other services keep running.
 """
@@ -31,73 +31,22 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any
 
 from daq_backend import ipc
+from daq_backend.component import (  # noqa: F401 (run_service: re-exported)
+    EXIT_CANNOT_START,
+    FAILURE_FILE_ENV,
+    SERVICE_NAME_ENV,
+    run_service,
+)
 from daq_backend.config import DetectorConfig
 from daq_backend.ram_buffer import shm_path
-from daq_backend.stats import SERVICE_NAME_ENV, StatsCollector
+from daq_backend.stats import StatsCollector
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-#: Exit code of a process that cannot start (sysexits' EX_CONFIG): the supervisor does not restart it.
-EXIT_CANNOT_START = 78
-#: Environment variable naming the file a child writes its reason for ``EXIT_CANNOT_START`` to.
-FAILURE_FILE_ENV = "STD_DAQ_FAILURE_FILE"
-
-T = TypeVar("T")
-
-
-class Component(Protocol):
-    def run(self) -> None: ...
-    def stop(self) -> None: ...
-    def close(self) -> None: ...
-
-
-def run_service(component: Component) -> int:
-    """Run ``component.run()`` in this (main) thread until SIGTERM/SIGINT, then ``close()`` it.
-
-    The thin ``main()`` of every process uses this, so all of them stop the same way."""
-
-    name = os.environ.get(SERVICE_NAME_ENV, type(component).__name__)
-
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("%s: signal %d, stopping", name, signum)
-        component.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        component.run()
-    finally:
-        component.close()
-    return 0
-
-
-def exit_cannot_start(reason: str) -> NoReturn:
-    """End this process with ``EXIT_CANNOT_START``: log ``reason`` and hand it to the supervisor."""
-    name = os.environ.get(SERVICE_NAME_ENV, "std-daq")
-    log.error("%s cannot start: %s", name, reason)
-    path = os.environ.get(FAILURE_FILE_ENV)
-    if path:
-        try:
-            Path(path).write_text(reason)
-        except OSError as exc:
-            log.error("%s: cannot write %s: %s", name, path, exc)
-    sys.exit(EXIT_CANNOT_START)
-
-
-def build_component(factory: Callable[[], T]) -> T:
-    """``factory()`` (a process' component, built before ``run_service``), or ``exit_cannot_start``
-    when it fails for a reason a restart cannot cure: the config does not load, a socket cannot be
-    bound, a ring cannot be created."""
-    from daq_backend.config import ConfigError
-
-    try:
-        return factory()
-    except (ConfigError, OSError, RuntimeError) as exc:
-        exit_cannot_start(str(exc))
 
 
 def _die_with_parent() -> None:

@@ -106,20 +106,12 @@ class DetectorControl:
     @property
     def detector_name(self) -> str:
         if self._name is None:
-            self._name = str(self.client.health()["detector_name"])
+            self._name = self.client.health().detector_name
         return self._name
 
     def geometry(self) -> Geometry:
         """Image size and dtype as the DAQ writes them (``GET /config``)."""
-        from daq_backend.config import ConfigError, parse_config
-
-        raw = self.client.daq_config()
-        try:
-            config = parse_config(raw)
-        except ConfigError as exc:
-            raise StdDaqError(
-                f"the DAQ at {self.client.url} reports an unusable configuration: {exc}"
-            ) from None
+        config = self.client.daq_config()
         return Geometry(config.detector_name, config.image_pixel_height, config.image_pixel_width,
                         np.dtype(config.image_dtype))
 
@@ -136,7 +128,7 @@ class DetectorControl:
                 self.client.configure_detector(name, settings.as_request())
             else:
                 raise
-        readback = self.client.detector_settings(name)
+        readback = self.client.detector_settings(name).model_dump()
         readback["timing"] = _timing_name(readback.get("timing"))
         return readback
 

@@ -31,6 +31,7 @@ from ophyd import Device, Signal
 from ophyd.device import Staged
 from ophyd.status import DeviceStatus
 
+from daq_backend.rest.models import FINAL_STATES, RequestState
 from std_daq_ophyd.client import DEFAULT_URL, StdDaqClient, StdDaqError
 from std_daq_ophyd.documents import AssetDoc, Dataset, StreamDocuments
 from std_daq_ophyd.writer import default_output_dir
@@ -153,14 +154,14 @@ class EpicsBuffer(Device):
             deadline = time.monotonic() + self.timeout
             while True:
                 answer = self.client.request_status(request_id)
-                if answer.get("state") in ("completed", "interrupted", "failed"):
+                if answer.state in FINAL_STATES:
                     break
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.name}: EPICS file not written within {self.timeout:g} s")
                 time.sleep(0.1)
-            if answer["state"] != "completed":
-                raise StdDaqError(f"{self.name}: the EPICS writer failed: {answer.get('message')}")
-            self._reference(path, answer.get("result") or {})
+            if answer.state is not RequestState.COMPLETED:
+                raise StdDaqError(f"{self.name}: the EPICS writer failed: {answer.message}")
+            self._reference(path, answer.result or {})
         except Exception as exc:
             status.set_exception(exc)
         else:

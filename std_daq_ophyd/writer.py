@@ -14,12 +14,14 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
+from daq_backend.rest.models import RequestStatus
 from std_daq_ophyd.client import StdDaqClient, StdDaqError
 
 #: A write request with no natural end (one file per run, the run's length unknown at stage);
@@ -56,7 +58,9 @@ class WriterProgress:
         return self.n_missing + self.n_incomplete
 
     @classmethod
-    def from_status(cls, status: dict[str, Any]) -> WriterProgress:
+    def from_status(cls, status: RequestStatus | Mapping[str, Any]) -> WriterProgress:
+        if isinstance(status, RequestStatus):
+            status = status.model_dump(mode="json")
         services = status.get("services") or {}
         return cls(
             state=str(status.get("state")),

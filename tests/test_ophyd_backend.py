@@ -33,11 +33,11 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 120.0) ->
 def acquire(client: StdDaqClient, daq: EmbeddedDaq, path: Path, n: int) -> str:
     """An open-ended write request with ``n`` images in it; returns its id."""
     request_id = client.write_async({"output_file": str(path), "n_images": OPEN_ENDED})
-    wait_for(lambda: "request_progress" in client.request_status(request_id)["services"].values(),
+    wait_for(lambda: "request_progress" in client.request_status(request_id).services.values(),
              "the writer to follow the images")
     client.configure_detector(daq.detector_name, {"frames": n, "triggers": 1, "period": 0.02})
     client.detector_command(daq.detector_name, "START")
-    wait_for(lambda: client.request_status(request_id)["n_written"] >= n, f"{n} images written")
+    wait_for(lambda: client.request_status(request_id).n_written >= n, f"{n} images written")
     return request_id
 
 
@@ -46,7 +46,7 @@ def test_finish_completes_an_open_ended_file(daq: EmbeddedDaq, data_dir: Path) -
     path = data_dir / "finished.h5"
     request_id = acquire(client, daq, path, 3)
     answer = client.stop_request(request_id, finish=True)
-    assert (answer["state"], answer["n_written"], answer["n_images"]) == ("completed", 3, 3)
+    assert (answer.state, answer.n_written, answer.n_images) == ("completed", 3, 3)
     with h5py.File(path, "r") as h5:
         attrs = h5.attrs
         assert (attrs["status"], int(attrs["n_written"]), int(attrs["n_images"])) == ("completed", 3, 3)
@@ -58,7 +58,7 @@ def test_kill_interrupts_an_open_ended_file(daq: EmbeddedDaq, data_dir: Path) ->
     path = data_dir / "killed.h5"
     request_id = acquire(client, daq, path, 2)
     answer = client.stop_request(request_id)
-    assert answer["state"] == "interrupted" and answer["message"].startswith("Interrupted: killed after 2")
+    assert answer.state == "interrupted" and str(answer.message).startswith("Interrupted: killed after 2")
     with h5py.File(path, "r") as h5:
         assert (h5.attrs["status"], int(h5.attrs["n_written"])) == ("interrupted", 2)
 
@@ -71,9 +71,9 @@ def test_bad_images_are_counted_while_writing(daq: EmbeddedDaq, data_dir: Path) 
         request_id = acquire(client, daq, data_dir / "bad.h5", 3)
     finally:
         daq.control.faults = {}
-    running = wait_for(lambda: (s := client.request_status(request_id))["n_incomplete_images"] and s,
+    running = wait_for(lambda: (s := client.request_status(request_id)).n_incomplete_images and s,
                        "the incomplete image to be reported")
-    counts = (running["state"], running["n_missing_images"], running["n_incomplete_images"])
+    counts = (running.state, running.n_missing_images, running.n_incomplete_images)
     assert counts == ("running", 0, 1)
     final = client.stop_request(request_id, finish=True)
-    assert (final["state"], final["n_incomplete_images"]) == ("completed", 1)
+    assert (final.state, final.n_incomplete_images) == ("completed", 1)

@@ -127,7 +127,7 @@ def test_abort_in_a_trigger(RE: RunEngine, recorder: Recorder, daq: EmbeddedDaq,
     assert stop["exit_status"] == "abort"
     assert len(recorder.of("event")) == 2
     assert daq.control.status() == "IDLE"
-    assert StdDaqClient(daq.url).health()["requests_active"] == 0  # the writer let go of the file
+    assert StdDaqClient(daq.url).health().requests_active == 0  # the writer let go of the file
     images = assert_coherent(recorder, daq)
     assert images.shape[0] == 2
 
@@ -146,7 +146,7 @@ def test_stop_during_a_trigger_stops_detector_and_writer(daq: EmbeddedDaq, data_
             status.wait(120)
         assert daq.control.status() == "IDLE"
         answer = StdDaqClient(daq.url).request_status(request_id)
-        assert answer["state"] == "interrupted"
+        assert answer.state == "interrupted"
         assert det.writer.request_id.get() == ""
     finally:
         det.unstage()  # nothing left to close: must not fail

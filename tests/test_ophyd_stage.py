@@ -22,7 +22,7 @@ def assert_nothing_started(daq: EmbeddedDaq, data_dir: Path, first_id: int) -> N
     assert daq.control.status() == "IDLE"
     assert daq.control.next_image_id == first_id  # not a single image was sent
     assert list(data_dir.iterdir()) == []
-    assert StdDaqClient(daq.url).health()["requests_active"] == 0
+    assert StdDaqClient(daq.url).health().requests_active == 0
 
 
 @pytest.mark.parametrize(("signal", "value", "message"), [
@@ -63,7 +63,7 @@ def test_unwritable_output_dir_fails_at_stage(daq: EmbeddedDaq, data_dir: Path) 
     with pytest.raises(StdDaqError, match="output_file"):
         det.stage()
     assert daq.control.next_image_id == first_id
-    assert StdDaqClient(daq.url).health()["requests_active"] == 0
+    assert StdDaqClient(daq.url).health().requests_active == 0
 
 
 def test_unreachable_backend_fails_at_stage(data_dir: Path) -> None:

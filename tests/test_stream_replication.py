@@ -385,8 +385,8 @@ def test_sender_reports_no_receiver_and_survives_bad_metadata(rig: Rig) -> None:
     sender = rig.start_sender()
     rig.producer.pub.send(b"too short")
     rig.producer.publish(1)
-    wait_for(lambda: sender.stats.images == 1 and sender.stats.bad_messages == 1, "the sender")
-    assert sender.stats.dropped_no_receiver == 1
+    wait_for(lambda: sender.stats.images == 1 and sender.stats.bad_messages == 1
+             and sender.stats.dropped_no_receiver == 1, "the sender to count the image it could not send")
     assert sender.status() == "no receiver connected (1 images dropped)"
     with pytest.raises(ValueError, match="cannot bind 'tcp://127.0.0.1:nonsense'"):
         StreamSender(rig.config, "tcp://127.0.0.1:nonsense")

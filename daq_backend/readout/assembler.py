@@ -306,7 +306,7 @@ class ImageAssembler:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m daq_backend.readout.assembler CONFIG``"""
-    from daq_backend.supervisor import build_component, run_service
+    from daq_backend.component import build_component, run_service
 
     parser = argparse.ArgumentParser(prog="std-daq-assembler", description=main.__doc__)
     parser.add_argument("config", help="detector JSON file")

@@ -907,7 +907,7 @@ def _uncovered_ranges(slices: list[tuple[int, int]], frame_nbytes: int) -> list[
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m daq_backend.readout.receiver CONFIG MODULE_ID``"""
-    from daq_backend.supervisor import build_component, run_service
+    from daq_backend.component import build_component, run_service
 
     parser = argparse.ArgumentParser(prog="std-daq-receiver", description=main.__doc__)
     parser.add_argument("config", help="detector JSON file")

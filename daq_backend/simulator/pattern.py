@@ -7,6 +7,7 @@ Raw value of module-local pixel *p* (wire order, row-major) of module *m* in ima
 with a prime ``M`` below the pixel range (so rows and modules differ even at 8 bit). The stored raw
 word is ``v`` except: 32-bit Eiger stores ``v * 65537`` (both 16-bit halves used), and a Jungfrau
 with pedestal/gain conversion stores ``v | (v % 4) << 14`` so every gain code 0..3 occurs.
+With ``gap_pixels`` a Jungfrau module's pixels are placed with jungfrau_utils' 2-pixel chip gaps.
 
 Because the pattern of image *i* is the pattern of image 0 shifted by ``7*i`` pixels, one precomputed
 sequence per module serves every image as a zero-copy slice, which lets the simulator send at the
@@ -22,6 +23,7 @@ import numpy as np
 
 from daq_backend.config import DetectorConfig, DetectorType, ImageIdSource
 from daq_backend.detectors import layout_for, load_pedestal_gain, pack_12bit
+from daq_backend.detectors.calibration import load_jf_utils
 from daq_backend.detectors.jungfrau import ADC_MASK, gain_stage
 
 IMAGE_STEP = 7
@@ -141,8 +143,10 @@ def module_coordinates(config: DetectorConfig, module_id: int) -> tuple[np.ndarr
         ys = h // 2 + odd + 2 * r if quadrant < 2 else h // 2 - 1 - odd - 2 * r
         xs = c + (w // 2 if quadrant % 2 else 0)
         return ys, xs
+    if config.gap_pixels:  # jungfrau_utils' 2-pixel gaps between 256x256 chips
+        r, c = r + 2 * (r // 256), c + 2 * (c // 256)
     if not config.module_positions:
-        return shape[0] * module_id + r, c
+        return config.jungfrau_module_box[0] * module_id + r, c
     x0, y0, x1, y1 = config.module_positions[module_id]
     dx = -1 if x1 < x0 else 1
     dy = -1 if y1 < y0 else 1
@@ -155,15 +159,27 @@ def expected_image(config: DetectorConfig, image_id: int) -> np.ndarray:
     """The final image the pipeline must produce for ``image_id`` (gap pixels 0)."""
     source = pattern_source(config)
     image = np.zeros(config.image_shape, dtype=config.image_dtype)
-    params = load_pedestal_gain(config.pedestal_gain_file, config.image_shape) if config.converted else None
+    params = None
+    if config.pedestal_gain_file is not None:
+        params = load_pedestal_gain(config.pedestal_gain_file, config.image_shape)
+    elif config.gain_file is not None and config.pedestal_file is not None:
+        jf_utils = load_jf_utils(config.gain_file, config.pedestal_file, config.n_modules)
     for module_id in config.required_modules:
         ys, xs = module_coordinates(config, module_id)
         raw = source.module_values(module_id, image_id)
-        if params is None:
+        adc = (raw & ADC_MASK).astype(np.float32)
+        if not config.converted:
             image[ys, xs] = raw
-        else:
+        elif params is not None:
             pedestals, gains = params
             stage = gain_stage(raw)
-            adc = (raw & ADC_MASK).astype(np.float32)
             image[ys, xs] = (adc - pedestals[stage, ys, xs]) * gains[stage, ys, xs]
+        else:  # jungfrau_utils: module coordinates, (adc - P[g]) / G[g], HG0 planes in high gain
+            gains, pedestals, mask = jf_utils
+            r, c = np.indices(raw.shape)
+            r = r + 512 * module_id
+            stage = np.full(raw.shape, 3) if config.high_gain else gain_stage(raw)
+            energy = (adc - pedestals[stage, r, c]) * (np.float32(1) / gains[stage, r, c])
+            energy[mask[r, c] != 0] = np.nan
+            image[ys, xs] = energy
     return image

@@ -148,7 +148,7 @@ def _own_ring(config: DetectorConfig, adopt: bool) -> RingBuffer:
         if fd >= 0:
             head = os.pread(fd, RING_HEADER.size, 0)
             if len(head) == RING_HEADER.size:
-                magic, n_slots, slot_nbytes, _, _ = RING_HEADER.unpack(head)
+                magic, n_slots, slot_nbytes, *_ = RING_HEADER.unpack(head)
                 if (magic, n_slots, slot_nbytes) == (MAGIC, config.image_ring_slots, config.image_nbytes):
                     return RingBuffer(name, fd, owner=True)
             os.close(fd)

@@ -25,6 +25,8 @@ Layout (NeXus, readable while being written through SWMR)::
     /entry/instrument                   NX_class = NXinstrument
     /entry/instrument/detector          NX_class = NXdetector; attribute ``config`` = the detector
                                         JSON; each config field also as its own attribute
+    NeXus/NXmx fields (pixel size, sensor, timing, pixel mask, modules, transformations; the NXmx
+    definition when the request asks for it): see ``nexus.py``
 
 The file is built under a hidden name (``.<name>.<random>.creating``) and appears under its own
 name only when every dataset and attribute exists and SWMR mode is on, so a reader polling for it
@@ -57,6 +59,7 @@ import numpy as np
 
 from daq_backend.config import DetectorConfig
 from daq_backend.formats import ImageStatus
+from daq_backend.writer import nexus
 from daq_backend.writer.compression import BitshuffleLZ4, dataset_filter
 
 ENTRY = "/entry"
@@ -211,6 +214,7 @@ class ImageFile:
         for key, value in config_dict.items():
             if value is not None and key != "config":
                 detector.attrs[key] = _attr_value(value)
+        nexus.write_nexus(h5, config, n_images=n_images, metadata=metadata, start_time=h5.attrs["start_time"])
 
     # -- writing ----------------------------------------------------------------------------------
     @property

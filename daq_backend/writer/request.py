@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from daq_backend.validation import explain
+from daq_backend.writer import nexus
 
 #: ``:``-separated list of folders outside which no file may be written (unset: anywhere).
 OUTPUT_ROOTS_ENV = "STD_DAQ_OUTPUT_ROOTS"
@@ -86,6 +87,7 @@ class WriteRequest(BaseModel):
             raise ValueError(f"must be JSON-serialisable ({exc})") from None
         if len(text) > MAX_METADATA_BYTES:
             raise ValueError(f"is {len(text)} bytes as JSON, the limit is {MAX_METADATA_BYTES}")
+        nexus.check_request_metadata(value)  # nxmx object, exptime/period: what the file's NXmx fields take
         return value
 
     @field_validator("output_file")
