@@ -120,7 +120,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     supervisor = Supervisor(config, config_path, topology=up_topology(args, config, broker_url),
                             status_interval=args.status_interval)
     try:
-        supervisor.check_can_start()  # before anything is claimed: the broker hub, the status file
+        # before anything is claimed (the broker hub, the status file): the detector is not up already
+        # (RuntimeError), this host can run it (UDP ports, /dev/shm: a ConfigError naming the field)
+        supervisor.check_can_start()
     except RuntimeError as exc:
         print(f"std-daq up: {exc}", file=sys.stderr)
         return 1
@@ -161,7 +163,8 @@ def add_status(sub: Subparsers) -> None:
 
 #: counters shown in the "problems" column when non-zero
 PROBLEM_COUNTERS = (
-    "frames_incomplete", "frames_skipped", "images_skipped", "bad_datagrams", "duplicate_packets",
+    "frames_incomplete", "frames_skipped", "images_skipped", "bad_datagrams", "rejected_module_id",
+    "rejected_out_of_range", "rejected_out_of_window", "duplicate_packets",
     "out_of_order_packets", "late_packets", "frames_unannounced", "images_missing_packets",
     "images_id_mismatch", "missing_module_frames", "lapped_frames", "duplicate_frames", "late_frames",
     "ignored_frames", "bad_messages", "errors",
@@ -193,6 +196,7 @@ def render_status(status: dict[str, Any], console: Any = None) -> None:
     """One rich table per detector. Nothing is cut: on a terminal narrower than the table the cells
     wrap; into a pipe or file the table keeps its natural width."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.measure import Measurement
     from rich.table import Table
 
@@ -213,6 +217,9 @@ def render_status(status: dict[str, Any], console: Any = None) -> None:
             rate = f"{per_s:.1f}/s {r.get('bytes', 0.0) / 1e6:.1f} MB/s"
         problems = ", ".join(f"{k}={c[k]}" for k in PROBLEM_COUNTERS if c.get(k))
         alive = "[green]yes[/green]" if svc["alive"] else f"[red]no ({svc.get('exit_code')})[/red]"
+        if svc.get("failed"):
+            alive = "[red]failed[/red]"
+            problems = f"cannot start: {escape(str(svc['failed']))}" + (f"; {problems}" if problems else "")
         table.add_row(
             svc["name"], str(svc.get("pid") or "-"), alive, str(svc.get("restarts", 0)),
             _fmt(c.get("packets")), _fmt(c.get("frames")), _fmt(c.get("images")),

@@ -13,13 +13,22 @@ import abc
 import logging
 import os
 import signal
+import sys
 import threading
-from typing import Protocol
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
 #: Environment variable the supervisor sets so a child reports (and logs) under its service name.
 SERVICE_NAME_ENV = "STD_DAQ_SERVICE_NAME"
+#: Exit code of a process that cannot start (sysexits' EX_CONFIG): the supervisor does not restart it.
+EXIT_CANNOT_START = 78
+#: Environment variable naming the file a child writes its reason for ``EXIT_CANNOT_START`` to.
+FAILURE_FILE_ENV = "STD_DAQ_FAILURE_FILE"
+
+T = TypeVar("T")
 
 
 class Runnable(Protocol):
@@ -122,3 +131,29 @@ def run_service(component: Runnable) -> int:
     finally:
         component.close()
     return 0
+
+
+def exit_cannot_start(reason: str) -> NoReturn:
+    """End this process with ``EXIT_CANNOT_START``: log ``reason`` and hand it to the supervisor
+    (the file ``FAILURE_FILE_ENV`` names), which reports the service failed instead of restarting it."""
+    name = os.environ.get(SERVICE_NAME_ENV, "std-daq")
+    log.error("%s cannot start: %s", name, reason)
+    path = os.environ.get(FAILURE_FILE_ENV)
+    if path:
+        try:
+            Path(path).write_text(reason)
+        except OSError as exc:
+            log.error("%s: cannot write %s: %s", name, path, exc)
+    sys.exit(EXIT_CANNOT_START)
+
+
+def build_component(factory: Callable[[], T]) -> T:
+    """``factory()`` (a process' component, built before ``run_service``), or ``exit_cannot_start``
+    when it fails for a reason a restart cannot cure: the config does not load, a socket cannot be
+    bound, a ring cannot be created."""
+    from daq_backend.config import ConfigError
+
+    try:
+        return factory()
+    except (ConfigError, OSError, RuntimeError) as exc:
+        exit_cannot_start(str(exc))

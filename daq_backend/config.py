@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -81,6 +82,31 @@ class DetectorConfig(BaseModel):
     receiver_rt_priority: int = Field(
         default=DEFAULT_RT_PRIORITY, ge=0, le=99,
         description="SCHED_FIFO priority of receiver processes, 0 = normal scheduling (see priority.py)")
+    header_module_ids: dict[int, int] = Field(
+        default_factory=dict,
+        description="module -> the module id its UDP headers carry (slsDetector module_id, GigaFRoST "
+                    "2*quadrant+link); a module not listed follows the id of the first stream on its port")
+
+    @field_validator("header_module_ids", mode="before")
+    @classmethod
+    def _header_ids_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            try:
+                return {int(k): v for k, v in value.items()}
+            except ValueError:
+                raise ValueError("header_module_ids: keys must be module numbers") from None
+        return value
+
+    @field_validator("udp_host")
+    @classmethod
+    def _resolvable(cls, host: str) -> str:
+        """The receivers bind to it: a name that does not resolve would make them fail at start."""
+        try:
+            socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ValueError(f"udp_host: {host!r} does not resolve to an IPv4 address ({reason})") from None
+        return host
 
     @model_validator(mode="before")
     @classmethod
@@ -125,6 +151,23 @@ class DetectorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _geometry(self) -> DetectorConfig:
+        last_port = self.start_udp_port + self.n_modules - 1
+        if last_port > 65535:
+            raise ValueError(
+                f"start_udp_port: {self.n_modules} modules from port {self.start_udp_port} need ports up to "
+                f"{last_port}, above 65535; use a start_udp_port of at most {65536 - self.n_modules}"
+            )
+        for module, header_id in self.header_module_ids.items():
+            if not 0 <= module < self.n_modules:
+                raise ValueError(f"header_module_ids: module {module} is outside 0..{self.n_modules - 1}")
+            if not 0 <= header_id <= 0xFFFF:
+                raise ValueError(f"header_module_ids[{module}]: {header_id} is not a 16-bit module id")
+        taken: dict[int, int] = {}
+        for module, header_id in sorted(self.header_module_ids.items()):
+            if header_id in taken:
+                raise ValueError(f"header_module_ids: modules {taken[header_id]} and {module} both expect "
+                                 f"header module id {header_id}")
+            taken[header_id] = module
         h, w = self.image_pixel_height, self.image_pixel_width
         for module, (x0, y0, x1, y1) in self.module_positions.items():
             if not 0 <= module < self.n_modules:
@@ -147,6 +190,7 @@ class DetectorConfig(BaseModel):
                     f"module needs {expected[0]}x{expected[1]} (width x height"
                     f"{', gap pixels inserted' if self.gap_pixels else ''})"
                 )
+        self._no_overlap()
         if self.detector_type is DetectorType.JUNGFRAU and self.bit_depth != 16:
             raise ValueError(f"bit_depth: jungfrau sends 16-bit pixels, got {self.bit_depth}")
         if self.detector_type is DetectorType.GIGAFROST:
@@ -167,6 +211,24 @@ class DetectorConfig(BaseModel):
         if self.detector_type is DetectorType.EIGER and not self.module_positions:
             raise ValueError("module_positions: required for eiger (half-module boxes incl. flips)")
         return self
+
+    def _no_overlap(self) -> None:
+        """Two module boxes sharing a pixel would overwrite each other's pixels in every image."""
+        boxes = sorted(
+            (min(y0, y1), max(y0, y1), min(x0, x1), max(x0, x1), m)
+            for m, (x0, y0, x1, y1) in self.module_positions.items()
+        )
+        for i, (top, bottom, left, right, m) in enumerate(boxes):
+            for top2, bottom2, left2, right2, m2 in boxes[i + 1 :]:
+                if top2 > bottom:
+                    break  # sorted by top: no later box reaches up into this one
+                if left2 <= right and left <= right2:
+                    a, b = sorted((m, m2))
+                    raise ValueError(
+                        f"module_positions: modules {a} and {b} overlap (rows {max(top, top2)}.."
+                        f"{min(bottom, bottom2)}, columns {max(left, left2)}..{min(right, right2)}); "
+                        "each pixel of the image belongs to one module"
+                    )
 
     # -- derived values -------------------------------------------------------------------
     @property
@@ -208,9 +270,14 @@ class DetectorConfig(BaseModel):
     def udp_port(self, module_id: int) -> int:
         return self.start_udp_port + module_id
 
+    def header_module_id(self, module_id: int) -> int | None:
+        """The module id the headers on this module's port must carry; None: learned from its stream."""
+        return self.header_module_ids.get(module_id)
+
     def to_json_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         data["module_positions"] = {str(k): list(v) for k, v in self.module_positions.items()}
+        data["header_module_ids"] = {str(k): v for k, v in self.header_module_ids.items()}
         return data
 
 

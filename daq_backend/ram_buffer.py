@@ -70,6 +70,13 @@ def _align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
+def ring_nbytes(slot_nbytes: int, n_slots: int) -> int:
+    """Bytes of /dev/shm a ring of ``n_slots`` slots of ``slot_nbytes`` takes (headers, commit log and
+    padding included): what ``RingBuffer.create`` reserves."""
+    data_offset = _align(RING_HEADER_BYTES + n_slots * SLOT_HEADER_BYTES + 8 * n_slots, _PAGE)
+    return _align(data_offset + n_slots * _align(slot_nbytes, 64), _PAGE)
+
+
 def shm_path(name: str) -> Path:
     if "/" in name or not name:
         raise ValueError(f"invalid shared-memory name {name!r}")
@@ -116,7 +123,7 @@ class RingBuffer:
         stride = _align(slot_nbytes, 64)
         log_offset = RING_HEADER_BYTES + n_slots * SLOT_HEADER_BYTES
         data_offset = _align(log_offset + 8 * n_slots, _PAGE)
-        size = _align(data_offset + n_slots * stride, _PAGE)
+        size = ring_nbytes(slot_nbytes, n_slots)
         # Built under a temporary name and renamed into place: readers never see a half-made ring, and
         # a re-created ring is a new file (new inode) while old readers keep their intact mapping.
         building = path.with_name(f".{name}.{os.getpid()}.creating")

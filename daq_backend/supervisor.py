@@ -26,6 +26,12 @@ is served there too), which lives as long as the children.
 A command-line child's stderr is a pipe the supervisor reads: each line goes on to the supervisor's
 stderr and the newest ones, with the supervisor's own messages, into the status file
 (``daq_backend.logtail``).
+
+A child that *cannot* start (its port is taken, its host has no such address, /dev/shm has no room
+for its ring, its config no longer loads) exits with ``EXIT_CANNOT_START`` after writing why to the
+file named by ``STD_DAQ_FAILURE_FILE`` (``component.build_component``): restarting it would fail the
+same way, so the supervisor logs the reason once, marks the service ``failed`` in the status
+(``std-daq status`` shows it) and leaves it down; the other services keep running.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from typing import Any
 import zmq
 
 from daq_backend import ipc
-from daq_backend.component import SERVICE_NAME_ENV, run_service
+from daq_backend.component import EXIT_CANNOT_START, FAILURE_FILE_ENV, SERVICE_NAME_ENV, run_service
 from daq_backend.config import ConfigError, DetectorConfig, parse_config
 from daq_backend.guardian import DEFAULT_GRACE, Guardian
 from daq_backend.logtail import LogTail, TailHandler
@@ -104,6 +110,8 @@ class _Child:
         self.backoff = 0.0
         self.log = LogTail()  # kept across restarts: a crash's traceback stays visible
         self.log_reader: threading.Thread | None = None
+        #: why the service cannot start (it exited with ``EXIT_CANNOT_START``); None while it may run
+        self.failed: str | None = None
 
     @property
     def pid(self) -> int | None:
@@ -148,6 +156,7 @@ class Supervisor:
         status_interval: float = 1.0,
         ready_timeout: float = 120.0,
         guardian_grace: float = DEFAULT_GRACE,
+        preflight: bool = True,
     ) -> None:
         self.config = config
         self.detector = config.detector_name
@@ -170,6 +179,8 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self.status_interval = status_interval
         self.ready_timeout = ready_timeout
+        #: check the host (UDP ports, /dev/shm) before starting the readout (``preflight``)
+        self.preflight = preflight and readout
         self.status_path = Path(ipc.status_file(self.detector))
         self.instance = uuid.uuid4().hex[:12]
         self._children = {s.name: _Child(s) for s in services}
@@ -201,26 +212,31 @@ class Supervisor:
 
     # -- public ------------------------------------------------------------------------------
     def check_can_start(self) -> dict[str, Any] | None:
-        """Raise RuntimeError when a supervisor runs this detector (or still runs without updating its
-        status); returns a dead supervisor's status (to take over from), None when there is none."""
-        if not self.status_path.exists():
-            return None
-        try:
-            other = read_status(self.status_path)
-        except (OSError, ValueError):
-            return {"stale": True}
-        if not other["stale"]:
-            raise RuntimeError(
-                f"{self.detector} is already up (supervisor pid {other.get('supervisor_pid')}); "
-                f"a second instance would take over its ports, rings and sockets"
-            )
-        pid = other.get("supervisor_pid")
-        if isinstance(pid, int) and pid != os.getpid() and not _gone(pid):
-            raise RuntimeError(
-                f"{self.detector}: its supervisor (pid {pid}) has not updated {self.status_path} for "
-                f"{time.time() - float(other.get('updated', 0)):.0f} s but still runs: stop it first "
-                "(or, if that pid is no std-daq supervisor, remove the status file)"
-            )
+        """Refuse to start a detector that is up already, or whose dead supervisor still runs
+        (RuntimeError), or that this host cannot run (``preflight``: a ConfigError naming the field
+        and the fix). Returns a dead supervisor's status (to take over from), None when there is none."""
+        other: dict[str, Any] | None = None
+        if self.status_path.exists():
+            try:
+                other = read_status(self.status_path)
+            except (OSError, ValueError):
+                other = {"stale": True}
+            if not other["stale"]:
+                raise RuntimeError(
+                    f"{self.detector} is already up (supervisor pid {other.get('supervisor_pid')}); "
+                    f"a second instance would take over its ports, rings and sockets"
+                )
+            pid = other.get("supervisor_pid")
+            if isinstance(pid, int) and pid != os.getpid() and not _gone(pid):
+                raise RuntimeError(
+                    f"{self.detector}: its supervisor (pid {pid}) has not updated {self.status_path} for "
+                    f"{time.time() - float(other.get('updated', 0)):.0f} s but still runs: stop it first "
+                    "(or, if that pid is no std-daq supervisor, remove the status file)"
+                )
+        if self.preflight and other is None:  # a dead one's processes may still hold the ports
+            from daq_backend.preflight import check_before_start
+
+            check_before_start(self.config)
         return other
 
     def start(self) -> None:
@@ -233,6 +249,10 @@ class Supervisor:
         other = self.check_can_start()
         if other is not None:
             self._take_over(other)
+            if self.preflight:
+                from daq_backend.preflight import check_before_start
+
+                check_before_start(self.config)
         self._started = True
         log.addHandler(self._log_handler)
         try:
@@ -308,6 +328,7 @@ class Supervisor:
                     "alive": child.alive,
                     "restarts": child.restarts,
                     "exit_code": child.exit_code,
+                    "failed": child.failed,
                     "uptime": round(now - child.started, 3) if child.alive else 0.0,
                     "counters": stats.get("counters", {}),
                     "rates": stats.get("rates", {}),
@@ -523,6 +544,9 @@ class Supervisor:
         spec = child.spec
         own = {**spec.env, SERVICE_NAME_ENV: spec.name, "STD_DAQ_IPC_DIR": ipc.ipc_dir(),
                SUPERVISOR_ENV: self._mark}
+        failure = self._failure_file(spec.name)
+        failure.unlink(missing_ok=True)
+        own[FAILURE_FILE_ENV] = str(failure)
         if spec.argv is not None:
             child.proc = subprocess.Popen(
                 list(spec.argv), env={**os.environ, **own}, start_new_session=True,
@@ -543,6 +567,7 @@ class Supervisor:
         child.started = time.monotonic()
         child.next_start = None
         child.exit_code = None
+        child.failed = None
         log.info("%s: %s started, pid %d", self.detector, spec.name, pid)
 
     def _on_exit(self, child: _Child, code: int, now: float) -> None:
@@ -551,6 +576,17 @@ class Supervisor:
         ran = now - child.started
         self._reap(child)
         child.proc = None
+        if code == EXIT_CANNOT_START:
+            failure = self._failure_file(spec.name)
+            try:
+                reason = failure.read_text().strip() or f"exit code {code}"
+            except OSError:
+                reason = f"exit code {code} (no reason left in {failure})"
+            failure.unlink(missing_ok=True)
+            child.failed = reason
+            log.error("%s: %s cannot start: %s (not restarted: fix the cause and start the detector again)",
+                      self.detector, spec.name, reason)
+            return
         if not spec.restart:
             log.error("%s: %s exited with %s (not restarted)", self.detector, spec.name, code)
             return
@@ -607,6 +643,9 @@ class Supervisor:
         proc.join(timeout)
         return proc.exitcode is not None
 
+    def _failure_file(self, service: str) -> Path:
+        return Path(ipc.ipc_dir()) / f"std-daq-{self.detector}-{service}-failure.txt"
+
     def _leftover_names(self) -> tuple[set[str], set[str]]:
         """This detector's ring names and ipc addresses (those of every possible module included)."""
         det = self.detector
@@ -631,6 +670,8 @@ class Supervisor:
         names, addresses = self._leftover_names()
         addresses -= {ipc.supervisor_address(self.detector), ipc.stats_address(self.detector)}
         self._unlink(names, addresses)
+        for spec in self.services:
+            self._failure_file(spec.name).unlink(missing_ok=True)
 
     def _remove_service_leftovers(self, spec: ServiceSpec) -> None:
         self._unlink(set(spec.shm_names), set(spec.ipc_addresses))

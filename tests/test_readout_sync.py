@@ -40,7 +40,11 @@ def test_out_of_order_completion_is_released_in_id_order() -> None:
     assert ids(released) == [1, 2]
     assert released[0].release is Release.OVERTAKEN and sorted(released[0].frames) == [0, 1]
     assert released[1].complete
-    assert s.add(frame(1, 2), 0.0) is Accepted.LATE  # a straggler cannot re-open an emitted image
+    # receivers never announce a module's ids out of order within one numbering: module 2 going
+    # back from 2 to 1 restarted its numbering, so this 1 is an image after 2, not image 1 re-opened
+    assert s.add(frame(1, 2), 0.0) is Accepted.NEW
+    assert s.n_restarts == 1
+    assert s.add(frame(2, 0), 0.0) is Accepted.NEW  # module 0 restarted too: the next numbering's 2
 
 
 def test_duplicate_module_frame_is_ignored_not_the_image() -> None:
@@ -84,7 +88,7 @@ def test_queue_full_releases_the_oldest() -> None:
     assert image.image_id == 1 and image.release is Release.QUEUE_FULL
 
 
-def test_frame_of_an_emitted_image_is_late_or_duplicate_then_a_new_image_after_the_window() -> None:
+def test_frame_of_an_emitted_image_is_late_and_a_module_going_back_is_a_restart() -> None:
     s = Synchroniser((0, 1), queue_size=10, timeout=1.0, late_window=5.0)
     s.add(frame(1, 0), 0.0)
     s.add(frame(1, 1), 0.0)
@@ -92,10 +96,14 @@ def test_frame_of_an_emitted_image_is_late_or_duplicate_then_a_new_image_after_t
     assert ids(s.pop_ready(0.0)) == [1]
     (timed_out,) = s.pop_ready(1.5)
     assert timed_out.image_id == 2
-    assert s.add(frame(1, 0), 2.0) is Accepted.DUPLICATE
     assert s.add(frame(2, 1), 2.0) is Accepted.LATE
-    # a detector whose frame counter restarted: the same id long after is a new image
-    assert s.add(frame(1, 0), 100.0) is Accepted.NEW
+    # receivers announce a module's ids increasing within one numbering: module 0 announcing 1
+    # after 2 restarted its frame counter, however soon; it is a new image of the next numbering
+    assert s.add(frame(1, 0), 2.0) is Accepted.NEW
+    assert s.add(frame(1, 0), 2.0) is Accepted.DUPLICATE  # the same frame twice is still a duplicate
+    assert s.add(frame(1, 1), 2.0) is Accepted.ADDED
+    (image,) = s.pop_ready(2.0)
+    assert image.image_id == 1 and image.complete
 
 
 def test_restarted_frame_counter_is_not_mistaken_for_overtaken() -> None:
@@ -155,3 +163,41 @@ def test_drain_releases_everything_pending() -> None:
 def test_bad_parameters_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Synchroniser(**kwargs)
+
+
+def test_a_restart_racing_the_old_numbering_keeps_both_in_order_and_complete() -> None:
+    """Module 0 restarts at 1 before module 1's last frames of the old numbering arrive: the old
+    images still complete and leave first, then the new numbering, each image once."""
+    s = Synchroniser((0, 1), queue_size=10, timeout=100.0)
+    released = []
+    for f in (frame(99, 0), frame(99, 1), frame(100, 0), frame(1, 0), frame(2, 0), frame(100, 1),
+              frame(1, 1), frame(2, 1)):
+        assert s.add(f, 0.0) in (Accepted.NEW, Accepted.ADDED)
+        released += s.pop_ready(0.0)
+    assert ids(released) == [99, 100, 1, 2]
+    assert all(image.complete for image in released)
+    assert s.n_restarts == 1
+
+
+def test_a_frame_below_an_image_already_released_is_late_even_after_the_window() -> None:
+    s = Synchroniser((0, 1), queue_size=10, timeout=1.0, late_window=1.0)
+    for i in (5, 6):
+        s.add(frame(i, 0), 0.0)
+    assert ids(s.pop_ready(0.0)) == []
+    assert ids(s.pop_ready(2.0)) == [5, 6]  # timed out without module 1
+    # module 1's frame 5 comes very late: its image left long ago; emitting it now would put 5
+    # after 6 into every file
+    assert s.add(frame(5, 1), 50.0) is Accepted.LATE
+    assert s.add(frame(7, 1), 50.0) is Accepted.NEW
+
+
+def test_modules_restarting_one_after_the_other_share_the_new_numbering() -> None:
+    s = Synchroniser((0, 1, 2), queue_size=10, timeout=100.0)
+    for m in (0, 1, 2):
+        s.add(frame(10, m), 0.0)
+    assert ids(s.pop_ready(0.0)) == [10]
+    for m in (0, 1, 2):  # one restart of the detector, seen module by module
+        s.add(frame(1, m), 1.0)
+    (image,) = s.pop_ready(1.0)
+    assert image.image_id == 1 and image.complete
+    assert s.n_restarts == 1

@@ -15,6 +15,10 @@ import numpy as np
 
 from daq_backend.config import DetectorConfig
 
+#: Largest frame number a detector sends: slsDetectorPackage's ``UDP_HEADER_MAX_FRAME_VALUE`` (48 bit;
+#: Jungfrau's counter is wider but starts at 1 and would need 4000 years at 2 kHz to get there).
+MAX_FRAME_NUMBER = 2**48 - 1
+
 #: An index usable as ``image[index]`` giving one module's pixels in module-local order.
 PixelIndex = tuple["slice | np.ndarray", ...]
 
@@ -27,7 +31,9 @@ class PacketInfo:
     packet_index: int
     pulse_id: int = 0
     daq_rec: int = 0
-    module_id: int = 0  # as sent in the header; the pipeline trusts the port, not this
+    #: the module id the header names (SLS ``module_id``; GigaFRoST ``2 * quadrant + link``): a
+    #: receiver takes only the id its port's stream comes from (``readout.window``)
+    module_id: int = 0
     row: int = 0
     column: int = 0
     scan_id: int = 0
@@ -79,6 +85,11 @@ class DetectorLayout(abc.ABC):
     @abc.abstractmethod
     def image_id(self, info: PacketInfo) -> int:
         """The id under which this packet's frame is stored and synchronised."""
+
+    def numbers_in_range(self, frame_number: int, pulse_id: int) -> bool:
+        """The numbers an image id is made of lie within what a detector sends (``MAX_FRAME_NUMBER``;
+        SLS layouts also check pulse ids); a packet outside is rejected, never placed."""
+        return frame_number <= MAX_FRAME_NUMBER
 
     @abc.abstractmethod
     def encode_headers(

@@ -16,7 +16,7 @@ import numpy as np
 
 from daq_backend.config import EIGER_HALF_MODULE_SHAPE, DetectorConfig
 from daq_backend.detectors.base import PacketInfo, PixelIndex, span
-from daq_backend.detectors.sls import SlsLayout
+from daq_backend.detectors.sls import SLS_DETECTOR_TYPE, SlsLayout
 from daq_backend.formats import EIGER_PAYLOAD
 
 CHIP_WIDTH = 256
@@ -35,6 +35,7 @@ class _Placement:
 
 class EigerLayout(SlsLayout):
     bunchid_is_pulse_id = False
+    sls_detector_type = SLS_DETECTOR_TYPE["eiger"]
     module_shape = EIGER_HALF_MODULE_SHAPE
 
     def __init__(self, config: DetectorConfig) -> None:

@@ -173,9 +173,10 @@ class GigaFrostLayout(DetectorLayout):
         index = start_row // rows
         if n != self._sizes[index]:
             return None
+        quadrant, link = status >> 6, (status >> 5) & 1
         return PacketInfo(
-            frame_number=frame_index, packet_index=index, scan_id=scan_id,
-            do_not_store=bool(image_flags & DO_NOT_STORE), quadrant=status >> 6, link=(status >> 5) & 1,
+            frame_number=frame_index, packet_index=index, module_id=2 * quadrant + link, scan_id=scan_id,
+            do_not_store=bool(image_flags & DO_NOT_STORE), quadrant=quadrant, link=link,
             image_timing=timing,
         )
 
@@ -186,7 +187,8 @@ class GigaFrostLayout(DetectorLayout):
         self, module_id: int, frame_number: int, pulse_id: int = 0, **fields: Any
     ) -> np.ndarray:
         """Fields: ``scan_id``, ``do_not_store``, ``image_timing``, ``sync_time``, ``scan_time``,
-        ``corr_mode`` (default 5). Quadrant/link bits from ``module_id``; the SWAP bit (bit 0 of
+        ``corr_mode`` (default 5). Quadrant/link bits from ``module_id`` (or its
+        ``header_module_ids`` entry); the SWAP bit (bit 0 of
         ``quadrant_rows``) is set for the western quadrants, as PSI's simulator does. GigaFRoST has
         no pulse id, ``pulse_id`` is ignored."""
         allowed = {"scan_id", "do_not_store", "image_timing", "sync_time", "scan_time", "corr_mode"}
@@ -196,7 +198,7 @@ class GigaFrostLayout(DetectorLayout):
         if not 0 <= frame_number <= 0xFFFFFFFF:
             raise ValueError(f"gigafrost frame_index is a 32-bit counter, cannot send {frame_number}")
         g = self.geometry
-        quadrant, link = divmod(module_id % GF_N_LINKS, 2)
+        quadrant, link = divmod(self.config.header_module_ids.get(module_id, module_id) % GF_N_LINKS, 2)
         quadrant_height = g.height // 2
         swap = 1 if quadrant % 2 == 0 else 0
         h = np.zeros(self.packets_per_frame, dtype=GF_HEADER_DTYPE)

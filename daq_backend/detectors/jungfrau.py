@@ -23,7 +23,7 @@ from functools import cached_property
 
 import numpy as np
 
-from daq_backend.config import JUNGFRAU_MODULE_SHAPE, DetectorConfig
+from daq_backend.config import JUNGFRAU_MODULE_SHAPE, DetectorConfig, ImageIdSource
 from daq_backend.detectors.base import PacketInfo, PixelIndex, span
 from daq_backend.detectors.calibration import (
     ADC_MASK,
@@ -35,7 +35,7 @@ from daq_backend.detectors.calibration import (
     load_jf_utils,
     load_pedestal_gain,
 )
-from daq_backend.detectors.sls import SlsLayout
+from daq_backend.detectors.sls import SLS_DETECTOR_TYPE, SlsLayout
 from daq_backend.formats import JUNGFRAU_PACKETS_PER_FRAME, JUNGFRAU_PAYLOAD
 
 CHIP_SIZE = 256
@@ -76,9 +76,12 @@ class JungfrauLayout(SlsLayout):
     module_shape = JUNGFRAU_MODULE_SHAPE
     raw_dtype = np.dtype("<u2")
 
+    sls_detector_type = SLS_DETECTOR_TYPE["jungfrau"]
+
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
         self._init_sizes(JUNGFRAU_PAYLOAD, JUNGFRAU_PACKETS_PER_FRAME)
+        self.pulse_id_used = config.image_id_source is not ImageIdSource.FRAME_INDEX
 
     def image_id(self, info: PacketInfo) -> int:
         source = self.config.image_id_source.value

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from daq_backend.detectors.base import DetectorLayout, PacketInfo
+from daq_backend.detectors.base import MAX_FRAME_NUMBER, DetectorLayout, PacketInfo
 from daq_backend.formats import SLS_HEADER_DTYPE, SLS_HEADER_SIZE
 
 #: same layout as ``formats.SLS_HEADER_DTYPE``
@@ -23,6 +23,11 @@ assert SLS_HEADER.size == SLS_HEADER_SIZE
 SLS_DETECTOR_TYPE = {"eiger": 1, "jungfrau": 3}
 SLS_HEADER_VERSION = 2
 _MAX_U64 = float(2**64)
+#: Largest pulse id taken from a bunch id: a double holds every integer up to 2**53 exactly (SwissFEL's
+#: pulse ids are near 2**34); a larger or fractional bunch id is no pulse id.
+MAX_PULSE_ID = 2**53
+_NOT_A_PULSE_ID = MAX_PULSE_ID + 1
+assert SLS_HEADER_VERSION == 2  # spelled out in ``parse``, its hot path
 
 
 class SlsLayout(DetectorLayout):
@@ -33,6 +38,10 @@ class SlsLayout(DetectorLayout):
     payload_size: int
     #: the header's ``bunchid`` is the SwissFEL pulse id (Jungfrau) rather than unused (Eiger)
     bunchid_is_pulse_id: bool
+    #: image ids may come from the pulse id, so its range is checked (``numbers_in_range``)
+    pulse_id_used: bool = False
+    #: ``detector_type`` every packet of this detector carries (``SLS_DETECTOR_TYPE``)
+    sls_detector_type: int
 
     def _init_sizes(self, payload_size: int, packets_per_frame: int) -> None:
         self.payload_size = payload_size
@@ -49,11 +58,16 @@ class SlsLayout(DetectorLayout):
         return self.max_datagram
 
     def parse(self, datagram: memoryview | bytes | bytearray) -> PacketInfo | None:
+        """None unless the datagram has this detector's size, a packet index of a frame, the
+        detector type and header version slsDetectorPackage defines and (Jungfrau) a bunch id that
+        is a number >= 0. A fractional bunch id where pulse ids are used parses with a pulse id
+        beyond ``MAX_PULSE_ID``, so that ``numbers_in_range`` refuses it with the other numbers no
+        detector sends."""
         if len(datagram) != self.max_datagram:
             return None
         (framenum, _exptime, packetnum, bunchid, _timestamp, module_id, row, column, _z, debug,
-         _round_robin, _det_type, _version) = SLS_HEADER.unpack_from(datagram)
-        if packetnum >= self.packets_per_frame:
+         _round_robin, det_type, version) = SLS_HEADER.unpack_from(datagram)
+        if packetnum >= self.packets_per_frame or det_type != self.sls_detector_type or version != 2:
             return None
         pulse_id = 0
         if self.bunchid_is_pulse_id:
@@ -61,12 +75,18 @@ class SlsLayout(DetectorLayout):
             if not 0.0 <= bunchid < _MAX_U64:
                 return None
             pulse_id = int(bunchid)
+            if self.pulse_id_used and pulse_id != bunchid:
+                pulse_id = _NOT_A_PULSE_ID
         return PacketInfo(framenum, packetnum, pulse_id, debug, module_id, row, column)
+
+    def numbers_in_range(self, frame_number: int, pulse_id: int) -> bool:
+        return frame_number <= MAX_FRAME_NUMBER and (not self.pulse_id_used or pulse_id <= MAX_PULSE_ID)
 
     def encode_headers(
         self, module_id: int, frame_number: int, pulse_id: int = 0, **fields: Any
     ) -> np.ndarray:
-        """Fields: ``daq_rec`` (→ ``debug``), ``timestamp``, ``exptime`` (all default 0)."""
+        """Fields: ``daq_rec`` (→ ``debug``), ``timestamp``, ``exptime`` (all default 0). The header's
+        ``module_id`` is the config's ``header_module_ids`` entry of the module, else its number."""
         unknown = set(fields) - {"daq_rec", "timestamp", "exptime"}
         if unknown:
             raise TypeError(f"unknown header field(s) {sorted(unknown)}")
@@ -79,7 +99,7 @@ class SlsLayout(DetectorLayout):
         h["packetnum"] = np.arange(self.packets_per_frame)
         h["bunchid"] = float(pulse_id)
         h["timestamp"] = fields.get("timestamp", 0)
-        h["module_id"] = module_id
+        h["module_id"] = self.config.header_module_ids.get(module_id, module_id)
         h["row"] = row
         h["column"] = column
         h["debug"] = fields.get("daq_rec", 0)

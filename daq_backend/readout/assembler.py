@@ -44,8 +44,8 @@ from daq_backend.formats import (
     unpack_received,
 )
 from daq_backend.ram_buffer import AttachedRing, RingBuffer, SlotOverwritten
-from daq_backend.readout.receiver import MAX_FRAME_GAP
 from daq_backend.readout.sync import Accepted, Release, SyncedImage, Synchroniser
+from daq_backend.readout.window import MAX_FRAME_GAP
 from daq_backend.stats import Counters, StatsReporter, service_name
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class AssemblerStats(Counters):
     """``images_skipped``: gaps in the detector's frame counter between consecutive images, i.e.
-    images of which no module frame arrived at all (image ids may step by more than 1)."""
+    images of which no module frame arrived at all (image ids may step by more than 1).
+    ``numbering_restarts``: the modules' numbering went back (a new epoch, see ``readout.sync``)."""
 
     frames: int = 0
     images: int = 0
@@ -75,6 +76,7 @@ class AssemblerStats(Counters):
     released_queue_full: int = 0
     released_timeout: int = 0
     released_shutdown: int = 0
+    numbering_restarts: int = 0
     pending: int = 0
     last_image_id: int = 0
 
@@ -275,6 +277,7 @@ class ImageAssembler:
 
     def _snapshot(self) -> dict[str, int]:
         self.stats.pending = self.sync.n_pending
+        self.stats.numbering_restarts = self.sync.n_restarts
         return self.stats.snapshot()
 
     # -- lifetime ----------------------------------------------------------------------------
@@ -303,14 +306,15 @@ class ImageAssembler:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m daq_backend.readout.assembler CONFIG``"""
-    from daq_backend.component import run_service
+    from daq_backend.component import build_component, run_service
 
     parser = argparse.ArgumentParser(prog="std-daq-assembler", description=main.__doc__)
     parser.add_argument("config", help="detector JSON file")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return run_service(ImageAssembler(load_config(args.config)))
+    config = build_component(lambda: load_config(args.config))
+    return run_service(build_component(lambda: ImageAssembler(config)))
 
 
 if __name__ == "__main__":

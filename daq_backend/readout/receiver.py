@@ -18,9 +18,18 @@ returns.)
 
 A frame is flushed (slot committed, ``ModuleFrame`` PUSHed to the synchroniser) when it is complete,
 when the first packet of another frame arrives (it lost packets), or after ``idle_flush`` seconds
-without packets (so the last frame of an acquisition is not held back by a lost last packet). Before
-flushing an incomplete frame the byte ranges of its missing packets are zeroed: a reader never sees
-pixels of an older frame (reference weakness 8). Nothing a sender does makes it crash: bad datagrams,
+without packets of its stream (so the last frame of an acquisition is not held back by a lost last
+packet, however much else arrives). Before flushing an incomplete frame the byte ranges of its
+missing packets are zeroed: a reader never sees pixels of an older frame (reference weakness 8).
+
+Only packets of the module's stream reach the ring (``readout.window``): a header of another detector
+type or version is a bad datagram; numbers no detector sends (``layout.numbers_in_range``) are rejected;
+a header module id other than the stream's (pinned by ``header_module_ids`` or learned from the
+first stream) is rejected; a numbering outside the stream's window is staged in private buffers and
+placed only once it is confirmed as a new numbering. So a stray, spoofed or absurd packet never
+opens a frame, never becomes an image and never writes a pixel; it is counted by reason
+(``rejected_module_id``, ``rejected_out_of_range``, ``rejected_out_of_window``) and a port that takes
+none of what it receives says so in the log. Nothing a sender does makes it crash: bad datagrams,
 duplicates, reordered and late packets are counted and dropped or placed.
 """
 
@@ -44,11 +53,14 @@ import zmq
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, DetectorType, load_config
 from daq_backend.detectors import layout_for
-from daq_backend.detectors.sls import SlsLayout
+from daq_backend.detectors.base import PacketInfo
+from daq_backend.detectors.jungfrau import JungfrauLayout
+from daq_backend.detectors.sls import SLS_HEADER_VERSION, SlsLayout
 from daq_backend.formats import MAX_RECEIVED_MAP_PACKETS, ModuleFrame, pack_received
 from daq_backend.priority import apply_rt_priority
 from daq_backend.ram_buffer import RingBuffer
 from daq_backend.readout import mmsg
+from daq_backend.readout.window import MAX_FRAME_GAP, CandidateFrame, StreamWindow
 from daq_backend.stats import Counters, StatsReporter, service_name
 
 log = logging.getLogger(__name__)
@@ -62,8 +74,6 @@ MAX_DEFAULT_RCVBUF = 512 * 1024 * 1024
 RECENT_FRAMES = 16
 #: Module frame announcements queued for a busy assembler before they are dropped (and counted).
 ANNOUNCE_HWM = 100_000
-#: A forward jump of the frame counter larger than this is a restart, not lost frames.
-MAX_FRAME_GAP = 1_000_000
 #: Largest image id a ring slot can hold (its seqlock stores id + 1 in 64 bits).
 MAX_IMAGE_ID = 2**64 - 2
 #: Datagrams one ``recvmmsg`` call may return (rows of the staging buffer).
@@ -75,6 +85,8 @@ COALESCE_MIN_FRAMES = 3
 #: Shortest run of clean consecutive packets of one frame placed with numpy: a run costs a dozen
 #: numpy calls, so a few packets are cheaper one by one.
 MIN_FAST_RUN = 8
+#: Seconds between two log lines about rejected packets (a port flooded with them logs this often).
+REJECTION_LOG_INTERVAL = 10.0
 
 
 @dataclass
@@ -82,7 +94,12 @@ class ReceiverStats(Counters):
     """Everything a receiver saw; ``packets`` counts every datagram, good or bad.
 
     ``frames_skipped``: gaps in the detector's frame counter (frames of which not a single packet
-    arrived; nobody else can notice them on a one-module detector)."""
+    arrived; nobody else can notice them on a one-module detector). Rejected packets, by reason:
+    ``rejected_module_id`` (another header module id than the stream's), ``rejected_out_of_range``
+    (a frame number or pulse id no detector sends), ``rejected_out_of_window`` (a numbering that never
+    formed a stream); ``bad_datagrams`` are not packets of this detector at all.
+    ``numbering_restarts``: new numberings adopted (a restarted frame counter, a jump beyond the
+    window); ``stream_module_id``: the header module id the stream comes from (-1: none yet)."""
 
     packets: int = 0
     bytes: int = 0
@@ -95,6 +112,11 @@ class ReceiverStats(Counters):
     late_packets: int = 0
     frames_unannounced: int = 0
     frames_skipped: int = 0
+    rejected_module_id: int = 0
+    rejected_out_of_range: int = 0
+    rejected_out_of_window: int = 0
+    numbering_restarts: int = 0
+    stream_module_id: int = -1
     last_frame_id: int = 0
 
 
@@ -170,6 +192,22 @@ class ModuleReceiver:
         self.idle_flush = config.module_sync_timeout / 4 if idle_flush is None else idle_flush
         self.late_window = late_window
         self.stats = ReceiverStats()
+        #: the numbering this receiver takes, and the candidate frames of another one (``window``)
+        self.window = StreamWindow(ppf, module_id=config.header_module_id(module_id))
+        if self.window.module_id is not None:
+            self.stats.stream_module_id = self.window.module_id
+        #: Jungfrau with ``image_id_source: auto``: a stream's ids are either pulse ids or frame numbers
+        self._auto_pulse = isinstance(layout, JungfrauLayout) and config.image_id_source.value == "auto"
+        #: staging buffers of candidate frames, one (frame bytes, packet flags) per window slot, made
+        #: on first use (a receiver that never sees a stray packet stages only its first frame)
+        self._staging: list[_Staged | None] = [None] * self.window.n_slots
+        #: packets placed in the stream's frames (the idle flush and the rejection log watch it)
+        self.n_stream_packets = 0
+        self._seen_stream_packets = 0
+        self._stream_touched = time.monotonic()
+        self._next_rejection_log = time.monotonic() + REJECTION_LOG_INTERVAL
+        self._logged_counts = (0, 0, 0, 0)
+        self._foreign_ids: dict[int, int] = {}
         self._slices = [layout.packet_slice(k) for k in range(ppf)]
         self._sizes = [layout.datagram_size(k) for k in range(ppf)]
         self._uncovered = _uncovered_ranges(self._slices, layout.frame_nbytes)
@@ -251,6 +289,7 @@ class ModuleReceiver:
 
         # state of the frame being assembled
         self._cur_id: int | None = None
+        self._cur_fn = -1
         self._cur_header: tuple[int, int, int] = (0, 0, 0)
         self._slot: memoryview | None = None
         self._slot_rows: np.ndarray | None = None  # the slot as (packet, payload) for the fast path
@@ -273,25 +312,48 @@ class ModuleReceiver:
         stopped = self._stop.is_set
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
+        readable = True
         while not stopped():
-            self._receive_available()
-            if stopped():
-                break
-            # the socket is empty: flush a frame that waited ``idle_flush``, report, then sleep
-            idle_since = time.monotonic()
-            while not stopped():
-                self._reporter.tick()
-                if self._cur_id is None:
-                    wait = 0.1
-                else:
-                    wait = self.idle_flush - (time.monotonic() - idle_since)
-                    if wait <= 0:
-                        self._flush()
-                        continue
-                if poller.poll(min(wait, 0.1) * 1000):
+            if readable:
+                self._receive_available()
+                if stopped():
                     break
+            # the socket is (most likely) empty: idle flush, candidates, counters, then sleep
+            now = time.monotonic()
+            self._housekeeping(now)
+            readable = bool(poller.poll(self._wait(now) * 1000))
         if self._cur_id is not None:
             self._flush()
+        self._count_discarded(self.window.discard_all())
+
+    def _housekeeping(self, now: float) -> None:
+        """Between receive rounds: note the stream's activity, flush its open frame once the stream
+        has been silent ``idle_flush`` s (other traffic does not hold it back), let waiting
+        candidates be adopted or expire, report counters, log rejections."""
+        if self.n_stream_packets != self._seen_stream_packets:
+            self._seen_stream_packets = self.n_stream_packets
+            self._stream_touched = now
+            self.window.touch(now)
+        if self._cur_id is not None and now - self._stream_touched >= self.idle_flush:
+            self._flush()
+        if self.window.next_deadline(now) is not None:
+            adopt, expired = self.window.check(now)
+            self._count_discarded(expired)
+            if adopt:
+                self._adopt(adopt, now)
+        self._reporter.tick()
+        if now >= self._next_rejection_log:
+            self._log_rejections(now)
+
+    def _wait(self, now: float) -> float:
+        """Seconds the idle loop may sleep before ``_housekeeping`` has something to do."""
+        wait = 0.1
+        if self._cur_id is not None:
+            wait = min(wait, self._stream_touched + self.idle_flush - now)
+        deadline = self.window.next_deadline(now)
+        if deadline is not None:
+            wait = min(wait, deadline - now)
+        return max(wait, 0.001)
 
     def _receive_available(self) -> None:
         """Process datagrams until the socket is (most likely) empty, or ``stop()``."""
@@ -361,8 +423,9 @@ class ModuleReceiver:
         """Place staged datagrams ``start..stop-1`` (clean, one frame key: see ``run_starts``) with a
         few numpy operations; same effect on frame state and counters as ``_place_each``.
 
-        Returns False, having placed nothing, when a packet needs the per-packet rules: a bad image
-        id, a late or duplicate packet, a packet index repeated within the run. Opening the run's
+        Returns False, having placed nothing, when a packet needs the per-packet rules: a bad or
+        out-of-range image id, another module id than the stream's, a frame outside the stream's
+        window, a late or duplicate packet, a packet index repeated within the run. Opening the run's
         frame (flushing the previous one) before declining is what ``_place_each`` does first too."""
         size = self.layout.max_datagram
         info = self.layout.parse(self._rows[start][:size])
@@ -372,10 +435,14 @@ class ModuleReceiver:
         if key != self._run_key:
             self._run_key, self._run_id = key, self.layout.image_id(info)
         image_id = self._run_id
-        if not 0 <= image_id <= MAX_IMAGE_ID:
+        if (not 0 <= image_id <= MAX_IMAGE_ID or info.module_id != self.window.module_id
+                or not self.layout.numbers_in_range(info.frame_number, info.pulse_id)):
             return False
-        if image_id != self._cur_id:
-            if self._recently_flushed(image_id):
+        if image_id != self._cur_id or info.frame_number != self._cur_fn:
+            if image_id == self._cur_id or self._recently_flushed(image_id):
+                return False
+            pulse_mode = info.pulse_id != 0 if self._auto_pulse else None
+            if not self.window.in_window(image_id, info.frame_number, pulse_mode):
                 return False
             if self._cur_id is not None:
                 self._flush()
@@ -417,27 +484,32 @@ class ModuleReceiver:
         st.packets += m
         st.bytes += m * size
         self.n_fast_packets += m
+        self.n_stream_packets += m
         self._n_recv += m
         if self._n_recv == self.packets_per_frame:
             self._flush()
         return True
 
     def _place_each(self, datagrams: Iterable[tuple[memoryview, int]]) -> None:
-        """Place datagrams one at a time: every rule for bad, duplicate, reordered and late packets.
+        """Place datagrams one at a time: every rule for bad, foreign, duplicate, reordered and late
+        packets.
 
-        The hot loop of the path without ``recvmmsg``: everything it touches per packet is a local;
-        the frame state lives in attributes only across ``_open``/``_flush``. ``layout.image_id`` is
-        called once per change of (frame number, pulse id), the fields an image id is made of."""
+        The hot loop of the path without ``recvmmsg``: everything it touches per packet of the open
+        frame is a local; the frame state lives in attributes only across ``_new_frame`` (another
+        frame, a rejected or staged packet) and ``_flush``. ``layout.image_id`` is called once per
+        change of (frame number, pulse id), the fields an image id is made of."""
         parse, image_id_of = self.layout.parse, self.layout.image_id
+        in_range = self.layout.numbers_in_range
         sizes, slices = self._sizes, self._slices
         ppf, hs = self.packets_per_frame, self.header_size
         st = self.stats
         key: tuple[int, int] | None = None
         key_id = -1
-        key_ok = False
+        key_ok = key_in_range = key_cur = False  # key_cur: the key is the open frame's
         cur_id, slot, received = self._cur_id, self._slot, self._received
         n_recv, highest = self._n_recv, self._highest
-        n_packets = n_bytes = 0
+        stream_module = self.window.module_id
+        n_packets = n_bytes = n_accepted = 0
         try:
             for mv, n in datagrams:
                 n_packets += 1
@@ -458,18 +530,23 @@ class ModuleReceiver:
                     key = packet_key
                     key_id = image_id_of(info)
                     key_ok = 0 <= key_id <= MAX_IMAGE_ID
+                    key_in_range = in_range(info.frame_number, info.pulse_id)
+                    key_cur = key_id == cur_id and info.frame_number == self._cur_fn
                 if not key_ok:
                     st.bad_datagrams += 1
                     continue
-                if key_id != cur_id:
-                    if self._is_late(key_id, k):
+                if not key_in_range:
+                    st.rejected_out_of_range += 1
+                    continue
+                if not key_cur or info.module_id != stream_module:
+                    self._n_recv, self._highest = n_recv, highest
+                    opened = self._new_frame(mv, n, info, key_id, k)
+                    cur_id, slot, received = self._cur_id, self._slot, self._received
+                    n_recv, highest = self._n_recv, self._highest
+                    stream_module = self.window.module_id
+                    key_cur = key_id == cur_id and info.frame_number == self._cur_fn
+                    if not opened:
                         continue
-                    if cur_id is not None:
-                        self._n_recv = n_recv
-                        self._flush()
-                    self._open(key_id, info)
-                    cur_id, slot, received = key_id, self._slot, self._received
-                    n_recv, highest = 0, -1
                 elif received[k]:
                     st.duplicate_packets += 1
                     continue
@@ -481,6 +558,7 @@ class ModuleReceiver:
                 slot[off : off + nb] = mv[hs : hs + nb]  # type: ignore[index]
                 received[k] = 1
                 n_recv += 1
+                n_accepted += 1
                 if n_recv == ppf:
                     st.packets += n_packets
                     st.bytes += n_bytes
@@ -488,10 +566,160 @@ class ModuleReceiver:
                     self._n_recv = n_recv
                     self._flush()
                     cur_id = slot = None
+                    key_cur = False
         finally:
             st.packets += n_packets
             st.bytes += n_bytes
+            self.n_stream_packets += n_accepted
             self._n_recv, self._highest = n_recv, highest
+
+    def _new_frame(self, mv: memoryview, n: int, info: PacketInfo, image_id: int, k: int) -> bool:
+        """A packet that is not the open frame's: True when it opened a new frame of the stream (the
+        caller places it); False when it was rejected, counted late or staged as a candidate."""
+        window = self.window
+        module = info.module_id
+        if module != window.module_id and window.rejects_module(module, time.monotonic()):
+            self.stats.rejected_module_id += 1
+            self._note_foreign(module)
+            return False
+        pulse_mode = info.pulse_id != 0 if self._auto_pulse else None
+        if module == window.module_id and image_id != self._cur_id:
+            if self._is_late(image_id, k):
+                return False
+            if window.in_window(image_id, info.frame_number, pulse_mode):
+                if self._cur_id is not None:
+                    self._flush()
+                self._open(image_id, info)
+                return True
+        self._stage(mv, info, image_id, k, pulse_mode)
+        return False
+
+    # -- candidates of a new numbering (see readout.window) -----------------------------------
+    def _stage(
+        self, mv: memoryview, info: PacketInfo, image_id: int, k: int, pulse_mode: bool | None
+    ) -> None:
+        """Keep a packet outside the stream's window aside; adopt its numbering once confirmed."""
+        now = time.monotonic()
+        frame, new, evicted = self.window.stage(image_id, info.frame_number, info.module_id, pulse_mode, now)
+        if evicted:
+            self._count_discarded(evicted)
+        staged = self._staging[frame.slot]
+        if staged is None:
+            staged = self._staging[frame.slot] = _Staged(self.layout.frame_nbytes, self.packets_per_frame)
+        if new:
+            staged.clear()
+            frame.pulse_id, frame.daq_rec = int(info.pulse_id), int(info.daq_rec)
+        if staged.received[k]:
+            self.stats.duplicate_packets += 1
+            return
+        off, nb = self._slices[k]
+        hs = self.header_size
+        staged.data[off : off + nb] = mv[hs : hs + nb]
+        staged.add(k)
+        adopt = self.window.received(frame, now)
+        if adopt:
+            self._adopt(adopt, now)
+
+    def _adopt(self, frames: list[CandidateFrame], now: float) -> None:
+        """The staged ``frames`` are the stream's numbering from now on: flush the old stream's open
+        frame, forget its recent ids, and place them in the ring in order (the last one stays open
+        unless complete)."""
+        restart = self.window.has_stream
+        old_module = self.window.module_id
+        self._count_discarded(self.window.adopt(frames))
+        if self._cur_id is not None:
+            self._flush()
+        self._recent.clear()
+        self._last_id = None
+        self._last_frame_index = None
+        first = frames[0]
+        st = self.stats
+        st.stream_module_id = first.module_id
+        if restart:
+            st.numbering_restarts += 1
+        if not restart or first.module_id != old_module:
+            log.info("module %d: stream of header module id %d from frame number %d (image id %d)%s",
+                     self.module_id, first.module_id, first.frame_number, first.image_id,
+                     "" if self.window.pinned else "; header_module_ids in the config would pin it")
+        else:
+            log.info("module %d: new numbering from frame number %d (image id %d)",
+                     self.module_id, first.frame_number, first.image_id)
+        nbytes = self.layout.frame_nbytes
+        ppf = self.packets_per_frame
+        for frame in frames:
+            staged = self._staging[frame.slot]
+            assert staged is not None
+            self._open(frame.image_id, PacketInfo(frame.frame_number, 0, frame.pulse_id, frame.daq_rec,
+                                                  frame.module_id), now)
+            assert self._slot is not None
+            self._slot[:nbytes] = staged.data
+            self._received[:] = staged.received
+            self._n_recv = frame.n_packets
+            self._highest = staged.highest
+            st.out_of_order_packets += staged.out_of_order
+            self.n_stream_packets += frame.n_packets
+            if frame is not frames[-1] or frame.n_packets == ppf:
+                self._flush()
+
+    def _count_discarded(self, frames: list[CandidateFrame]) -> None:
+        """Count the packets of candidate frames that were not adopted, by why they were not the
+        stream's: another module id, a straggler behind the stream, or a numbering of their own."""
+        if not frames:
+            return
+        w, st = self.window, self.stats
+        for frame in frames:
+            if w.module_id is not None and frame.module_id != w.module_id:
+                st.rejected_module_id += frame.n_packets
+                self._note_foreign(frame.module_id)
+            elif w.image_id is not None and 0 <= w.image_id - frame.image_id <= w.ahead:
+                st.late_packets += frame.n_packets
+            else:
+                st.rejected_out_of_window += frame.n_packets
+
+    def _note_foreign(self, module_id: int) -> None:
+        ids = self._foreign_ids
+        if module_id in ids or len(ids) < 16:
+            ids[module_id] = ids.get(module_id, 0) + 1
+
+    def _log_rejections(self, now: float) -> None:
+        """At most every ``REJECTION_LOG_INTERVAL`` s: what was rejected since the last line and, for a
+        port that took nothing of what it received, what to fix."""
+        self._next_rejection_log = now + REJECTION_LOG_INTERVAL
+        st = self.stats
+        counts = (st.rejected_module_id, st.rejected_out_of_range, st.rejected_out_of_window,
+                  self.n_stream_packets)
+        module, out_of_range, out_of_window, accepted = (a - b for a, b in zip(counts, self._logged_counts,
+                                                                               strict=True))
+        self._logged_counts = counts
+        foreign = sorted(self._foreign_ids, key=lambda i: -self._foreign_ids[i])
+        self._foreign_ids = {}
+        if not module + out_of_range + out_of_window:
+            return
+        parts = []
+        if module:
+            seen = ", ".join(str(i) for i in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            parts.append(f"{module} of another header module id ({seen})")
+        if out_of_range:
+            parts.append(f"{out_of_range} with a frame number above 2**48-1 or a pulse id no detector sends")
+        if out_of_window:
+            parts.append(f"{out_of_window} whose numbering never formed a stream")
+        where = f"module {self.module_id} (UDP {self.config.udp_host}:{self.config.udp_port(self.module_id)})"
+        expected = self.window.module_id
+        if accepted:
+            log.warning("%s: rejected %s in the last %.0f s, besides %d packets of its stream",
+                        where, "; ".join(parts), REJECTION_LOG_INTERVAL, accepted)
+            return
+        if module and foreign and self.window.pinned:
+            fix = (f'if they come from your detector, set "header_module_ids": {{"{self.module_id}": '
+                   f"{foreign[0]}}} in the detector config (it says {expected})")
+        elif module and foreign:
+            fix = (f"this port follows header module id {expected}; if module id {foreign[0]} is the "
+                   f'detector now, set "header_module_ids": {{"{self.module_id}": {foreign[0]}}} in the '
+                   "detector config")
+        else:
+            fix = "is something other than this module's detector sending to this port?"
+        log.warning("%s receives only packets it rejects (%s in the last %.0f s): %s",
+                    where, "; ".join(parts), REJECTION_LOG_INTERVAL, fix)
 
     def _recently_flushed(self, image_id: int) -> bool:
         flushed = self._recent.get(image_id)
@@ -509,13 +737,19 @@ class ModuleReceiver:
             self.stats.late_packets += 1
         return True
 
-    def _open(self, image_id: int, info: Any) -> None:
+    def _open(self, image_id: int, info: Any, now: float | None = None) -> None:
+        """Open the stream's next frame in its ring slot; the window moves with it and the candidate
+        frames that began before are discarded (the stream is still sending)."""
         frame_index = int(info.frame_number)
+        now = time.monotonic() if now is None else now
+        self._count_discarded(self.window.opened(image_id, frame_index, now))
+        self._stream_touched = now
         last = self._last_frame_index
         if last is not None and 1 < frame_index - last <= MAX_FRAME_GAP:
             self.stats.frames_skipped += frame_index - last - 1
         self._last_frame_index = frame_index
         self._cur_id = image_id
+        self._cur_fn = frame_index
         self._cur_header = (int(info.pulse_id), frame_index, int(info.daq_rec))
         data = self.ring.begin_write(image_id)
         self._slot = memoryview(data)
@@ -561,6 +795,7 @@ class ModuleReceiver:
         self._last_id = image_id
         self._last_received = self._received
         self._cur_id = None
+        self._cur_fn = -1
         self._slot = None
         self._slot_rows = None
         self._reporter.tick()
@@ -588,6 +823,30 @@ class ModuleReceiver:
         self.ring.close()
 
 
+class _Staged:
+    """A candidate frame's payloads, which packets arrived and in what order (counted as the
+    stream's packets are, if the frame is adopted)."""
+
+    def __init__(self, frame_nbytes: int, packets_per_frame: int) -> None:
+        self.data = memoryview(bytearray(frame_nbytes))
+        self.received = bytearray(packets_per_frame)
+        self._none = bytes(packets_per_frame)
+        self.highest = -1
+        self.out_of_order = 0
+
+    def clear(self) -> None:
+        self.received[:] = self._none
+        self.highest = -1
+        self.out_of_order = 0
+
+    def add(self, k: int) -> None:
+        self.received[k] = 1
+        if k < self.highest:
+            self.out_of_order += 1
+        else:
+            self.highest = k
+
+
 class _StagedSlsHeaders:
     """The SLS header fields the fast path needs, as numpy views of every staging row (no copies)."""
 
@@ -595,22 +854,31 @@ class _StagedSlsHeaders:
         headers = staging[:, : layout.header_size].view(layout.header_dtype)[:, 0]
         self.frame = headers["framenum"]
         self.packet = headers["packetnum"]
+        self.module = headers["module_id"]
+        self.detector_type = headers["detector_type"]
+        self.header_version = headers["header_version"]
+        self.sls_detector_type = layout.sls_detector_type
         #: Jungfrau's bunch id is the pulse id, part of the frame key (Eiger's is ignored)
         self.bunch = headers["bunchid"] if layout.bunchid_is_pulse_id else None
         self.size = layout.max_datagram
         self.packets_per_frame = layout.packets_per_frame
 
     def run_starts(self, lengths: np.ndarray, n: int) -> list[int]:
-        """Where runs of clean datagrams with one frame key start among the first ``n``, plus ``n``.
+        """Where runs of clean datagrams with one frame key and one module id start among the first
+        ``n``, plus ``n``.
 
-        Clean mirrors what ``SlsLayout.parse`` accepts (right size, packet index in range, for
-        Jungfrau a bunch id in 0..2**64, NaN not); an unclean datagram is a run of its own."""
-        frame, packet = self.frame[:n], self.packet[:n]
+        Clean mirrors what ``SlsLayout.parse`` accepts (right size, packet index in range, detector
+        type and header version, for Jungfrau a bunch id in 0..2**64, NaN not); an unclean datagram
+        is a run of its own."""
+        frame, packet, module = self.frame[:n], self.packet[:n], self.module[:n]
         clean = lengths[:n] == self.size
         clean &= packet < self.packets_per_frame
+        clean &= self.detector_type[:n] == self.sls_detector_type
+        clean &= self.header_version[:n] == SLS_HEADER_VERSION
         starts = np.empty(n, dtype=bool)
         starts[0] = True
         np.not_equal(frame[1:], frame[:-1], out=starts[1:])
+        starts[1:] |= module[1:] != module[:-1]
         if self.bunch is not None:
             bunch = self.bunch[:n]
             clean &= bunch >= 0.0
@@ -639,7 +907,7 @@ def _uncovered_ranges(slices: list[tuple[int, int]], frame_nbytes: int) -> list[
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m daq_backend.readout.receiver CONFIG MODULE_ID``"""
-    from daq_backend.component import run_service
+    from daq_backend.component import build_component, run_service
 
     parser = argparse.ArgumentParser(prog="std-daq-receiver", description=main.__doc__)
     parser.add_argument("config", help="detector JSON file")
@@ -652,11 +920,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = load_config(args.config)
+    config = build_component(lambda: load_config(args.config))
     # before the receiver (and its zmq threads) exist, so every thread of the process inherits it
     priority = args.rt_priority if args.rt_priority is not None else config.receiver_rt_priority
     log.info("module %d: %s", args.module_id, apply_rt_priority(priority, f"receiver-{args.module_id}"))
-    return run_service(ModuleReceiver(config, args.module_id, rcvbuf=args.rcvbuf, recv_batch=args.recv_batch))
+    return run_service(build_component(
+        lambda: ModuleReceiver(config, args.module_id, rcvbuf=args.rcvbuf, recv_batch=args.recv_batch)))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,17 @@ Rules, for the lowest pending image id (images leave strictly in id order):
 * ``queue_size`` newer ids are pending -> ``QUEUE_FULL``;
 * it has waited ``timeout`` seconds -> ``TIMEOUT``.
 
-A frame for an id emitted less than ``late_window`` seconds (default: ``timeout``) ago is a
-duplicate (its module was part of the image) or late (it was not) and is dropped; after that window
-the same id starts a new image (a detector whose frame counter restarted: it must not repeat an id
-within the window).
+A frame for an image emitted less than ``late_window`` seconds (default: ``timeout``) ago is a
+duplicate (its module was part of the image) or late (it was not) and is dropped; so is a second
+frame of one module for a pending image.
+
+Images leave in strictly increasing id within one numbering of the detector. Receivers announce a
+module's frames in increasing id within one numbering (``readout.window``), so a module whose id goes
+back (not forward) has restarted its numbering (a new acquisition, a reset frame counter): its frames
+from then on belong to the next *epoch*, and images are ordered by (epoch, id). The first module to
+go back opens a new epoch, the others join it when they go back too, so frames of the old numbering
+still on their way are released before (and never mixed with) frames of the new one. A frame of the
+current numbering whose image id is below an image already released is late (its image left).
 """
 
 from __future__ import annotations
@@ -63,12 +70,20 @@ class SyncedImage:
         return self.release is Release.COMPLETE
 
 
+#: (epoch, image id): the order images leave in
+Key = tuple[int, int]
+
+
 @dataclass
 class _Pending:
-    image_id: int
+    key: Key
     first_seen: float
     created_seq: int
     frames: dict[int, ModuleFrame] = field(default_factory=dict)
+
+    @property
+    def image_id(self) -> int:
+        return self.key[1]
 
 
 class Synchroniser:
@@ -95,13 +110,19 @@ class Synchroniser:
         self.queue_size = queue_size
         self.timeout = timeout
         self.late_window = timeout if late_window is None else late_window
-        self._pending: dict[int, _Pending] = {}
-        self._heap: list[int] = []
+        self._pending: dict[Key, _Pending] = {}
+        self._heap: list[Key] = []
         self._seq = 0
         self._last_seq: dict[int, int] = {}
-        self._last_id: dict[int, int] = {}
-        #: emitted id -> (monotonic emit time, modules that were part of it)
-        self._emitted: OrderedDict[int, tuple[float, frozenset[int]]] = OrderedDict()
+        self._last_key: dict[int, Key] = {}
+        #: per module: the epoch of its numbering; the newest epoch any module is in
+        self._epoch: dict[int, int] = {}
+        self._newest_epoch = 0
+        #: numberings restarted (new epochs opened)
+        self.n_restarts = 0
+        self._newest_emitted: Key | None = None
+        #: emitted key -> (monotonic emit time, modules that were part of it)
+        self._emitted: OrderedDict[Key, tuple[float, frozenset[int]]] = OrderedDict()
 
     # -- input -------------------------------------------------------------------------------
     def add(self, frame: ModuleFrame, now: float) -> Accepted:
@@ -110,23 +131,42 @@ class Synchroniser:
             return Accepted.NOT_REQUIRED
         image_id = frame.id
         self._seq += 1
-        pending = self._pending.get(image_id)
+        key = (self._epoch.get(module, 0), image_id)
+        pending = self._pending.get(key)
+        if pending is not None and module in pending.frames:
+            return Accepted.DUPLICATE
+        last = self._last_key.get(module)
+        if last is not None and image_id <= last[1]:
+            key = (self._restart(module), image_id)
+            pending = self._pending.get(key)
         if pending is None:
-            emitted = self._emitted.get(image_id)
+            emitted = self._emitted.get(key)
             if emitted is not None and now - emitted[0] <= self.late_window:
                 return Accepted.DUPLICATE if module in emitted[1] else Accepted.LATE
-            pending = _Pending(image_id, now, self._seq)
-            self._pending[image_id] = pending
-            heapq.heappush(self._heap, image_id)
+            if self._newest_emitted is not None and key <= self._newest_emitted:
+                return Accepted.LATE
+            pending = _Pending(key, now, self._seq)
+            self._pending[key] = pending
+            heapq.heappush(self._heap, key)
             result = Accepted.NEW
-        elif module in pending.frames:
-            return Accepted.DUPLICATE
         else:
             result = Accepted.ADDED
         pending.frames[module] = frame
         self._last_seq[module] = self._seq
-        self._last_id[module] = image_id
+        self._last_key[module] = key
         return result
+
+    def _restart(self, module: int) -> int:
+        """``module``'s numbering went back: it joins the newest epoch, or opens the next one if it
+        is in the newest already."""
+        epoch = self._epoch.get(module, 0)
+        if epoch < self._newest_epoch:
+            epoch = self._newest_epoch
+        else:
+            epoch = self._newest_epoch = self._newest_epoch + 1
+            self.n_restarts += 1
+        self._epoch[module] = epoch
+        return epoch
 
     # -- output ------------------------------------------------------------------------------
     def pop_ready(self, now: float) -> list[SyncedImage]:
@@ -171,18 +211,19 @@ class Synchroniser:
                 continue
             if self._last_seq.get(module, 0) <= pending.created_seq:
                 return False
-            if self._last_id[module] <= pending.image_id:
+            if self._last_key[module] <= pending.key:
                 return False
         return True
 
     def _pop(self, release: Release, now: float) -> SyncedImage:
-        image_id = heapq.heappop(self._heap)
-        pending = self._pending.pop(image_id)
-        self._emitted[image_id] = (now, frozenset(pending.frames))
-        self._emitted.move_to_end(image_id)
+        key = heapq.heappop(self._heap)
+        pending = self._pending.pop(key)
+        self._newest_emitted = key
+        self._emitted[key] = (now, frozenset(pending.frames))
+        self._emitted.move_to_end(key)
         while self._emitted:
             oldest, (stamp, _) = next(iter(self._emitted.items()))
             if now - stamp <= self.late_window and len(self._emitted) <= self.MAX_EMITTED:
                 break
             del self._emitted[oldest]
-        return SyncedImage(image_id, pending.frames, release, pending.first_seen)
+        return SyncedImage(pending.image_id, pending.frames, release, pending.first_seen)

@@ -634,6 +634,12 @@ def summarize_stats(status: Mapping[str, Any] | None, config: DetectorConfig) ->
             "packets_per_second": sum(rate(s, "packets") for s in receivers),
             "bytes_per_second": sum(rate(s, "bytes") for s in receivers),
         },
+        "rejected": {
+            "bad_datagrams": sum(count(s, "bad_datagrams") for s in receivers),
+            "module_id": sum(count(s, "rejected_module_id") for s in receivers),
+            "out_of_range": sum(count(s, "rejected_out_of_range") for s in receivers),
+            "out_of_window": sum(count(s, "rejected_out_of_window") for s in receivers),
+        },
         "lost": {
             "packets": sum(count(s, "missing_packets") for s in lost_from),
             "frames_incomplete": sum(count(s, "frames_incomplete") for s in receivers),
@@ -646,6 +652,7 @@ def summarize_stats(status: Mapping[str, Any] | None, config: DetectorConfig) ->
                 "pid": _int(s.get("pid")),
                 "alive": s.get("alive") if isinstance(s.get("alive"), bool) else None,
                 "restarts": _int(s.get("restarts")) or 0,
+                "failed": str(s["failed"]) if s.get("failed") else None,
                 "counters": dict(s.get("counters") or {}),
                 "rates": {
                     k: float(v) for k, v in (s.get("rates") or {}).items() if isinstance(v, int | float)

@@ -165,10 +165,19 @@ class LostStats(BaseModel):
     missing_module_frames: int = 0
 
 
+class RejectedStats(BaseModel):
+    bad_datagrams: int = Field(default=0, description="datagrams that are no packet of this detector")
+    module_id: int = Field(default=0, description="packets of another header module id than the port's")
+    out_of_range: int = Field(default=0,
+                              description="packets with a frame number or pulse id no detector sends")
+    out_of_window: int = Field(default=0, description="packets whose numbering never formed a stream")
+
+
 class ProcessStats(BaseModel):
     pid: int | None = None
     alive: bool | None = None
     restarts: int = 0
+    failed: str | None = Field(default=None, description="why the process cannot start (not restarted)")
     counters: dict[str, Any] = Field(default_factory=dict)
     rates: dict[str, float] = Field(default_factory=dict)
 
@@ -179,6 +188,8 @@ class StatsResponse(BaseModel):
     detector: StreamStats = Field(description="assembled images leaving the readout")
     writer: StreamStats = Field(description="images written to disk")
     receivers: ReceiverStats
+    rejected: RejectedStats = Field(default_factory=RejectedStats,
+                                    description="packets the receivers refused, by reason (never placed)")
     lost: LostStats
     processes: dict[str, ProcessStats]
 

@@ -9,7 +9,8 @@ after a stall longer than one period the schedule restarts (counted in ``n_sched
 of bursting to catch up.
 
 Faults for tests: drop chosen packets or whole module frames, duplicate packets, reorder a module
-frame's packets, and send garbage datagrams every N valid ones.
+frame's packets, and send garbage datagrams every N valid ones; ``--spoof`` adds hostile datagrams
+from another socket at their own rate (``simulator.spoof``).
 """
 
 from __future__ import annotations
@@ -389,6 +390,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--garbage-every", type=int, default=0, metavar="N",
                         help="send an invalid datagram after every N valid ones")
+    parser.add_argument("--spoof", default="", metavar="KIND[,KIND]",
+                        help="also send hostile datagrams of these kinds (absurd, foreign-module, "
+                             "far-numbers, pulse-ids) from another socket, cycling over kinds and modules")
+    parser.add_argument("--spoof-rate", type=float, default=1000.0, metavar="HZ",
+                        help="hostile datagrams per second (default 1000)")
+    parser.add_argument("--spoof-count", type=int, default=1000, metavar="N",
+                        help="hostile datagrams in all (default 1000)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -402,16 +410,31 @@ def run_from_args(args: argparse.Namespace) -> int:
             duplicate=args.duplicate, garbage_every=args.garbage_every, out_of_order=args.out_of_order,
             progress=not args.no_progress,
         )
+        spoofer = None
+        if args.spoof:
+            from daq_backend.simulator.spoof import Spoofer, parse_kinds
+
+            spoofer = Spoofer(config, args.spoof_rate, args.spoof_count, parse_kinds(args.spoof),
+                              near=lambda: sim.last_sent_id or args.start_id, dst_host=args.host)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"std-daq simulate: {exc}", file=sys.stderr)
         return 2
     with sim:
         try:
+            if spoofer is not None:
+                spoofer.start()
             sim.run()
+            if spoofer is not None:
+                spoofer.wait()
         except KeyboardInterrupt:
             print(f"interrupted: {sim.summary()}", file=sys.stderr)
             return 130
+        finally:
+            if spoofer is not None:
+                spoofer.close()
     print(sim.summary())
+    if spoofer is not None:
+        print(spoofer.summary())
     return 0
 
 
