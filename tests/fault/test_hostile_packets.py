@@ -51,7 +51,7 @@ from tests.test_rest_server import healthy
 __all__ = ["ipc_env"]
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
-SERVICES = {"receiver-0", "receiver-1", "assembler", "writer", "rest"}
+SERVICES = {"receiver-0", "receiver-1", "assembler", "h5-writer", "writer-agent", "rest"}
 FINAL = ("completed", "interrupted", "failed")
 
 
