@@ -37,7 +37,8 @@ REQUEST = {
     "init_timestamp": 1.0, "end_timestamp": None, "created": 0.5, "request": {"n_images": 10},
     "services": {"writer_agent": "request_progress"},
 }
-HEALTH = {"status": "ok", "detector_name": "JF01", "uptime": 3.0, "broker": "embedded", "requests_active": 1,
+HEALTH = {"status": "ok", "detector_name": "JF01", "uptime": 3.0, "broker": "up", "broker_kind": "embedded",
+          "requests_active": 1,
           "pipeline": "up"}
 
 

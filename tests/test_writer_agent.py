@@ -156,17 +156,28 @@ def test_kill_mid_run_closes_a_valid_file_and_reports_interrupted(harness: Harne
     assert h.progress(rid)[-1]["n_written"] == n
 
 
-def test_two_back_to_back_requests_give_two_correct_files(harness: Harness) -> None:
+def test_a_request_while_one_runs_is_refused_busy_never_queued(harness: Harness) -> None:
+    """One file at a time: a second request is refused at once, naming the running one (it never waits
+    in the queue to run later); once the first has ended the next request runs."""
     h = harness
     h.start_writer()
     h.assembler.start(rate_hz=200)
     first, second = h.tmp_path / "first.h5", h.tmp_path / "second.h5"
-    rid1 = h.request(output_file=str(first), n_images=40)
+    rid1 = h.request(output_file=str(first), n_images=100)
     rid2 = h.request(output_file=str(second), n_images=30, compression="bitshuffle-lz4")
-    (action1, result1), (action2, result2) = h.final(rid1), h.final(rid2)
-    assert action1 is action2 is Action.SUCCESS, (result1, result2)
-    ids1, ids2 = check_file(h, first, 40), check_file(h, second, 30)
-    assert ids2[0] > ids1[-1]
+    action2, message2 = h.final(rid2)
+    assert action2 is Action.FAIL
+    assert message2.startswith(f"busy: writer_agent is running request {rid1} (writing {first}); "
+                               "this request was not queued"), message2
+    assert [a for a, _ in h.wait(rid2)["services"]["writer_agent"]] == [Action.FAIL]  # never started
+    action1, result1 = h.final(rid1)
+    assert action1 is Action.SUCCESS and result1["output_file"] == str(first), result1
+    assert not second.exists()
+    rid3 = h.request(output_file=str(second), n_images=30, compression="bitshuffle-lz4")
+    action3, result3 = h.final(rid3)
+    assert action3 is Action.SUCCESS and result3["output_file"] == str(second), result3
+    ids1, ids3 = check_file(h, first, 100), check_file(h, second, 30)
+    assert ids3[0] > ids1[-1]
 
 
 def test_timeout_ends_a_request_without_images(harness: Harness) -> None:

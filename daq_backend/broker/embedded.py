@@ -93,6 +93,8 @@ class EmbeddedTransport(Transport):
         self.name = check_name(name)
         self.address = hub_address(name)
         self.broker_url = f"embedded://{name}"
+        self.where = f"embedded hub {name!r} ({self.address})"
+        self._last_error = "no error"
         if not hub_is_running(name):
             raise ConnectionError(no_hub_message(name))
         self._reconnect_timeout = reconnect_timeout
@@ -141,7 +143,11 @@ class EmbeddedTransport(Transport):
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def publish(self, message: Message, *, mandatory: bool = False) -> None:
+    @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    def publish(self, message: Message, *, mandatory: bool = False, timeout: float | None = None) -> None:
         try:
             headers = json.dumps(message.headers).encode()
         except (TypeError, ValueError) as exc:
@@ -155,13 +161,17 @@ class EmbeddedTransport(Transport):
             bytes(message.body),
         ]
         what = f"message to exchange {message.exchange!r} with routing key {message.routing_key!r}"
+        deadline = None if timeout is None else time.monotonic() + timeout
         route_deadline: float | None = None
         while True:
-            if self._call(PUB, args, what) != NOROUTE:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._call(PUB, args, what, timeout=remaining) != NOROUTE:
                 return
             now = time.monotonic()
             route_deadline = route_deadline if route_deadline is not None else now + self._route_timeout
-            if now >= route_deadline:
+            if deadline is not None:
+                route_deadline = min(route_deadline, deadline)
+            if now + 0.1 >= route_deadline:  # no time left for another attempt
                 raise NoRouteError(
                     f"No consumer is bound to exchange {message.exchange!r} for routing key "
                     f"{message.routing_key!r} on embedded broker {self.name!r} (retried for "
@@ -235,6 +245,7 @@ class EmbeddedTransport(Transport):
                 if reply != UNKNOWN:
                     raise RuntimeError(f"Embedded broker hub {self.name!r} rejected {what}: {reply!r}")
                 last_error = "the hub restarted"
+            self._last_error = last_error
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ConnectionError(

@@ -19,6 +19,16 @@ REQUEST_EXCHANGE = "request"
 KILL_EXCHANGE = "kill"
 STATUS_EXCHANGE = "status"
 
+#: Header of a request message: the time (seconds since the epoch, ``time.time()``) by which a
+#: service must have started it. A service that receives it later refuses it (``request_fail``
+#: "expired: ...") instead of running a request whose client has given up; a request without it
+#: never expires (seed clients).
+DEADLINE_HEADER = "deadline"
+#: Seconds within which an operation of a client that must answer a person (the REST API, ``std-daq
+#: write``) gives up on an unreachable broker: a publish raises ``ConnectionError`` within this time,
+#: and the request it carried gets this as its deadline, so it can never run later.
+UNREACHABLE_BOUND = 5.0
+
 
 class Action(str, Enum):
     """Status actions. The first three are the seed's; ``request_progress`` is ours (extra,
@@ -75,14 +85,29 @@ def topic_matches(binding_key: str, routing_key: str) -> bool:
 class Transport(abc.ABC):
     """What the protocol needs of a message bus: topic publish and bound consumers."""
 
+    #: where the bus is, for messages (never with credentials)
+    where: str = "?"
+
+    @property
+    def connected(self) -> bool:
+        """True while the transport holds a working connection to the bus."""
+        return True
+
+    @property
+    def last_error(self) -> str:
+        """Why the last connection attempt or operation failed ("no error" if none did)."""
+        return "no error"
+
     @abc.abstractmethod
-    def publish(self, message: Message, *, mandatory: bool = False) -> None:
+    def publish(self, message: Message, *, mandatory: bool = False, timeout: float | None = None) -> None:
         """Send a message and return once the bus has taken it.
 
         While the bus is unreachable the publish is retried for a bounded, configurable time, then
         ``ConnectionError`` is raised. ``mandatory=True`` (used for requests) also requires at least
         one bound consumer; otherwise it is retried for a while (a service may be re-binding after a
         broker restart) and then ``NoRouteError`` is raised, so a request never vanishes silently.
+        ``timeout``: the whole publish (reconnect and route retries) gives up after this many seconds;
+        a message not taken by then is never sent later.
         """
 
     @abc.abstractmethod

@@ -5,6 +5,11 @@ other thread hands it work through ``add_callback_threadsafe``. That thread also
 restarts: it reconnects, re-declares the exchanges and re-binds every consumer's queue, while
 publishers wait (bounded) for it. Publishes use publisher confirms, so ``publish`` returning means
 the broker has the message, and ``mandatory`` publishes learn when nobody is bound to receive them.
+
+Each consumer's queue outlives a lost connection (it is deleted only when the consumer is cancelled,
+or by the broker after ``QUEUE_EXPIRES_S`` without a consumer): what is published for a consumer
+while its connection is down (a status sent by a service that reconnected first, a request) waits
+for it instead of being dropped. A request that waited past its deadline is refused by the service.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ JSON_HEADERS_KEY = "x-std-daq-json"
 
 _PRECONDITION_FAILED = 406
 _POLL_S = 0.2
+#: seconds a consumer's queue survives without its consumer (a connection that does not come back)
+QUEUE_EXPIRES_S = 600
+#: messages a consumer's queue keeps while its consumer is away (the oldest are dropped beyond it)
+QUEUE_MAX_LENGTH = 100_000
 
 
 class _ConnectionLost(ConnectionError):
@@ -232,25 +241,32 @@ class RabbitMQTransport(Transport):
         return self._connected.is_set()
 
     @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    @property
     def generation(self) -> int:
         """Number of connections made so far (1 + reconnects); lets tests see a reconnect."""
         return self._generation
 
-    def publish(self, message: Message, *, mandatory: bool = False) -> None:
+    def publish(self, message: Message, *, mandatory: bool = False, timeout: float | None = None) -> None:
         properties = pika.BasicProperties(
             correlation_id=message.correlation_id or None,
             headers=encode_headers(message.headers),
         )
         attempt = functools.partial(self._publish_now, message, properties, mandatory)
         what = f"message to exchange {message.exchange!r} with routing key {message.routing_key!r}"
+        deadline = None if timeout is None else time.monotonic() + timeout
         route_deadline: float | None = None
         while True:
-            routed = self._call(attempt, what)
+            routed = self._call(attempt, what, deadline)
             if routed:
                 return
             now = time.monotonic()
             route_deadline = route_deadline if route_deadline is not None else now + self._route_timeout
-            if now >= route_deadline:
+            if deadline is not None:
+                route_deadline = min(route_deadline, deadline)
+            if now + 0.1 >= route_deadline:  # no time left for another attempt
                 raise NoRouteError(
                     f"No consumer is bound to exchange {message.exchange!r} for routing key "
                     f"{message.routing_key!r} on RabbitMQ at {self.where} (retried for "
@@ -317,10 +333,18 @@ class RabbitMQTransport(Transport):
         with self._lock:
             self._pending.discard(future)
 
-    def _call(self, operation: Callable[[concurrent.futures.Future[Any]], None], what: str) -> Any:
+    def _call(
+        self,
+        operation: Callable[[concurrent.futures.Future[Any]], None],
+        what: str,
+        deadline: float | None = None,
+    ) -> Any:
         """Run ``operation`` on the connection, retrying across reconnects until
-        ``reconnect_timeout`` has passed without success."""
-        deadline = time.monotonic() + self._reconnect_timeout
+        ``reconnect_timeout`` has passed without success (or the monotonic ``deadline``, if earlier).
+        An operation given up on is cancelled: it does not run later."""
+        started = time.monotonic()
+        limit = started + self._reconnect_timeout
+        deadline = limit if deadline is None else min(deadline, limit)
         while True:
             if self._closed:
                 raise ConnectionError(f"RabbitMQ transport to {self.where} is closed; {what} was not sent")
@@ -329,13 +353,15 @@ class RabbitMQTransport(Transport):
                 try:
                     return future.result(timeout=max(0.0, deadline - time.monotonic()))
                 except concurrent.futures.TimeoutError:
+                    if not future.cancel() and future.done():  # it ran meanwhile: its outcome counts
+                        return future.result()
                     self._last_error = "no answer from the connection thread"
                 except (AMQPError, OSError) as exc:
                     self._last_error = _describe(exc)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ConnectionError(
-                    f"RabbitMQ at {self.where} unreachable for {self._reconnect_timeout:g} s "
+                    f"RabbitMQ at {self.where} unreachable for {time.monotonic() - started:.1f} s "
                     f"({self._last_error}); {what} failed"
                 )
             if self._connected.is_set():
@@ -425,8 +451,8 @@ class RabbitMQTransport(Transport):
     def _rebind_closed_consumers(self) -> None:
         """A channel the broker closed (for a work queue typically RabbitMQ's ``consumer_timeout``,
         30 min by default, hit by a long request) would silently end consuming: bind it again. The
-        auto-delete queue went with its consumer, so the running request is not delivered twice;
-        a request published meanwhile was unroutable and is retried by its mandatory publisher."""
+        queue kept what arrived meanwhile; an unacknowledged request comes again and is recognised
+        by its id (a service runs each request id once)."""
         for consumer in list(self._consumers.values()):
             channel = consumer.channel
             if channel is not None and channel.is_closed and consumer.generation == self._generation:
@@ -526,7 +552,10 @@ class RabbitMQTransport(Transport):
         channel = connection.channel()
         if consumer.exclusive_work:
             channel.basic_qos(prefetch_count=1)
-        channel.queue_declare(queue=consumer.queue, exclusive=True, auto_delete=True)
+        channel.queue_declare(
+            queue=consumer.queue,
+            arguments={"x-expires": QUEUE_EXPIRES_S * 1000, "x-max-length": QUEUE_MAX_LENGTH},
+        )
         channel.queue_bind(queue=consumer.queue, exchange=consumer.exchange, routing_key=consumer.binding_key)
         channel.basic_consume(
             consumer.queue,
@@ -540,7 +569,8 @@ class RabbitMQTransport(Transport):
         channel = consumer.channel
         try:
             if channel is not None and channel.is_open and consumer.generation == self._generation:
-                channel.close()  # cancels the consumer; the auto-delete queue goes with it
+                channel.queue_delete(queue=consumer.queue)  # cancels the consumer with its queue
+                channel.close()
         except (AMQPError, OSError) as exc:
             _logger.debug("Closing consumer channel: %s", exc)
         _resolve(future, True)

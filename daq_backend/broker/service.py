@@ -1,8 +1,18 @@
 """The service side of the protocol: run one request at a time, report it on ``status``.
 
-Behaves like the seed's ``BrokerService`` on the wire, and fixes its weak spots: malformed bodies
-and kills of unknown ids get a clear ``request_fail`` instead of killing the consumer or being
-ignored (weakness 3), the callback gets a context with a kill flag and a progress publisher.
+Behaves like the seed's ``BrokerService`` on the wire: malformed bodies and kills of unknown ids get
+a clear ``request_fail`` instead of killing the consumer or being ignored, and the callback gets a
+context with a kill flag and a progress publisher.
+
+Admission of a request, in this order: a redelivered id is ignored (each id runs once); a request
+killed before it arrived is refused; a request whose ``deadline`` header has passed is refused as
+``expired: ...`` (its client gave up on it: it never runs late); with ``reject_when_busy`` a request
+that arrives while another runs is refused with ``busy: ...`` naming the running one (never queued).
+Refusals are ``request_fail`` without a ``request_start``.
+
+While the broker is unreachable, progress is dropped (the next one after the reconnect says it all)
+and the final status of a request is retried until it is out, so a request that ran through an outage
+still reports how it ended once the broker is back.
 """
 
 from __future__ import annotations
@@ -11,15 +21,19 @@ import collections
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from daq_backend.broker.protocol import (
+    DEADLINE_HEADER,
+    FINAL_ACTIONS,
     KILL_EXCHANGE,
     REQUEST_EXCHANGE,
     STATUS_EXCHANGE,
+    UNREACHABLE_BOUND,
     Action,
     Message,
     Transport,
@@ -28,6 +42,8 @@ from daq_backend.broker.protocol import (
 _logger = logging.getLogger(__name__)
 
 _REMEMBERED_IDS = 1000
+#: seconds between attempts to publish a final status while the broker is unreachable
+_FINAL_RETRY_S = 1.0
 
 
 @dataclass
@@ -50,6 +66,14 @@ class RequestContext:
             self.progress_callback(message)
 
 
+def request_deadline(message: Message) -> float | None:
+    """The request's ``deadline`` header (``time.time()`` seconds), None if it has none (or a bad one)."""
+    value = message.headers.get(DEADLINE_HEADER)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
 class BrokerService:
     """Consumes ``request`` (binding key ``tag``, one request at a time) and ``kill``.
 
@@ -57,6 +81,10 @@ class BrokerService:
     ``request_success`` with its (JSON-serialisable) return value or ``request_fail`` with the
     exception text. Status routing key = the request's routing key (the tag itself unless the tag is
     a wildcard), ``correlation_id`` = request id, body = the request body echoed.
+
+    ``reject_when_busy``: a request that arrives while one runs is refused (``request_fail`` "busy:
+    ...", naming the running request); otherwise (the seed's behaviour) it waits in the broker's
+    queue until the running one ended. See the module docstring for the other refusals.
     """
 
     def __init__(
@@ -68,6 +96,7 @@ class BrokerService:
         on_kill: Callable[[str], None] | None = None,
         *,
         stop_timeout: float = 30.0,
+        reject_when_busy: bool = False,
     ) -> None:
         self.transport = transport
         self.service_name = service_name
@@ -75,6 +104,7 @@ class BrokerService:
         self._on_request = on_request
         self._on_kill = on_kill
         self._stop_timeout = stop_timeout
+        self.reject_when_busy = reject_when_busy
         self._lock = threading.Lock()
         self._current: RequestContext | None = None
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -126,12 +156,20 @@ class BrokerService:
             correlation_id=request_id,
             headers={"action": action.value, "source": self.service_name, "message": message},
         )
-        try:
-            self.transport.publish(status)
-        except ConnectionError:
-            _logger.exception(
-                "Service %r could not publish %s for %s", self.service_name, action.value, request_id
-            )
+        # a final status waits for the broker; anything else is given up on after a bounded time
+        timeout = None if action in FINAL_ACTIONS else UNREACHABLE_BOUND
+        while True:
+            try:
+                self.transport.publish(status, timeout=timeout)
+                return
+            except ConnectionError as exc:
+                if action not in FINAL_ACTIONS or self._stopping.is_set():
+                    _logger.error("Service %r could not publish %s for %s: %s", self.service_name,
+                                  action.value, request_id, exc)
+                    return
+                _logger.warning("Service %r could not publish %s for %s yet (%s); retrying",
+                                self.service_name, action.value, request_id, exc)
+                self._stopping.wait(_FINAL_RETRY_S)
 
     # ------------------------------------------------------------------ requests
 
@@ -144,13 +182,20 @@ class BrokerService:
             )
         reply = (request_id, message.routing_key, message.body)
         ctx = RequestContext(request_id=request_id, request={})
+        deadline = request_deadline(message)
+        late = None if deadline is None else time.time() - deadline
+        busy: RequestContext | None = None
         with self._lock:
             duplicate = request_id in self._seen
             self._remember(self._seen, request_id)
             killed_early = request_id in self._killed_early
             if killed_early:
                 del self._killed_early[request_id]
-            elif not duplicate:
+            elif duplicate or (late is not None and late > 0):
+                pass
+            elif self._current is not None and self.reject_when_busy:
+                busy = self._current
+            else:
                 self._current = ctx  # from here on a kill finds it
                 self._idle.clear()
         if duplicate:
@@ -161,34 +206,72 @@ class BrokerService:
         if killed_early:
             self._publish_status(Action.FAIL, *reply, f"Request {request_id} was killed before it started")
             return
+        if late is not None and late > 0:
+            _logger.warning("Request %s reached %r %.1f s after its deadline; refused", request_id,
+                            self.service_name, late)
+            self._publish_status(
+                Action.FAIL, *reply,
+                f"expired: request {request_id} reached {self.service_name} {late:.1f} s after its "
+                "deadline (its client no longer waits for it); not started",
+            )
+            return
+        if busy is not None:
+            self._publish_status(Action.FAIL, *reply, self._busy_message(busy))
+            return
+        worker: threading.Thread | None = None
         try:
-            self._serve(ctx, message, reply)
+            worker = self._serve(ctx, message, reply)
         finally:
-            with self._lock:
+            if worker is None:
+                self._release(ctx)
+        if self.reject_when_busy:
+            return  # the next delivery may come now: it is refused while this one runs
+        # Block the delivery thread until the request is over: that (prefetch 1 + ack on return)
+        # is what makes the service run one request at a time, the next one waiting in the queue.
+        while worker.is_alive():
+            worker.join(timeout=0.5)
+            if self._stopping.is_set():
+                worker.join(timeout=self._stop_timeout)
+                return
+
+    def _busy_message(self, running: RequestContext) -> str:
+        output = running.request.get("output_file") if isinstance(running.request, dict) else None
+        what = f" (writing {output})" if isinstance(output, str) else ""
+        return (
+            f"busy: {self.service_name} is running request {running.request_id}{what}; this request was "
+            "not queued: send it again once that one has ended, or stop it first"
+        )
+
+    def _release(self, ctx: RequestContext) -> None:
+        with self._lock:
+            if self._current is ctx:
                 self._current = None
                 self._idle.set()
 
-    def _serve(self, ctx: RequestContext, message: Message, reply: tuple[str, str, bytes]) -> None:
+    def _serve(
+        self, ctx: RequestContext, message: Message, reply: tuple[str, str, bytes]
+    ) -> threading.Thread | None:
+        """Parse and start the request in a worker thread (returned); None if it was refused."""
         try:
             request = json.loads(message.body.decode())
         except (UnicodeDecodeError, ValueError) as exc:
             self._publish_status(Action.FAIL, *reply, f"Malformed request: body is not valid JSON ({exc})")
-            return
+            return None
         if not isinstance(request, dict):
             self._publish_status(
                 Action.FAIL,
                 *reply,
                 f"Malformed request: body must be a JSON object, got {type(request).__name__}",
             )
-            return
+            return None
         if ctx.killed.is_set():
             self._publish_status(
                 Action.FAIL, *reply, f"Request {ctx.request_id} was killed before it started"
             )
-            return
+            return None
         if self._stopping.is_set():
             self._publish_status(Action.FAIL, *reply, f"Service {self.service_name} is shutting down")
-            return
+            return None
         ctx.request = request
         ctx.progress_callback = lambda progress: self._publish_progress(reply, progress)
         self._publish_status(Action.START, *reply, None)
@@ -199,19 +282,21 @@ class BrokerService:
             daemon=True,
         )
         worker.start()
-        # Block the delivery thread until the request is over: that (prefetch 1 + ack on return)
-        # is what makes the service run one request at a time.
-        while worker.is_alive():
-            worker.join(timeout=0.5)
-            if self._stopping.is_set():
-                worker.join(timeout=self._stop_timeout)
-                return
+        return worker
 
     def _publish_progress(self, reply: tuple[str, str, bytes], progress: Any) -> None:
         json.dumps(progress)  # a non-serialisable progress is the caller's bug: raise it there
+        if not self.transport.connected:
+            return  # dropped, not waited for: the request goes on while the broker is away
         self._publish_status(Action.PROGRESS, *reply, progress)
 
     def _run_request(self, ctx: RequestContext, reply: tuple[str, str, bytes]) -> None:
+        try:
+            self._run_request_reporting(ctx, reply)
+        finally:
+            self._release(ctx)
+
+    def _run_request_reporting(self, ctx: RequestContext, reply: tuple[str, str, bytes]) -> None:
         try:
             result = self._on_request(ctx)
             try:

@@ -7,7 +7,9 @@ Error answers (decided here, documented in the OpenAPI schema):
   but with a real status code instead of the seed's 200: 400 bad parameter, 404 unknown detector,
   409 START while running / STOP while idle, 422 malformed request, 503 detector unreachable;
 * malformed JSON: 400; a valid JSON body with a wrong or missing field: 422; a file outside the allowed
-  output roots: 403; no writer agent on the broker tag: 503;
+  output roots: 403; a write while another write request is queued or running: 409 naming that one
+  (one write at a time, never queued); no writer agent on the broker tag, or the broker unreachable:
+  503 within ``BROKER_ANSWER_BOUND`` seconds;
 * the admin interface (``/writer/*``, ``/daq/*``) answers HTTP 200 with ``{"status": "error",
   "message"}`` like REST v2, because ``std_daq_client`` only turns that into its
   ``StdDaqAdminException`` (any other status code becomes a bare ``RuntimeError``).
@@ -30,7 +32,6 @@ from pydantic import BaseModel, ValidationError
 from daq_backend.epics.writer import EpicsWriteRequest
 from daq_backend.rest import models as m
 from daq_backend.rest.backend import (
-    DETECTOR,
     ApiError,
     DaqBackend,
     RequestRecord,
@@ -69,7 +70,7 @@ def _errors(*codes: int, model: type[BaseModel] = m.ErrorBody) -> dict[int | str
         400: "malformed JSON or a bad detector parameter",
         403: "output file outside the allowed output roots",
         404: "unknown request id or detector",
-        409: "the detector or writer is in the wrong state for this",
+        409: "the detector or writer is in the wrong state for this (e.g. a write while another runs)",
         422: "a field is missing, of the wrong type or out of range",
         502: "the detector refused the command",
         503: "detector unreachable, broker unreachable or no writer agent on the tag",
@@ -186,7 +187,7 @@ def create_app(backend: DaqBackend) -> FastAPI:
             "and the request goes on (poll /requests/{id})."
         ),
         openapi_extra=_body(WriteRequest, write_example),
-        responses=_errors(400, 403, 404, 422, 503, 504),
+        responses=_errors(400, 403, 404, 409, 422, 503, 504),
     )
     async def write_sync(request: Request) -> m.WriteSyncResponse:
         write = await run_in_threadpool(backend.validate_write, await _json_body(request))
@@ -200,12 +201,12 @@ def create_app(backend: DaqBackend) -> FastAPI:
         tags=["seed"],
         summary="Start writing and answer with the request id at once",
         openapi_extra=_body(WriteRequest, write_example),
-        responses=_errors(400, 403, 422, 503),
+        responses=_errors(400, 403, 409, 422, 503),
     )
     async def write_async(request: Request) -> m.WriteAsyncResponse:
         write = await run_in_threadpool(backend.validate_write, await _json_body(request))
         request_id = await run_in_threadpool(backend.submit_write, write)
-        return m.WriteAsyncResponse(request_id=request_id)
+        return m.WriteAsyncResponse(request_id=request_id, output_file=write.output_file)
 
     @app.post(
         "/write_kill",
@@ -318,15 +319,24 @@ def create_app(backend: DaqBackend) -> FastAPI:
         body = await _json_body(request)
         return m.WriteAsyncResponse(request_id=await run_in_threadpool(backend.submit_epics, body))
 
-    @app.get("/health", response_model=m.HealthResponse, tags=["service"], summary="Liveness of the API")
-    def health() -> m.HealthResponse:
-        return m.HealthResponse(
+    @app.get(
+        "/health",
+        response_model=m.HealthResponse,
+        tags=["service"],
+        summary="Liveness of the API and whether it reaches its broker",
+        responses={503: {"model": m.HealthResponse, "description": "the broker is unreachable"}},
+    )
+    def health() -> JSONResponse:
+        broker = backend.broker_health()
+        answer = m.HealthResponse(
+            status="ok" if broker["broker"] == "up" else "unavailable",
             detector_name=name,
             uptime=time.monotonic() - backend.started_at,
-            broker=backend.broker_kind,
             requests_active=len(backend.tracker.active()),
             pipeline=backend.stats()["pipeline"],
+            **broker,
         )
+        return JSONResponse(answer.model_dump(mode="json"), status_code=200 if answer.status == "ok" else 503)
 
     @app.get(
         "/stats",
@@ -352,8 +362,10 @@ def create_app(backend: DaqBackend) -> FastAPI:
         return backend.config.to_json_dict()
 
     # -- admin interface (REST v2) -------------------------------------------------------------
-    def admin_writer(message: str) -> m.AdminWriterResponse:
-        return m.AdminWriterResponse(status=m.ApiStatus.OK, message=message, writer=backend.writer_status())
+    def admin_writer(message: str, request_id: str | None = None) -> m.AdminWriterResponse:
+        return m.AdminWriterResponse(
+            status=m.ApiStatus.OK, message=message, writer=backend.writer_status(request_id)
+        )
 
     async def admin_submit(request: Request) -> tuple[str, WriteRequest]:
         body = await _json_body(request)
@@ -365,11 +377,6 @@ def create_app(backend: DaqBackend) -> FastAPI:
             admin = await run_in_threadpool(m.AdminWriteRequest.model_validate, body, context=context)
         except ValidationError as exc:
             raise ApiError(422, f"invalid write request: {explain_validation(exc)}") from None
-        active = backend.tracker.active(DETECTOR)
-        if active:
-            raise ApiError(
-                409, f"Writer is busy with request {active[0].request_id}: stop it first (/writer/stop)."
-            )
         write = WriteRequest.model_validate(
             admin.model_dump(exclude={"run_id"}, exclude_unset=True), context={"check_filesystem": False}
         )
@@ -389,7 +396,7 @@ def create_app(backend: DaqBackend) -> FastAPI:
         request_id, write = await admin_submit(request)
         record = await backend.wait_final(request_id, write.timeout)
         return admin_writer(
-            "Writing finished." if record.state is m.RequestState.COMPLETED else "Writing ended."
+            "Writing finished." if record.state is m.RequestState.COMPLETED else "Writing ended.", request_id
         )
 
     @app.post(
@@ -400,8 +407,8 @@ def create_app(backend: DaqBackend) -> FastAPI:
         openapi_extra=admin_write_doc,
     )
     async def admin_write_async(request: Request) -> m.AdminWriterResponse:
-        await admin_submit(request)
-        return admin_writer("Writing started.")
+        request_id, _ = await admin_submit(request)
+        return admin_writer("Writing started.", request_id)
 
     @app.get("/writer/status", response_model=m.AdminWriterResponse, tags=["admin"], summary="Writer status")
     def admin_status() -> m.AdminWriterResponse:

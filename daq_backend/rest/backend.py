@@ -38,6 +38,7 @@ from daq_backend.broker import (
     StatusMessage,
     Transport,
 )
+from daq_backend.broker.protocol import UNREACHABLE_BOUND
 from daq_backend.config import ConfigError, DetectorConfig, parse_config
 from daq_backend.control.base import (
     DetectorCommandError,
@@ -46,6 +47,7 @@ from daq_backend.control.base import (
     DetectorUnreachableError,
     ParameterError,
 )
+from daq_backend.messages import FAULT_BOUND
 from daq_backend.rest.models import FINAL_STATES, DetectorRequest, RequestState
 from daq_backend.validation import explain as explain_validation
 from daq_backend.writer.request import RequestError, WriteRequest, output_roots_from_env, parse_write_request
@@ -61,6 +63,13 @@ EPICS_TAG = "epics_writer"
 IDLE_GRACE = 5.0
 #: seconds to wait for the final status after a kill/stop
 KILL_TIMEOUT = 30.0
+#: seconds within which a write (or a kill) is answered 503 while the broker is unreachable: the
+#: publish is given up after this long (at once when the broker is known to be down), and it is the
+#: request's deadline, so a request the API answered 503 for is never run later
+BROKER_ANSWER_BOUND = UNREACHABLE_BOUND
+#: seconds after which a request no service has answered at all is marked failed (the broker lost it
+#: with a connection, or nobody took it): its deadline has passed, so it can no longer start
+UNSTARTED_BOUND = BROKER_ANSWER_BOUND + FAULT_BOUND
 DETECTOR_COMMANDS = ("START", "STOP", "STATUS")
 
 StatsProvider = Callable[[], Mapping[str, Any] | None]
@@ -247,6 +256,19 @@ class RequestTracker:
                 record.kill_requested = True
                 record.finish_requested = finish
             return record.copy()
+
+    def fail_unstarted(self, kind: str, older_than: float) -> list[str]:
+        """Mark failed the requests of ``kind`` that no service answered at all for ``older_than``
+        seconds since they were registered; returns their ids."""
+        limit = time.monotonic() - older_than
+        with self._lock:
+            ids = [r.request_id for r in self._records.values()
+                   if r.kind == kind and r.state is RequestState.QUEUED and not r.services
+                   and r.last_activity < limit]
+        for request_id in ids:
+            self.mark_failed(request_id, f"no service started the request within {older_than:g} s (the "
+                                         "broker lost it, or no service took it); its deadline has passed")
+        return ids
 
     def mark_failed(self, request_id: str, message: str) -> None:
         """Give up on a request whose services never reported an end (e.g. the writer died)."""
@@ -740,6 +762,8 @@ class DaqBackend:
         self.owns_controls = owns_controls
         self.started_at = time.monotonic()
         self._started = False
+        #: makes "is the writer free?" and registering the new request one step (one write at a time)
+        self._submit_lock = threading.Lock()
 
     @property
     def config(self) -> DetectorConfig:
@@ -748,6 +772,16 @@ class DaqBackend:
     @property
     def broker_kind(self) -> str:
         return "embedded" if isinstance(self.transport, EmbeddedTransport) else "amqp"
+
+    def broker_health(self) -> dict[str, Any]:
+        """Whether this API reaches its broker now (the ``broker*`` fields of ``/health``)."""
+        up = self.transport.connected
+        return {
+            "broker": "up" if up else "down",
+            "broker_kind": self.broker_kind,
+            "broker_where": self.transport.where,
+            "broker_error": None if up else self.transport.last_error,
+        }
 
     def start(self) -> DaqBackend:
         if not self._started:
@@ -791,17 +825,47 @@ class DaqBackend:
             raise ApiError(422, str(exc)) from None
 
     def submit_write(self, request: WriteRequest, *, run_id: int | str | None = None) -> str:
-        """Publish a validated write request to the writer agent on this DAQ's tag; returns its id."""
+        """Publish a validated write request to the writer agent on this DAQ's tag; returns its id.
+
+        One write at a time: while a write request is queued or running, another is refused (409
+        naming the running one), never queued. Its answer comes within ``BROKER_ANSWER_BOUND`` also
+        when the broker is unreachable (503), and the request carries that as its deadline."""
         body = request.to_json_dict()
         if run_id is not None:
             body["metadata"] = {**body.get("metadata", {}), "run_id": run_id}
-        return self._publish(self.client, DETECTOR, body, run_id)
+        with self._submit_lock:
+            self.check_writer_free()
+            request_id = self._register(DETECTOR, body, run_id)
+        return self._publish(self.client, DETECTOR, body, request_id)
 
-    def _publish(self, client: BrokerClient, kind: str, body: dict[str, Any], run_id: Any = None) -> str:
+    def check_writer_free(self) -> None:
+        """409 while a write request of this DAQ is queued or running."""
+        self.tracker.fail_unstarted(DETECTOR, UNSTARTED_BOUND)
+        active = self.tracker.active(DETECTOR)
+        if active:
+            running = active[0]
+            what = f", writing {running.output_file}" if running.output_file else ""
+            raise ApiError(
+                409,
+                f"Writer is busy with request {running.request_id} ({running.state.value}{what}): "
+                f"this request was not queued; send it again once that one has ended, or stop it first "
+                f"(POST /requests/{running.request_id}/stop)",
+                running_request_id=running.request_id,
+            )
+
+    def _register(self, kind: str, body: dict[str, Any], run_id: Any = None) -> str:
         request_id = _new_request_id()
         self.tracker.register(request_id, body, run_id=run_id, kind=kind)
+        return request_id
+
+    def _publish(self, client: BrokerClient, kind: str, body: dict[str, Any], request_id: str) -> str:
+        if not self.transport.connected:
+            why = f"broker unreachable ({self.transport.where}: {self.transport.last_error})"
+            self.tracker.mark_failed(request_id, f"not sent: {why}")
+            raise ApiError(503, f"{why}; the request was not sent and will never run", request_id=request_id)
         try:
-            client.request(body, request_id=request_id)
+            client.request(body, request_id=request_id, deadline=time.time() + BROKER_ANSWER_BOUND,
+                           timeout=BROKER_ANSWER_BOUND)
         except NoRouteError:
             self.tracker.forget(request_id)
             if kind == DETECTOR:
@@ -816,8 +880,9 @@ class DaqBackend:
                 )
             raise ApiError(503, f"no {what} is listening on tag {client.tag!r}: {hint}") from None
         except ConnectionError as exc:
-            self.tracker.forget(request_id)
-            raise ApiError(503, f"broker unreachable: {exc}") from None
+            self.tracker.mark_failed(request_id, f"not sent: broker unreachable ({exc})")
+            raise ApiError(503, f"broker unreachable: {exc}; the request was not sent and will never run",
+                           request_id=request_id) from None
         return request_id
 
     def submit_epics(self, body: Any) -> str:
@@ -834,7 +899,8 @@ class DaqBackend:
             request = parse_request(body)
         except EpicsRequestError as exc:
             raise ApiError(422, f"invalid EPICS write request: {exc}") from None
-        return self._publish(self.epics_client, EPICS, request.model_dump(mode="json"))
+        body = request.model_dump(mode="json")
+        return self._publish(self.epics_client, EPICS, body, self._register(EPICS, body))
 
     async def wait_final(self, request_id: str, timeout: float | None) -> RequestRecord:
         """Wait until the request ends; with ``timeout`` (the writer's idle timeout) give up when no
@@ -869,7 +935,7 @@ class DaqBackend:
             raise ApiError(404, f"unknown request_id {request_id!r}")
         if not record.final:
             try:
-                self._client(record.kind).kill(request_id, finish=finish)
+                self._client(record.kind).kill(request_id, finish=finish, timeout=BROKER_ANSWER_BOUND)
             except ConnectionError as exc:
                 raise ApiError(503, f"broker unreachable, kill not sent: {exc}") from None
         return record
@@ -912,11 +978,14 @@ class DaqBackend:
         except ConnectionError:
             _logger.exception("re-sending kill for %s failed", request_id)
 
-    def writer_status(self) -> dict[str, Any]:
+    def writer_status(self, request_id: str | None = None) -> dict[str, Any]:
+        """The admin interface's writer status; ``request_id``: describe that request (the answer to
+        its submission) rather than the latest one."""
         active = self.tracker.active(DETECTOR)
+        record = self.tracker.get(request_id) if request_id is not None else self.tracker.latest()
         return {
             "state": "WRITING" if active else "READY",
-            "acquisition": acquisition_log(self.tracker.latest()),
+            "acquisition": acquisition_log(record),
         }
 
     # -- detectors ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from daq_backend.writer.request import WriteRequest
 class RequestState(str, Enum):
     """Life of one write request as this API tracks it from the broker's status messages."""
 
-    QUEUED = "queued"  # published; no service has started it yet (busy with an earlier one)
+    QUEUED = "queued"  # published; no service has started it yet
     RUNNING = "running"  # request_start received
     COMPLETED = "completed"  # request_success
     INTERRUPTED = "interrupted"  # killed / stopped; the file holds what was written until then
@@ -76,6 +76,7 @@ class WriteSyncResponse(BaseModel):
 
 class WriteAsyncResponse(BaseModel):
     request_id: str
+    output_file: str | None = Field(default=None, description="the file this request writes")
 
 
 class DetectorRequest(BaseModel):
@@ -139,10 +140,17 @@ class RequestStatus(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok"] = "ok"
+    """``GET /health``: 200 while the API can take requests; 503 (same body) while the broker is
+    unreachable."""
+
+    status: Literal["ok", "unavailable"] = "ok"
     detector_name: str
     uptime: float = Field(description="seconds since this API started")
-    broker: str = Field(description="transport in use: embedded or amqp")
+    broker: Literal["up", "down"] = Field(description="whether this API reaches its broker now")
+    broker_kind: str = Field(default="unknown", description="transport in use: embedded or amqp")
+    broker_where: str = Field(default="", description="the broker's address (no credentials)")
+    broker_error: str | None = Field(default=None, description="why the broker is unreachable")
+    broker_down_for: float | None = Field(default=None, description="seconds the broker has been down")
     requests_active: int
     pipeline: Literal["up", "down", "stale", "unknown"]
 

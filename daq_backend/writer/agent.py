@@ -125,7 +125,8 @@ class WriterAgent:
         self._run_ids = itertools.count(1)
         self.counters = AgentCounters()
         self._reporter: StatsReporter | None = None
-        self.service = BrokerService(transport, service_name, self.tag, self.handle)
+        # one file at a time: a request arriving while one runs is refused ("busy: ..."), never queued
+        self.service = BrokerService(transport, service_name, self.tag, self.handle, reject_when_busy=True)
 
     # -- lifetime ---------------------------------------------------------------------------------
     def start(self) -> WriterAgent:
