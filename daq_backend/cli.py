@@ -184,12 +184,63 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"std-daq: {what} (no status file in {ipc.ipc_dir()})", file=sys.stderr)
         return 1
     statuses = [read_status(p) for p in paths]
+    for status in statuses:
+        if not status.get("stale"):
+            status["broker_health"] = broker_health(status)
     if args.json:
         print(json.dumps(statuses, indent=1))
     else:
         for status in statuses:
             render_status(status)
-    return 0 if all(not s["stale"] and all(x["alive"] for x in s["services"]) for s in statuses) else 3
+    return 0 if all(_healthy(s) for s in statuses) else 3
+
+
+def _healthy(status: dict[str, Any]) -> bool:
+    broker = status.get("broker_health") or {}
+    return (not status["stale"] and all(x["alive"] for x in status["services"])
+            and broker.get("broker") != "down")
+
+
+#: seconds ``std-daq status`` waits for the REST API's /health (or the broker) before calling it down
+STATUS_PROBE_TIMEOUT = 3.0
+
+
+def broker_health(status: dict[str, Any]) -> dict[str, Any]:
+    """Whether the detector's broker is reachable: the REST API's ``/health`` (its own connection)
+    when it runs, else a connection attempt to the broker's address. ``{"broker": "up"|"down"|
+    "unknown", "broker_where", "broker_error", "via"}``."""
+    import socket
+    import urllib.parse
+
+    import httpx
+
+    url = str(status.get("broker") or "")
+    rest = status.get("rest_url")
+    if rest:
+        try:
+            answer = httpx.get(f"{rest}/health", timeout=STATUS_PROBE_TIMEOUT).json()
+            if answer.get("broker") in ("up", "down"):
+                return {"broker": answer["broker"], "broker_where": answer.get("broker_where", url),
+                        "broker_error": answer.get("broker_error"), "via": "rest"}
+        except (httpx.HTTPError, ValueError, AttributeError):
+            pass  # no answer from the API: ask the broker itself
+    if url.startswith(("amqp://", "amqps://")):
+        parts = urllib.parse.urlsplit(url)
+        where = f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
+        try:
+            with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672),
+                                          timeout=STATUS_PROBE_TIMEOUT):
+                return {"broker": "up", "broker_where": where, "broker_error": None, "via": "tcp"}
+        except OSError as exc:
+            return {"broker": "down", "broker_where": where, "broker_error": str(exc), "via": "tcp"}
+    if url.startswith("embedded"):
+        from daq_backend.broker.embedded_hub import hub_is_running
+
+        name = url.removeprefix("embedded").removeprefix("://").strip("/") or "default"
+        up = hub_is_running(name)
+        return {"broker": "up" if up else "down", "broker_where": url,
+                "broker_error": None if up else "the embedded hub does not answer", "via": "hub"}
+    return {"broker": "unknown", "broker_where": url, "broker_error": None, "via": None}
 
 
 def render_status(status: dict[str, Any], console: Any = None) -> None:
@@ -231,6 +282,13 @@ def render_status(status: dict[str, Any], console: Any = None) -> None:
             wide = Console(width=10_000)
             console = Console(width=max(80, Measurement.get(wide, wide.options, table).maximum))
     console.print(table)
+    broker = status.get("broker_health")
+    if broker and broker["broker"] == "down":
+        where, why = escape(str(broker["broker_where"])), escape(str(broker["broker_error"]))
+        console.print(f"[red]broker {where}: DOWN ({why}); write requests are refused (503) until it is "
+                      "back[/red]")
+    elif broker and broker["broker"] == "up":
+        console.print(f"broker {escape(str(broker['broker_where']))}: up")
     if status.get("ended"):
         console.print(f"[red]{status['ended']}[/red]")
 

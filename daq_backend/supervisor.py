@@ -54,6 +54,7 @@ from typing import Any
 import zmq
 
 from daq_backend import ipc
+from daq_backend.broker.transport import redact_url
 from daq_backend.component import EXIT_CANNOT_START, FAILURE_FILE_ENV, SERVICE_NAME_ENV, run_service
 from daq_backend.config import ConfigError, DetectorConfig, parse_config
 from daq_backend.guardian import DEFAULT_GRACE, Guardian
@@ -344,6 +345,8 @@ class Supervisor:
             "live_config": str(self.config_path),
             "updated": time.time(),
             "interval": self.status_interval,
+            "broker": redact_url(self.topology.broker_url),
+            "rest_url": self.topology.rest_url,
             "services": services,
             "logs": {"supervisor": self._log.summary(STATUS_LOG_LINES)}
             | {name: child.log.summary(STATUS_LOG_LINES) for name, child in self._children.items()},

@@ -128,6 +128,14 @@ class Topology:
     launcher: tuple[str, ...] = ()
     python: str = sys.executable
 
+    @property
+    def rest_url(self) -> str | None:
+        """Where a client on this host reaches the REST API (None: not run)."""
+        if self.rest_port is None:
+            return None
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.rest_host, self.rest_host)
+        return f"http://[{host}]:{self.rest_port}" if ":" in host else f"http://{host}:{self.rest_port}"
+
     def _log(self) -> tuple[str, ...]:
         return ("--log-level", self.log_level.upper()) if self.log_level else ()
 

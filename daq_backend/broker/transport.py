@@ -20,6 +20,15 @@ def host_to_url(host: str) -> str:
     return f"amqp://guest:guest@{host}:{port or 5672}/%2F"
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its password (for status files and messages)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def resolve_broker_url(broker_url: str | None = None) -> str:
     """Explicit URL, else ``BROKER_URL``, else ``BROKER_HOST``, else the embedded broker."""
     if broker_url:

@@ -150,7 +150,6 @@ class HealthResponse(BaseModel):
     broker_kind: str = Field(default="unknown", description="transport in use: embedded or amqp")
     broker_where: str = Field(default="", description="the broker's address (no credentials)")
     broker_error: str | None = Field(default=None, description="why the broker is unreachable")
-    broker_down_for: float | None = Field(default=None, description="seconds the broker has been down")
     requests_active: int
     pipeline: Literal["up", "down", "stale", "unknown"]
 

@@ -36,6 +36,7 @@ from daq_backend.broker import (
     make_transport,
     run_listener,
 )
+from daq_backend.broker.protocol import UNREACHABLE_BOUND
 from daq_backend.writer.request import RequestError, parse_write_request
 
 DETECTOR_ENV = "STD_DAQ_DETECTOR"
@@ -233,11 +234,17 @@ def write_main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: Tex
             aggregator.start()
             with signals.deferred():
                 try:
-                    client.request(body, request_id=request_id)
+                    # the request must start within the bound or never (its deadline): this command
+                    # gives up on it then, so it must not run later
+                    client.request(body, request_id=request_id, deadline=time.time() + UNREACHABLE_BOUND,
+                                   timeout=UNREACHABLE_BOUND)
                 except NoRouteError:
-                    where = getattr(transport, "where", None) or getattr(transport, "broker_url", None)
-                    where = where or "the broker"
-                    print(f"std-daq write: no writer agent serves detector {tag!r} on {where}", file=err)
+                    print(f"std-daq write: no writer agent serves detector {tag!r} on {transport.where}",
+                          file=err)
+                    return 2
+                except ConnectionError as exc:
+                    print(f"std-daq write: broker unreachable ({exc}); the request was not sent and will "
+                          "never run", file=err)
                     return 2
             done = _wait(aggregator, client, request_id, progress, tag, signals, err)
         except _Interrupted as exc:  # before the request was sent: nothing to kill
@@ -262,8 +269,8 @@ def write_main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: Tex
 def _no_image_hint(progress: _Progress, tag: str) -> str:
     waited = time.monotonic() - progress.last_change
     if not progress.started:
-        return (f"std-daq write: the writer agent of {tag!r} has not started this request after "
-                f"{waited:.0f} s (it serves one request at a time: is another write running?)")
+        return (f"std-daq write: the writer agent of {tag!r} has not answered this request after "
+                f"{waited:.0f} s (is the broker reachable? `std-daq status` says)")
     what = "no image yet" if progress.n_written == 0 else f"no new image for {waited:.0f} s"
     return (f"std-daq write: {what}: the request takes the next images the detector sends; is it sending "
             "(`std-daq simulate CONFIG`, or the detector started)? Ctrl-C ends the request, --timeout S "
