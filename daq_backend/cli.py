@@ -61,7 +61,13 @@ def add_up(sub: Subparsers) -> None:
                    help="amqp://... puts the detector on RabbitMQ "
                         "(default: env BROKER_URL, else BROKER_HOST, else the embedded broker)")
     p.add_argument("--rest-port", "--rest_port", dest="rest_port", type=int, default=5000,
-                   help="port of the REST API on 127.0.0.1 (default 5000; 0: no REST API)")
+                   help="port of the REST API (default 5000; 0: no REST API)")
+    p.add_argument("--rest-host", "--rest_host", dest="rest_host", default="127.0.0.1", metavar="ADDR",
+                   help="address the REST API listens on (default 127.0.0.1; another one, e.g. 0.0.0.0 "
+                        "for a bluesky session on another host, needs a token)")
+    p.add_argument("--token-file", "--token_file", dest="token_file", default=None, metavar="PATH",
+                   help="file holding the token REST commands need (default: env STD_DAQ_TOKEN, "
+                        "else no token: then the API listens on loopback only)")
     p.add_argument("--no-writer", dest="writer", action="store_false", help="do not start the writer agent")
     p.add_argument("--detector-control", "--detector_control", default="simulated",
                    choices=("simulated", "sls", "none"),
@@ -94,11 +100,13 @@ def up_topology(args: argparse.Namespace, config: DetectorConfig, broker_url: st
     rest_args += [f"--detector-host={h}" for h in args.detector_hosts]
     rest_args += [f"--output-root={r}" for r in args.output_roots]
     rest_args += ["--configure-udp"] if args.configure_udp else []
+    rest_args += [f"--token-file={Path(args.token_file).resolve()}"] if args.token_file else []
     live_args: tuple[str, ...] = ("--mode", args.live_stream_mode)
     live_args += ("--param", args.live_stream_param) if args.live_stream_param else ()
     return Topology(
         config, Path(ipc.config_file(config.detector_name)), broker_url, writer=args.writer,
-        rest_port=args.rest_port or None, rest_args=tuple(rest_args), stream_send=args.stream_send,
+        rest_port=args.rest_port or None, rest_host=args.rest_host, rest_args=tuple(rest_args),
+        stream_send=args.stream_send,
         live_stream=args.live_stream, live_stream_args=live_args,
         log_level=args.log_level,
     )
@@ -112,6 +120,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     config_path = Path(args.config).resolve()
     config = load_config(config_path)
+    if args.rest_port:
+        from daq_backend.auth import TokenError, listen_problem, server_token
+
+        try:
+            problem = listen_problem(args.rest_host, server_token(args.token_file))
+        except TokenError as exc:
+            problem = str(exc)
+        if problem is not None:
+            print(f"std-daq up: {problem}", file=sys.stderr)
+            return 2
     broker_url = resolve_broker_url(args.broker_url)
     embedded = broker_url == EMBEDDED or broker_url.startswith(f"{EMBEDDED}://")
     if embedded:
@@ -140,7 +158,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"std-daq up: {exc}", file=sys.stderr)
             return 1
-        rest = f"REST http://127.0.0.1:{args.rest_port}, " if args.rest_port else ""
+        topology = supervisor.topology
+        rest = f"REST {topology.rest_url} on {args.rest_host}, " if topology.rest_url else ""
         print(f"std-daq: {config.detector_name} up ({len(supervisor.services)} services; {rest}"
               f"broker {broker_url}); `std-daq status {args.config}` shows them; Ctrl-C stops all",
               file=sys.stderr)

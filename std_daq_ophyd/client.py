@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from daq_backend.auth import TOKEN_ENV, client_token
 from daq_backend.config import ConfigError, DetectorConfig, parse_config
 from daq_backend.rest import models as m
 from daq_backend.writer.request import WriteRequest
@@ -88,8 +89,9 @@ class Api:
 
     @staticmethod
     def health() -> ApiCall[m.HealthResponse]:
-        """``GET /health``: detector name, broker kind, pipeline state, active requests."""
-        return ApiCall("GET", "/health", _model(m.HealthResponse))
+        """``GET /health``: detector name, broker state, pipeline state, active requests (also while
+        the broker is down: the API answers 503 with the same body then)."""
+        return ApiCall("GET", "/health", _model(m.HealthResponse), accept=(503,))
 
     @staticmethod
     def daq_config() -> ApiCall[DetectorConfig]:
@@ -145,6 +147,7 @@ class _ClientBase:
     def __init__(self, url: str, timeout: float, token: str | None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        token = client_token(token)
         self.token = token
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -165,7 +168,7 @@ class _ClientBase:
     def _answer(self, call: ApiCall[T], response: httpx.Response) -> T:
         if response.status_code == 401:
             hint = ("the token this client sent is not the DAQ's" if self.token
-                    else "this client sent no token: pass token=...")
+                    else f"this client sent no token: pass token=... or set {TOKEN_ENV}")
             raise StdDaqError(f"std-daq {call.method} {call.path} refused (HTTP 401): {_detail(response)} "
                               f"({hint})", 401)
         if response.status_code >= 400 and response.status_code not in call.accept:
@@ -190,7 +193,7 @@ class _ClientBase:
 
 class StdDaqClient(_ClientBase):
     """Blocking client of one backend (``url`` = its REST base URL, any host; ``token``: sent as
-    ``Authorization: Bearer <token>`` when given)."""
+    ``Authorization: Bearer <token>``; None: ``STD_DAQ_TOKEN`` / ``STD_DAQ_TOKEN_FILE``, else none)."""
 
     def __init__(self, url: str = DEFAULT_URL, timeout: float = 30.0, token: str | None = None) -> None:
         super().__init__(url, timeout, token)

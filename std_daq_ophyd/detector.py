@@ -54,7 +54,8 @@ META_CHUNK = 4096  # chunking of the per-image datasets in the std-daq file layo
 
 
 class StdDaqDetector(Device):
-    """A std-daq detector. ``StdDaqDetector(name="det", url="http://daq-host:5000")`` is enough."""
+    """A std-daq detector. ``StdDaqDetector(name="det", url="http://daq-host:5000")`` is enough;
+    ``token``: the DAQ's REST token (default: ``STD_DAQ_TOKEN`` / ``STD_DAQ_TOKEN_FILE``)."""
 
     exptime = Cpt(Signal, value=0.001, kind="config", doc="exposure time [s]")
     period = Cpt(Signal, value=0.01, kind="config", doc="frame period [s]")
@@ -69,9 +70,9 @@ class StdDaqDetector(Device):
     def __init__(self, prefix: str = "", *, name: str, url: str = DEFAULT_URL,
                  detector_name: str | None = None, output_dir: str | None = None,
                  file_template: str | None = None, bad_image_policy: str = "fail",
-                 timeouts: Timeouts | None = None, **kwargs: Any) -> None:
+                 timeouts: Timeouts | None = None, token: str | None = None, **kwargs: Any) -> None:
         super().__init__(prefix, name=name, **kwargs)
-        self.client = StdDaqClient(url)
+        self.client = StdDaqClient(url, token=token)
         self.control = DetectorControl(self.client, detector_name)
         self.timeouts = timeouts or Timeouts()
         if output_dir is not None:

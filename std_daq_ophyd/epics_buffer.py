@@ -93,9 +93,10 @@ class EpicsBuffer(Device):
 
     def __init__(self, prefix: str = "", *, name: str, url: str = DEFAULT_URL, channels: Iterable[str] = (),
                  pulse_id_pv: str = "", output_dir: str | None = None,
-                 pulse_id_source: PulseIdSource | None = None, timeout: float = 120.0, **kwargs: Any) -> None:
+                 pulse_id_source: PulseIdSource | None = None, timeout: float = 120.0,
+                 token: str | None = None, **kwargs: Any) -> None:
         super().__init__(prefix, name=name, **kwargs)
-        self.client = StdDaqClient(url)
+        self.client = StdDaqClient(url, token=token)
         self.channels.put(",".join(channels))
         self.pulse_id_pv.put(pulse_id_pv)
         self.output_dir.put(output_dir or default_output_dir())

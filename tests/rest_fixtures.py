@@ -42,6 +42,7 @@ class RestHarness:
         assembler: bool = True,
         writer: bool = True,
         controls: dict[str, DetectorControl] | None = None,
+        token: str | None = None,
         **backend_options: Any,
     ) -> None:
         self.tmp_path = tmp_path
@@ -62,7 +63,7 @@ class RestHarness:
         options: dict[str, Any] = {"output_roots": [self.data], "owns_controls": True}
         options.update(backend_options)
         self.backend = DaqBackend(self.config, self.transport, controls=controls, **options).start()
-        self.server = RestServer(create_app(self.backend), port=0).start()
+        self.server = RestServer(create_app(self.backend, token), port=0).start()
         self.http = httpx.Client(base_url=self.server.url, timeout=WAIT_S)
 
     @property

@@ -12,14 +12,19 @@ Error answers (decided here, documented in the OpenAPI schema):
   503 within ``BROKER_ANSWER_BOUND`` seconds;
 * the admin interface (``/writer/*``, ``/daq/*``) answers HTTP 200 with ``{"status": "error",
   "message"}`` like REST v2, because ``std_daq_client`` only turns that into its
-  ``StdDaqAdminException`` (any other status code becomes a bare ``RuntimeError``).
+  ``StdDaqAdminException`` (any other status code becomes a bare ``RuntimeError``);
+* with a token configured, a command (any method but GET, HEAD, OPTIONS) without
+  ``Authorization: Bearer <token>``, or with another token, is answered 401 on every family (also the
+  admin interface): reading endpoints stay open.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Path, Query, Request
@@ -29,6 +34,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
+from daq_backend.auth import READ_METHODS, TOKEN_ENV
 from daq_backend.epics.writer import EpicsWriteRequest
 from daq_backend.rest import models as m
 from daq_backend.rest.backend import (
@@ -141,8 +147,19 @@ def _request_status(record: RequestRecord) -> m.RequestStatus:
     )
 
 
-def create_app(backend: DaqBackend) -> FastAPI:
-    """The API of one DAQ; the caller starts/closes ``backend`` (the app never owns it)."""
+def _unauthorized(path: str, detail: str) -> JSONResponse:
+    body: dict[str, Any] = {"detail": detail}
+    family = _family(path)
+    if family == "admin":
+        body.update(status="error", message=detail)
+    elif family == "detector":
+        body["response"] = detail
+    return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+def create_app(backend: DaqBackend, token: str | None = None) -> FastAPI:
+    """The API of one DAQ; the caller starts/closes ``backend`` (the app never owns it). ``token``:
+    commands (every method but GET, HEAD, OPTIONS) need ``Authorization: Bearer <token>``."""
     name = backend.config.detector_name
     app = FastAPI(
         title="std-daq REST API",
@@ -153,6 +170,32 @@ def create_app(backend: DaqBackend) -> FastAPI:
         ),
     )
     app.state.backend = backend
+
+    # -- who may send commands -----------------------------------------------------------------
+    if token is not None:
+        expected = f"Bearer {token}".encode()
+
+        @app.middleware("http")
+        async def _require_token(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            if request.method in READ_METHODS:
+                return await call_next(request)
+            given = request.headers.get("authorization")
+            if given is not None and hmac.compare_digest(given.encode(), expected):
+                return await call_next(request)
+            if given is None:
+                detail = (f"{request.method} {request.url.path} is a command and this DAQ takes commands "
+                          "only with its token: send the header 'Authorization: Bearer <token>' (the token "
+                          f"of the DAQ's --token-file or {TOKEN_ENV}; clients: token=... or {TOKEN_ENV})")
+            else:
+                detail = (f"{request.method} {request.url.path} refused: the token sent is not this DAQ's "
+                          "(expected 'Authorization: Bearer <token>' with the token of the DAQ's "
+                          f"--token-file or {TOKEN_ENV})")
+            _logger.warning("refused %s %s from %s: %s", request.method, request.url.path,
+                            request.client.host if request.client else "?",
+                            "no token" if given is None else "wrong token")
+            return _unauthorized(request.url.path, detail)
 
     # -- errors --------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
@@ -334,6 +377,7 @@ def create_app(backend: DaqBackend) -> FastAPI:
             uptime=time.monotonic() - backend.started_at,
             requests_active=len(backend.tracker.active()),
             pipeline=backend.stats()["pipeline"],
+            commands_need_token=token is not None,
             **broker,
         )
         return JSONResponse(answer.model_dump(mode="json"), status_code=200 if answer.status == "ok" else 503)

@@ -150,6 +150,9 @@ class HealthResponse(BaseModel):
     broker_kind: str = Field(default="unknown", description="transport in use: embedded or amqp")
     broker_where: str = Field(default="", description="the broker's address (no credentials)")
     broker_error: str | None = Field(default=None, description="why the broker is unreachable")
+    commands_need_token: bool = Field(
+        default=False, description="commands (POST, PUT, DELETE) need 'Authorization: Bearer <token>'"
+    )
     requests_active: int
     pipeline: Literal["up", "down", "stale", "unknown"]
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from daq_backend.auth import TOKEN_ENV, listen_problem, server_token
 from daq_backend.broker import EmbeddedBrokerHub, Transport, make_transport, resolve_broker_url
 from daq_backend.broker.embedded_hub import hub_is_running
 from daq_backend.broker.transport import DEFAULT_EMBEDDED_NAME, EMBEDDED
@@ -138,6 +139,8 @@ class RestOptions:
     output_roots: list[Path] | None = None
     check_filesystem: bool = True
     log_level: str = "warning"
+    #: file holding the token commands need (None: ``STD_DAQ_TOKEN``, else no token)
+    token_file: Path | None = None
 
 
 def make_control(kind: str, config: DetectorConfig, options: RestOptions) -> DetectorControl | None:
@@ -255,6 +258,10 @@ class RestService:
     def start(self) -> RestService:
         opts = self.options
         config = load_config(opts.config_path)
+        token = server_token(opts.token_file)  # a TokenError (ValueError) names the problem
+        problem = listen_problem(opts.host, token)
+        if problem is not None:
+            raise ValueError(problem)
         try:
             self.transport = self._transport()
             control = make_control(opts.detector_control, config, opts)
@@ -280,7 +287,8 @@ class RestService:
                 owns_transport=True,
                 owns_controls=True,
             ).start()
-            self.server = RestServer(create_app(self.backend), opts.host, opts.port, opts.log_level).start()
+            app = create_app(self.backend, token)
+            self.server = RestServer(app, opts.host, opts.port, opts.log_level).start()
         except BaseException:
             self.stop()
             raise
@@ -323,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rest-port", "--rest_port", dest="port", type=int, default=DEFAULT_PORT, help="default 5000"
     )
-    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="address to listen on (default 127.0.0.1; any other needs a token)")
+    p.add_argument("--token-file", "--token_file", dest="token_file", type=Path, default=None,
+                   help=f"file holding the token commands need (default: env {TOKEN_ENV}, else no token)")
     p.add_argument(
         "--broker_url",
         "--broker-url",
@@ -390,6 +401,7 @@ def options_from_args(args: argparse.Namespace) -> RestOptions:
         output_roots=args.output_roots,
         check_filesystem=args.check_filesystem,
         log_level=args.log_level.lower(),
+        token_file=args.token_file,
     )
 
 

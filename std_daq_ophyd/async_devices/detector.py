@@ -63,8 +63,9 @@ class StdDaqAsyncDetector(StandardDetector):
 
     ``path_provider``: where files go (default: a UUID name in ``STD_DAQ_DATA_DIR`` or
     ``<tmp>/std-daq-data``, which must exist on the DAQ host); ``detector_name``: the detector at the
-    DAQ (default: the DAQ's own); ``token``: bearer token of the REST API; ``compression``: ``none``
-    or ``bitshuffle-lz4``; ``timeouts``: the bounds of the acquisition's steps.
+    DAQ (default: the DAQ's own); ``token``: bearer token of the REST API (default: ``STD_DAQ_TOKEN``
+    / ``STD_DAQ_TOKEN_FILE``); ``compression``: ``none`` or ``bitshuffle-lz4``; ``timeouts``: the
+    bounds of the acquisition's steps.
     """
 
     def __init__(self, url: str = DEFAULT_URL, path_provider: PathProvider | None = None, *,
