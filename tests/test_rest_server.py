@@ -204,7 +204,8 @@ def test_readme_examples_verbatim(tmp_path: Path) -> None:
     assert results["write_sync curl"][1]["response"]["n_written"] == 5
     for example in ("write_async python", "write_async curl"):
         status, body = results[example]
-        assert status == 200 and set(body) == {"request_id"} and uuid.UUID(body["request_id"])
+        assert status == 200 and set(body) == {"request_id", "output_file"} and uuid.UUID(body["request_id"])
+        assert body["output_file"] == "/tmp/test.h5"  # the answer names its own file
 
     status, body = results["write_kill python"]
     assert status == 200 and set(body) == {"request_id", "response"}
