@@ -48,6 +48,10 @@ from daq_backend.broker.protocol import (
 )
 
 _logger = logging.getLogger(__name__)
+# pika logs every failed reconnect attempt as an error (with a traceback); this module reports a lost
+# connection, the reconnect and what failed (``last_error``, /health) itself
+for _name in ("pika.adapters", "pika.connection"):
+    logging.getLogger(_name).setLevel(logging.CRITICAL)
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 EXCHANGE_TYPE = "topic"
