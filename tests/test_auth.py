@@ -9,6 +9,7 @@ address without a token, and a token file other users can read, with the reason.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import h5py
 import httpx
 import pytest
 
@@ -32,6 +34,7 @@ from daq_backend.auth import (
     read_token_file,
     server_token,
 )
+from daq_backend.writer.client import write_main
 from std_daq_ophyd import StdDaqDetector
 from std_daq_ophyd.client import StdDaqClient, StdDaqError
 from tests.readout_fixtures import free_tcp_port, ipc_env, make_config, wait_for
@@ -175,6 +178,27 @@ def test_clients_and_devices_send_the_token(guarded: tuple[RestHarness, str],
     assert StdDaqAsyncDetector(rest.url, name="adet").client.headers == {"Authorization": f"Bearer {token}"}
     for client in (anonymous, from_env, det.client):
         client.close()
+
+
+def test_std_daq_write_through_the_api_sends_the_token(guarded: tuple[RestHarness, str], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    rest, token = guarded
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
+    output = rest.file("cli.h5")
+    argv = ["--url", rest.url, "--n-images", "5", "--output", output, "--no-progress"]
+    out, err = io.StringIO(), io.StringIO()
+    assert write_main(argv, out=out, err=err) == 2
+    assert "HTTP 401" in err.getvalue() and "this client sent no token" in err.getvalue()
+    assert not os.path.exists(output)
+    tokens, _ = token_file(tmp_path, token)
+    assert rest.assembler is not None
+    rest.assembler.start(rate_hz=50)
+    out, err = io.StringIO(), io.StringIO()
+    assert write_main([*argv, "--token-file", str(tokens)], out=out, err=err) == 0, err.getvalue()
+    assert json.loads(out.getvalue())["n_written"] == 5
+    with h5py.File(output, "r") as f:
+        assert f.attrs["status"] == "completed" and f.attrs["n_written"] == 5
 
 
 def test_without_a_token_commands_are_open_on_loopback(rest: RestHarness) -> None:

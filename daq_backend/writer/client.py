@@ -1,7 +1,9 @@
 """``std-daq write`` (one write request, a progress bar, the result) and ``std-daq listen``.
 
 ``write`` reaches the writer agent of a detector through the broker: RabbitMQ with ``--broker-url``
-(or ``BROKER_URL`` / ``BROKER_HOST``), else the embedded hub that ``std-daq up`` runs. The detector
+(or ``BROKER_URL`` / ``BROKER_HOST``), else the embedded hub that ``std-daq up`` runs; with ``--url``
+it goes through the DAQ's REST API instead (another host: the token of ``--token-file`` or
+``STD_DAQ_TOKEN`` is sent, and the API's answers, e.g. 401 or 409, are printed). The detector
 (= the agent's tag) is ``--detector``, else ``STD_DAQ_DETECTOR``, else the only detector that is up
 on this host. Nothing waits a fixed time: the command ends with the request. Ctrl-C, SIGTERM (e.g.
 from ``timeout``) and SIGHUP (the terminal closed) kill the request (the file is closed cleanly) and
@@ -121,6 +123,10 @@ def write_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector",
                    help=f"detector (writer agent tag); default ${DETECTOR_ENV}, else the one that is up")
     p.add_argument("--broker_url", "--broker-url", help="amqp://... or embedded[://NAME]")
+    p.add_argument("--url", help="send the request through the DAQ's REST API at this URL "
+                   "(e.g. http://daq-host:5000) instead of the broker")
+    p.add_argument("--token-file", "--token_file", dest="token_file",
+                   help="with --url: file holding the API's token (default: env STD_DAQ_TOKEN)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -217,6 +223,8 @@ def write_main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: Tex
     """``std-daq write``: exit 0 when the file is complete, 1 when the request failed or was
     interrupted, 2 for a bad command line or an unreachable writer agent."""
     args = write_parser().parse_args(argv)
+    if args.url:
+        return _write_rest(args, out, err)
     try:
         body = build_request(args)
         tag = resolve_detector(args.detector)
@@ -264,6 +272,65 @@ def write_main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: Tex
         else:
             print(json.dumps(message, indent=1) if isinstance(message, dict) else message, file=out)
     return 1 if failed else 0
+
+
+#: seconds between two looks at the request's state through the REST API
+REST_POLL = 0.2
+
+
+def _write_rest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``std-daq write --url URL``: the same request through the REST API (``POST /write_async``,
+    then ``GET /requests/{id}`` until it ended; a signal stops it with ``POST /requests/{id}/stop``)."""
+    from daq_backend.auth import TokenError, read_token_file
+    from std_daq_ophyd.client import StdDaqClient, StdDaqError
+
+    try:
+        body = build_request(args)
+        token = read_token_file(args.token_file) if args.token_file else None
+    except (CliError, TokenError) as exc:
+        print(f"std-daq write: {exc}", file=err)
+        return 2
+    client = StdDaqClient(args.url, token=token)
+    progress = tqdm(total=args.n_images, unit="img", disable=args.no_progress, file=err, dynamic_ncols=True)
+    request_id: str | None = None
+    try:
+        with _Signals() as signals:
+            try:
+                with signals.deferred():
+                    request_id = client.write_async(body)
+                signals.raise_pending()
+                last_change, n_written, hinted = time.monotonic(), 0, False
+                while True:
+                    status = client.request_status(request_id)
+                    if status.n_written != n_written:
+                        n_written, last_change, hinted = status.n_written, time.monotonic(), False
+                        progress.n = n_written
+                        progress.refresh()
+                    if status.state.value in ("completed", "interrupted", "failed"):
+                        break
+                    if not hinted and time.monotonic() - last_change >= NO_IMAGE_HINT:
+                        tqdm.write(f"std-daq write: no new image for {NO_IMAGE_HINT:g} s: is the detector "
+                                   "sending? Ctrl-C ends the request", file=err)
+                        hinted = True
+                    time.sleep(REST_POLL)
+            except _Interrupted as exc:
+                if request_id is None:
+                    print(f"std-daq write: {exc}: no request was sent", file=err)
+                    return 1
+                print(f"\nstd-daq write: {exc}: stopping the request", file=err)
+                status = client.stop_request(request_id)
+    except StdDaqError as exc:
+        print(f"std-daq write: {exc}", file=err)
+        return 2 if request_id is None else 1
+    finally:
+        progress.close()
+        client.close()
+    if status.state.value == "completed":
+        print(json.dumps(status.result if status.result is not None else status.model_dump(mode="json"),
+                         indent=1), file=out)
+        return 0
+    print(f"std-daq write: {status.state.value}: {status.message}", file=err)
+    return 1
 
 
 def _no_image_hint(progress: _Progress, tag: str) -> str:
