@@ -1,7 +1,8 @@
 """Broker protocol suite, run on both transports (embedded hub and the real RabbitMQ server).
 
 RabbitMQ tests use a private vhost (created with rabbitmqctl) and unique tags, so they neither see
-nor disturb other test runs' services. The broker-restart test is the last test of this file.
+nor disturb other test runs' services. The broker outage is a TCP proxy between the transports and
+RabbitMQ that the test cuts and restores: the machine's broker keeps serving everybody else.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from daq_backend.broker import (
 )
 from daq_backend.broker.embedded_hub import hub_directory, hub_is_running
 from daq_backend.broker.transport import resolve_broker_url
+from tests.fault.broker_proxy import BrokerProxy
 
 WAIT_S = 60.0  # generous: the test machine's cores are shared
 
@@ -786,8 +788,17 @@ def _wait_for_rabbitmq(url: str, timeout: float = 180.0) -> None:
             time.sleep(0.5)
 
 
-def test_zz_rabbitmq_restart_during_idle_period(rabbit_url: str) -> None:
-    """Runs last in this file (it restarts the broker): the same service object serves on."""
+def test_zz_rabbitmq_outage_during_idle_period(rabbit_url: str) -> None:
+    """The broker goes away (every connection dropped, new ones refused) and comes back: the same
+    service object serves on, a request sent during the outage is delivered once it is back."""
+    proxy = BrokerProxy().start()
+    try:
+        _outage_during_idle_period(rabbit_url.replace("127.0.0.1:5672", f"127.0.0.1:{proxy.port}"), proxy)
+    finally:
+        proxy.close()
+
+
+def _outage_during_idle_period(rabbit_url: str, proxy: BrokerProxy) -> None:
     tag = _unique("survivor")
     served: list[int] = []
     service_transport = RabbitMQTransport(rabbit_url, retry_interval=0.2, reconnect_timeout=180)
@@ -819,7 +830,7 @@ def test_zz_rabbitmq_restart_during_idle_period(rabbit_url: str) -> None:
         generation = service_transport.generation
         thread = threading.Thread(target=request_during_outage)
         try:
-            _rabbitmqctl("stop_app")
+            proxy.cut()
             with pytest.raises(ConnectionError, match=r"unreachable for 0.5 s .*failed"):
                 BrokerClient(impatient, tag).request({"n": 0})
             with pytest.raises(ConnectionError, match="Cannot connect to RabbitMQ"):
@@ -827,7 +838,7 @@ def test_zz_rabbitmq_restart_during_idle_period(rabbit_url: str) -> None:
             _wait_until(lambda: not client_transport.connected, "the client to see the outage")
             thread.start()  # retries until the broker is back
         finally:
-            _rabbitmqctl("start_app")
+            proxy.restore()
         _wait_for_rabbitmq(rabbit_url)
         thread.join(200)
         assert "error" not in outcome, outcome
