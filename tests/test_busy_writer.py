@@ -15,9 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
-from daq_backend.broker import Action, BrokerClient, BrokerService, StatusAggregator, make_transport
+from daq_backend.broker import (
+    REQUEST_EXCHANGE,
+    Action,
+    BrokerClient,
+    BrokerService,
+    StatusAggregator,
+    make_transport,
+)
 from daq_backend.broker.service import RequestContext
+from daq_backend.rest import backend as backend_module
 from tests.ophyd_fixtures import RABBITMQ_URL
 from tests.readout_fixtures import ipc_env, wait_for
 from tests.rest_fixtures import WAIT_S, RestHarness, rest
@@ -139,3 +148,28 @@ def test_a_busy_service_refuses_concurrent_requests_on_rabbitmq() -> None:
         service.stop()
         service_transport.close()
         client_transport.close()
+
+
+def test_a_request_no_service_ever_answers_does_not_block_the_writer(
+    rest: RestHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request the broker took but no writer started (lost with a connection, swallowed) is marked
+    failed once its deadline has long passed, so the next write is not refused as busy for ever."""
+    rest.stop_writer()
+    swallowed: list[str] = []
+    cancel = rest.writer_transport.consume(REQUEST_EXCHANGE, rest.config.detector_name,
+                                           lambda message: swallowed.append(message.correlation_id))
+    try:
+        lost = rest.http.post("/write_async", json={"n_images": 1, "output_file": rest.file("lost.h5")})
+        assert lost.status_code == 200, lost.text
+        lost_id = lost.json()["request_id"]
+        wait_for(lambda: swallowed == [lost_id], WAIT_S, "the request to vanish into the swallowing consumer")
+        busy = rest.http.post("/write_async", json={"n_images": 1, "output_file": rest.file("next.h5")})
+        assert busy.status_code == 409 and busy.json()["running_request_id"] == lost_id
+        monkeypatch.setattr(backend_module, "UNSTARTED_BOUND", 0.0)
+        record = rest.http.get(f"/requests/{lost_id}").json()
+        assert record["state"] == "failed"
+        assert record["message"].startswith("no service started the request within 0 s")
+    finally:
+        cancel()
+    assert rest.backend.tracker.active() == []

@@ -863,9 +863,11 @@ class DaqBackend:
             why = f"broker unreachable ({self.transport.where}: {self.transport.last_error})"
             self.tracker.mark_failed(request_id, f"not sent: {why}")
             raise ApiError(503, f"{why}; the request was not sent and will never run", request_id=request_id)
+        # a detector write must start now or never (the writer refuses one while busy); an EPICS write
+        # may wait in the EPICS writer's queue behind another, so it has no deadline
+        deadline = time.time() + BROKER_ANSWER_BOUND if kind == DETECTOR else None
         try:
-            client.request(body, request_id=request_id, deadline=time.time() + BROKER_ANSWER_BOUND,
-                           timeout=BROKER_ANSWER_BOUND)
+            client.request(body, request_id=request_id, deadline=deadline, timeout=BROKER_ANSWER_BOUND)
         except NoRouteError:
             self.tracker.forget(request_id)
             if kind == DETECTOR:
@@ -919,6 +921,7 @@ class DaqBackend:
             ) from None
 
     def record(self, request_id: str) -> RequestRecord:
+        self.tracker.fail_unstarted(DETECTOR, UNSTARTED_BOUND)
         record = self.tracker.get(request_id)
         if record is None:
             raise ApiError(
