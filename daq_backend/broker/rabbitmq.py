@@ -61,6 +61,9 @@ JSON_HEADERS_KEY = "x-std-daq-json"
 
 _PRECONDITION_FAILED = 406
 _POLL_S = 0.2
+#: AMQP heartbeat proposed when the URL sets none (RabbitMQ's own default is 60 s): a connection
+#: that silently stops carrying data (a network partition) is noticed within 2 * (this + 5) s
+DEFAULT_HEARTBEAT_S = 5
 #: seconds a consumer's queue survives without its consumer (a connection that does not come back)
 QUEUE_EXPIRES_S = 600
 #: messages a consumer's queue keeps while its consumer is away (the oldest are dropped beyond it)
@@ -203,6 +206,8 @@ class RabbitMQTransport(Transport):
         except ValueError as exc:
             raise ValueError(f"Invalid RabbitMQ URL {broker_url!r}: {exc}") from exc
         self._params.connection_attempts = 1
+        if "heartbeat=" not in broker_url:
+            self._params.heartbeat = DEFAULT_HEARTBEAT_S
         self._params.socket_timeout = connect_timeout
         self._params.stack_timeout = connect_timeout
         self._params.blocked_connection_timeout = reconnect_timeout

@@ -3,7 +3,8 @@
 The processes under test connect to the proxy's port; the test itself (and every other test) keeps
 talking to RabbitMQ directly. ``cut()`` closes every proxied connection and the listening socket (a
 client sees its connection drop and new connections refused, as when the broker is stopped);
-``restore()`` listens again on the same port.
+``freeze()`` keeps every connection open but lets nothing through either way, and new connections
+hang (a network partition); ``restore()`` undoes either.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class BrokerProxy:
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._stop = threading.Event()
+        self._frozen = False
         self.connections = 0
         self._thread = threading.Thread(target=self._run, name=f"broker-proxy-{self.port}", daemon=True)
 
@@ -73,8 +75,16 @@ class BrokerProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
+    def freeze(self) -> None:
+        """Let nothing through, keeping the connections open (the network to the broker is gone)."""
+        self._frozen = True
+
     def restore(self) -> None:
-        """Listen again on the same port (the broker is back)."""
+        """The broker is back: after a freeze the stalled connections are dropped (their clients gave
+        up on them, or will); after a cut the proxy listens again on the same port."""
+        if self._frozen:
+            self.cut()
+            self._frozen = False
         if self._listener is None:
             self._listen()
             self._wake_w.send(b"x")
@@ -93,6 +103,12 @@ class BrokerProxy:
         try:
             client, _ = listener.accept()
         except OSError:
+            return
+        if self._frozen:  # held open, never answered
+            client.setblocking(False)
+            with self._lock:
+                self._peers[client] = client
+                self._selector.register(client, selectors.EVENT_READ)
             return
         try:
             upstream = socket.create_connection(self.upstream, timeout=10)
@@ -134,6 +150,8 @@ class BrokerProxy:
         if not data:
             self._drop(sock)
             return
+        if self._frozen or other is sock:
+            return  # swallowed
         try:
             other.setblocking(True)
             other.sendall(data)

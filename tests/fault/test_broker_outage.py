@@ -11,7 +11,10 @@ and the client that stands for ``std-daq write`` on another host talk to RabbitM
   restore the API is healthy again and the next write completes;
 * mid-write: the write goes on while the broker is away (the file completes before the restore), and
   after the restore the broker status and REST report it completed, with the file's counts, within
-  ``FAULT_BOUND``.
+  ``FAULT_BOUND``;
+* a network partition (connections stay open, nothing passes): a write is still answered 503 within
+  ``BROKER_ANSWER_BOUND``, and the heartbeat makes every process notice the loss
+  (``/health`` 503) within ``2 * (DEFAULT_HEARTBEAT_S + 5)`` s.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import requests
 from daq_backend import ipc
 from daq_backend.broker import BrokerClient, StatusAggregator, make_transport
 from daq_backend.broker.protocol import Action
+from daq_backend.broker.rabbitmq import DEFAULT_HEARTBEAT_S
 from daq_backend.config import DetectorConfig
 from daq_backend.messages import FAULT_BOUND, ImageAccounting
 from daq_backend.rest.backend import BROKER_ANSWER_BOUND
@@ -248,3 +252,31 @@ def test_broker_stopped_mid_write(daq: Daq, listener: tuple[StatusAggregator, Br
     assert message["n_written"] == n_images and message["output_file"] == str(output)
     print(f"\nbroker cut mid-write at {at_cut['n_written']}/{n_images}: file completed during the outage; "
           f"restored: broker status final after {broker_after:.2f} s, REST after {rest_after:.2f} s")
+
+
+def test_network_partition_while_idle(daq: Daq, listener: tuple[StatusAggregator, BrokerClient]) -> None:
+    aggregator, _ = listener
+    daq.proxy.freeze()
+    frozen = time.monotonic()
+    output = daq.tmp / "partition.h5"
+    answer = requests.post(f"{daq.url}/write_async", json={"n_images": 5, "output_file": str(output)},
+                           timeout=WAIT_S)
+    answered_in = time.monotonic() - frozen
+    assert answer.status_code == 503, answer.text  # the broker never confirmed it: not sent
+    assert answered_in <= BROKER_ANSWER_BOUND + FAULT_BOUND
+    request_id = answer.json()["request_id"]
+    assert daq.request(request_id)["state"] == "failed"
+    heartbeat_bound = 2 * (DEFAULT_HEARTBEAT_S + 5)
+    wait_for(lambda: daq.health().status_code == 503, heartbeat_bound + FAULT_BOUND, "/health: 503")
+    noticed = time.monotonic() - frozen
+    assert "DOWN" in status_command(daq).stdout
+
+    daq.proxy.restore()
+    restored = time.monotonic()
+    wait_for(lambda: daq.health().status_code == 200, FAULT_BOUND, "/health: 200 after the partition")
+    healthy_after = time.monotonic() - restored
+    with pytest.raises(KeyError):
+        aggregator.status(request_id)  # it never reached the broker
+    assert daq.request(request_id)["state"] == "failed" and not output.exists()
+    print(f"\nnetwork partition: write_async 503 after {answered_in:.2f} s, /health 503 after "
+          f"{noticed:.2f} s; healed: /health 200 after {healthy_after:.2f} s")
