@@ -111,6 +111,8 @@ class BrokerService:
         self._killed_early: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._cancels: list[Callable[[], None]] = []
         self._stopping = threading.Event()
+        #: requests admitted and not yet reported; ``_idle`` is set while there are none
+        self._unreported = 0
         self._idle = threading.Event()
         self._idle.set()
 
@@ -197,6 +199,7 @@ class BrokerService:
                 busy = self._current
             else:
                 self._current = ctx  # from here on a kill finds it
+                self._unreported += 1
                 self._idle.clear()
         if duplicate:
             # A redelivery (broker channel recovery, a publish retried across a reconnect): each
@@ -224,6 +227,7 @@ class BrokerService:
         finally:
             if worker is None:
                 self._release(ctx)
+                self._reported()
         if self.reject_when_busy:
             return  # the next delivery may come now: it is refused while this one runs
         # Block the delivery thread until the request is over: that (prefetch 1 + ack on return)
@@ -243,9 +247,16 @@ class BrokerService:
         )
 
     def _release(self, ctx: RequestContext) -> None:
+        """The service is free for the next request (before the final status goes out: whoever
+        reads it may send the next one at once)."""
         with self._lock:
             if self._current is ctx:
                 self._current = None
+
+    def _reported(self) -> None:
+        with self._lock:
+            self._unreported -= 1
+            if self._unreported == 0:
                 self._idle.set()
 
     def _serve(
@@ -291,12 +302,7 @@ class BrokerService:
         self._publish_status(Action.PROGRESS, *reply, progress)
 
     def _run_request(self, ctx: RequestContext, reply: tuple[str, str, bytes]) -> None:
-        try:
-            self._run_request_reporting(ctx, reply)
-        finally:
-            self._release(ctx)
-
-    def _run_request_reporting(self, ctx: RequestContext, reply: tuple[str, str, bytes]) -> None:
+        action, message = Action.FAIL, "the request ended without a result"
         try:
             result = self._on_request(ctx)
             try:
@@ -307,9 +313,15 @@ class BrokerService:
                 ) from exc
         except Exception as exc:
             _logger.info("Request %s failed in %r: %s", ctx.request_id, self.service_name, exc, exc_info=True)
-            self._publish_status(Action.FAIL, *reply, str(exc) or type(exc).__name__)
+            message = str(exc) or type(exc).__name__
         else:
-            self._publish_status(Action.SUCCESS, *reply, result)
+            action, message = Action.SUCCESS, result
+        finally:
+            self._release(ctx)
+        try:
+            self._publish_status(action, *reply, message)
+        finally:
+            self._reported()
 
     # ------------------------------------------------------------------ kills
 
