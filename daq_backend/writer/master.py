@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -88,7 +89,7 @@ def _map(dcpl: h5p.PropDCID, part: Part, dataset: str, image_shape: tuple[int, .
     dcpl.set_virtual(virtual, part.file.encode(), dataset.encode(), source)
 
 
-def _virtual_dataset(h5: h5py.File, path: str, parts: Sequence[Part], dtype: np.dtype,
+def _virtual_dataset(h5: h5py.File, path: str, parts: Sequence[Part], dtype: str | np.dtype[Any],
                      image_shape: tuple[int, ...], fill: int) -> None:
     dcpl = h5p.create(h5p.DATASET_CREATE)
     dcpl.set_fill_value(np.array(fill, dtype=dtype))
@@ -96,11 +97,11 @@ def _virtual_dataset(h5: h5py.File, path: str, parts: Sequence[Part], dtype: np.
         _map(dcpl, part, path, image_shape)
     space = h5s.create_simple((0, *image_shape), (h5s.UNLIMITED, *image_shape))
     group = h5.require_group(str(Path(path).parent))
-    h5d.create(group.id, Path(path).name.encode(), h5t.py_create(dtype), space, dcpl=dcpl)
+    h5d.create(group.id, Path(path).name.encode(), h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl)
 
 
 def create_master(path: str | Path, parts: Sequence[Part], *, image_shape: tuple[int, int],
-                  image_dtype: str | np.dtype, n_images: int, request_id: str = "",
+                  image_dtype: str | np.dtype[Any], n_images: int, request_id: str = "",
                   status_parts: Sequence[Part] | None = None, overwrite: bool = False) -> Path:
     """Write the master file at ``path`` (built under a hidden name, then renamed, as the parts are).
 
@@ -138,7 +139,7 @@ def create_master(path: str | Path, parts: Sequence[Part], *, image_shape: tuple
             entry.attrs.update({"NX_class": "NXentry", "default": "data"})
             group = h5.create_group(layout.DATA_GROUP)
             group.attrs.update({"NX_class": "NXdata", "signal": "data"})
-            _virtual_dataset(h5, layout.DATA, parts, np.dtype(image_dtype), tuple(image_shape), 0)
+            _virtual_dataset(h5, layout.DATA, parts, image_dtype, tuple(image_shape), 0)
             for dataset in PER_IMAGE:
                 _virtual_dataset(h5, dataset, heads, DTYPES[dataset], (), FILL[dataset])
             # the detector description (NeXus fields, config) is the first part's
