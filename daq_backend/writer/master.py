@@ -39,8 +39,8 @@ from daq_backend.writer import layout
 
 #: datasets presented by the master: (path, dtype of the part dataset is taken from the part layout)
 PER_IMAGE = (layout.IMAGE_ID, layout.STATUS, layout.N_MISSING_PACKETS)
-FILL = {layout.IMAGE_ID: 0, layout.STATUS: layout.STATUS_NOT_WRITTEN, layout.N_MISSING_PACKETS: 0}
-DTYPES = {layout.IMAGE_ID: np.dtype("<u8"), layout.STATUS: np.dtype("u1"),
+FILL: dict[str, int] = {layout.IMAGE_ID: 0, layout.STATUS: layout.STATUS_NOT_WRITTEN, layout.N_MISSING_PACKETS: 0}
+DTYPES: dict[str, np.dtype[Any]] = {layout.IMAGE_ID: np.dtype("<u8"), layout.STATUS: np.dtype("u1"),
           layout.N_MISSING_PACKETS: np.dtype("<u4")}
 MASTER_KIND = "std-daq master"
 
