@@ -37,11 +37,12 @@ from h5py import h5d, h5p, h5s, h5t
 
 from daq_backend.writer import layout
 
-#: datasets presented by the master: (path, dtype of the part dataset is taken from the part layout)
+#: the per-image datasets the master presents, with the parts' dtypes and fill values
 PER_IMAGE = (layout.IMAGE_ID, layout.STATUS, layout.N_MISSING_PACKETS)
-FILL: dict[str, int] = {layout.IMAGE_ID: 0, layout.STATUS: layout.STATUS_NOT_WRITTEN, layout.N_MISSING_PACKETS: 0}
+FILL: dict[str, int] = {layout.IMAGE_ID: 0, layout.STATUS: layout.STATUS_NOT_WRITTEN,
+                        layout.N_MISSING_PACKETS: 0}
 DTYPES: dict[str, np.dtype[Any]] = {layout.IMAGE_ID: np.dtype("<u8"), layout.STATUS: np.dtype("u1"),
-          layout.N_MISSING_PACKETS: np.dtype("<u4")}
+                                    layout.N_MISSING_PACKETS: np.dtype("<u4")}
 MASTER_KIND = "std-daq master"
 
 
