@@ -210,6 +210,10 @@ class _Watch:
         for path in self.paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            # a ring still being built when its process was killed (``.<name>.<pid>.creating``)
+            for building in Path(path).parent.glob(f".{Path(path).name}.*.creating"):
+                with contextlib.suppress(OSError):
+                    building.unlink()
         self._mark_status(time.monotonic() - started, killed)
 
     def _mark_status(self, took: float, killed: list[str]) -> None:

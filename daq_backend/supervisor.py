@@ -685,6 +685,9 @@ class Supervisor:
             if path.exists():
                 log.warning("%s: removing leftover shared memory %s", self.detector, path)
                 path.unlink(missing_ok=True)
+            # a ring still being built when its process was stopped (``.<name>.<pid>.creating``)
+            for building in path.parent.glob(f".{name}.*.creating"):
+                building.unlink(missing_ok=True)
         for address in sorted(addresses):
             ipc.unlink_ipc(address)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ophyd import Component as Cpt
@@ -55,7 +55,12 @@ META_CHUNK = 4096  # chunking of the per-image datasets in the std-daq file layo
 
 class StdDaqDetector(Device):
     """A std-daq detector. ``StdDaqDetector(name="det", url="http://daq-host:5000")`` is enough;
-    ``token``: the DAQ's REST token (default: ``STD_DAQ_TOKEN`` / ``STD_DAQ_TOKEN_FILE``)."""
+    ``token``: the DAQ's REST token (default: ``STD_DAQ_TOKEN`` / ``STD_DAQ_TOKEN_FILE``).
+
+    ``nxmx``: what the DAQ cannot know for an NXmx file (``sample_name``, ``source_name``,
+    ``instrument_name``, ``incident_wavelength``, ``detector_distance``, ``beam_center_x/y``, ...; see
+    the README's HDF5 layout); given, every file this device opens is an NXmx file. The DAQ checks it
+    when the file is opened, so a missing field fails ``stage`` naming it."""
 
     exptime = Cpt(Signal, value=0.001, kind="config", doc="exposure time [s]")
     period = Cpt(Signal, value=0.01, kind="config", doc="frame period [s]")
@@ -70,8 +75,11 @@ class StdDaqDetector(Device):
     def __init__(self, prefix: str = "", *, name: str, url: str = DEFAULT_URL,
                  detector_name: str | None = None, output_dir: str | None = None,
                  file_template: str | None = None, bad_image_policy: str = "fail",
-                 timeouts: Timeouts | None = None, token: str | None = None, **kwargs: Any) -> None:
+                 timeouts: Timeouts | None = None, nxmx: Mapping[str, Any] | None = None,
+                 token: str | None = None, **kwargs: Any) -> None:
         super().__init__(prefix, name=name, **kwargs)
+        #: the request's ``nxmx`` metadata (sample, source, beam, geometry): every file is an NXmx file
+        self.nxmx: dict[str, Any] | None = dict(nxmx) if nxmx else None
         self.client = StdDaqClient(url, token=token)
         self.control = DetectorControl(self.client, detector_name)
         self.timeouts = timeouts or Timeouts()
@@ -153,6 +161,8 @@ class StdDaqDetector(Device):
         assert self._docs is not None and self.geometry is not None
         metadata = {"frames_per_trigger": self._frames, "exptime": self.exptime.get(),
                     "period": self.period.get(), "timing": self.timing.get()}
+        if self.nxmx:
+            metadata["nxmx"] = self.nxmx
         path = self.writer.open(self.geometry.detector_name, metadata=metadata)
         with self._lock:
             self._docs.open_file(path)

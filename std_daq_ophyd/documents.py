@@ -137,9 +137,10 @@ class StreamDocuments:
                     parameters={"dataset": d.path, "chunk_shape": list(d.chunk_shape)},
                 )
                 file.bundles[d.data_key] = bundle
-                docs.append(("stream_resource", bundle.stream_resource_doc))
+                docs.append(("stream_resource", dict(bundle.stream_resource_doc)))
         indices = StreamRange(start=file.emitted, stop=upto)
         for d in self.datasets:
-            docs.append(("stream_datum", file.bundles[d.data_key].compose_stream_datum(indices=indices)))
+            datum = file.bundles[d.data_key].compose_stream_datum(indices=indices)
+            docs.append(("stream_datum", dict(datum)))
         file.emitted = upto
         return docs

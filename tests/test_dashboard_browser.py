@@ -114,9 +114,12 @@ class Daq:
                 return False
             services = read_status(status_path)["services"]
             self.pids = [s["pid"] for s in services]
-            return len(services) == 4 and all(s["alive"] for s in services)
+            names = {s["name"] for s in services}
+            return names == expected and all(s["alive"] for s in services)
 
-        poll(up, "receiver, assembler, writer and rest alive")
+        expected = {*(f"receiver-{m}" for m in self.config.required_modules),
+                    "assembler", "h5-writer", "writer-agent", "rest"}
+        poll(up, "receivers, assembler, h5 writer, writer agent and rest alive")
         poll(lambda: self._get("/stats").get("pipeline") == "up", "the REST API to see the pipeline")
 
     def _get(self, path: str) -> dict[str, Any]:
@@ -217,7 +220,7 @@ def test_dashboard_in_chromium_during_an_acquisition(daq: Daq, browser: Browser,
     packets_per_second = stats["receivers"]["packets_per_second"]
     assert packets_per_second >= 100  # shown as a whole number, rounded half up like Math.round
     assert shown["texts"]["stats.receivers.packets_per_second"] == f"{math.floor(packets_per_second + 0.5):,}"
-    assert set(shown["processes"]) == {"receiver-0", "assembler", "writer", "rest"}
+    assert set(shown["processes"]) == {"receiver-0", "assembler", "h5-writer", "writer-agent", "rest"}
     assert all(p["state"] == "running" for p in shown["processes"].values())
 
     # the request: the page ends where GET /requests/{id} ends

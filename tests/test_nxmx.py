@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import requests
+from bluesky import RunEngine
 from nexusformat.nexus.validate import validate_application, validate_file
 
 from daq_backend import ipc
@@ -27,6 +30,7 @@ from daq_backend.simulator.pattern import expected_image
 from daq_backend.supervisor import read_status
 from daq_backend.writer import layout, nexus
 from daq_backend.writer.request import RequestError, parse_write_request
+from std_daq_ophyd.documents import uri_path
 from tests.readout_fixtures import assert_no_leftovers, free_tcp_port, ipc_env, make_config, wait_for
 from tests.test_rest_server import healthy
 
@@ -321,3 +325,37 @@ def test_file_of_a_real_acquisition_passes_the_nxmx_validator(
     refused = requests.post(f"{url}/write_sync", json=bad, timeout=60)
     assert refused.status_code in (400, 422), refused.text
     assert "nxmx.instrument_name" in refused.text and not (tmp_path / "bad.h5").exists()
+
+
+def test_v1_device_with_nxmx_metadata_writes_an_nxmx_file(tmp_path: Path) -> None:
+    """``StdDaqDetector(nxmx=...)`` against the processes of ``std-daq up``: a ``bp.count`` gives an
+    NXmx file that passes the validator, with every image as sent; without a required field, staging
+    fails naming it."""
+    import bluesky.plans as bp
+
+    from tests.ophyd_fixtures import Recorder, check_run, make_detector, start_daq
+
+    ipc_dir = tempfile.mkdtemp(prefix="sdx", dir="/tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STD_DAQ_IPC_DIR", ipc_dir)
+        daq = start_daq(run_as="processes")
+        try:
+            recorder = Recorder()
+            engine = RunEngine({}, call_returns_result=False)
+            engine.subscribe(recorder)
+            det = make_detector(daq, tmp_path, frames=2, nxmx=NXMX)
+            engine(bp.count([det], 2))
+            check_run(recorder, daq, n_events=2, frames=2)
+            path = uri_path(recorder.of("stream_resource")[0]["uri"])
+            with h5py.File(path, "r") as h5:
+                assert h5[layout.ENTRY]["definition"].asstr()[()] == "NXmx"
+                assert h5[layout.ENTRY]["sample/name"].asstr()[()] == "lysozyme"
+            warnings, errors, messages = validate(path, application=True)
+            assert errors == 0, messages
+
+            bad = make_detector(daq, tmp_path, frames=1, name="bad", nxmx={"sample_name": "x"})
+            with pytest.raises(Exception, match="nxmx.instrument_name"):
+                bad.stage()
+        finally:
+            daq.stop()
+            shutil.rmtree(ipc_dir, ignore_errors=True)

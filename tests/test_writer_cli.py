@@ -105,6 +105,8 @@ def test_ctrl_c_kills_the_request_and_the_file_stays_valid(harness: Harness) -> 
     url = h.broker_url
     listener = subprocess.Popen([sys.executable, "-c", _CLI.format(main="listen_main"), h.tag, "--broker-url",
                                  url], stdout=subprocess.PIPE, text=True)
+    assert listener.stdout is not None
+    first = listener.stdout.readline()  # printed once it is subscribed: no status can pass it by
     proc = subprocess.Popen([sys.executable, "-c", _CLI.format(main="write_main"), "--n-images", "100000",
                              "--output", str(path), "--detector", h.tag, "--broker-url", url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,7 +123,8 @@ def test_ctrl_c_kills_the_request_and_the_file_stays_valid(harness: Harness) -> 
     with h5py.File(path, "r") as h5:
         assert h5.attrs["status"] == "interrupted" and h5.attrs["n_written"] >= 5
     os.kill(listener.pid, signal.SIGINT)
-    listened, _ = listener.communicate(timeout=WAIT_S)
+    rest, _ = listener.communicate(timeout=WAIT_S)
+    listened = first + rest
     assert listener.returncode == 0
     assert f"Listening for status messages on tag {h.tag!r}" in listened
     assert "writer_agent" in listened and "Interrupted: killed after" in listened

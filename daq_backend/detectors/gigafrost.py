@@ -223,7 +223,7 @@ class GigaFrostLayout(DetectorLayout):
     def _pixels(self) -> dict[int, PixelIndex]:
         g = self.geometry
         half_h, half_w = g.height // 2, g.width // 2
-        out = {}
+        out: dict[int, PixelIndex] = {}
         for m in range(GF_N_LINKS):
             quadrant, odd = divmod(m, 2)
             south = quadrant in (0, 1)

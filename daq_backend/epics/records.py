@@ -104,7 +104,7 @@ def encode_update(
     """Fields of an ``update`` entry for a monitor value."""
     dtype, shape, value = normalize_value(data, scalar)
     if dtype == STRING_TYPE:
-        payload: bytes = (value if isinstance(value, str) else json.dumps(value)).encode("utf-8")  # type: ignore[arg-type]
+        payload: bytes = (value if isinstance(value, str) else json.dumps(value)).encode("utf-8")
     else:
         payload = np.ascontiguousarray(value).tobytes()
     return {

@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from caproto import ChannelType
@@ -109,7 +109,7 @@ class SimIoc(PVGroup):
             getattr(self, name) for name in sorted(vars(type(self))) if name.startswith("bench_")
         ]
 
-    @pulse_id.startup
+    @pulse_id.startup  # type: ignore[no-redef]  # caproto: the startup hook takes the PV's name
     async def pulse_id(self, instance: Any, async_lib: Any) -> None:
         """The pulse loop: one iteration per pulse, everything written with that pulse's timestamp."""
         pulse = math.ceil(time.time() * self.pulse_rate)
@@ -147,7 +147,7 @@ def sim_ioc_class(n_bench_pvs: int = 0) -> type[SimIoc]:
         f"bench_{i:03d}": pvproperty(value=0.0, name=f"BENCH:{i:03d}", read_only=True)
         for i in range(n_bench_pvs)
     }
-    return type(SimIoc)("SimIocWithBench", (SimIoc,), attrs)
+    return cast(type[SimIoc], type("SimIocWithBench", (SimIoc,), attrs))  # PVGroup's metaclass builds it
 
 
 def pv_names(prefix: str, n_bench_pvs: int = 0) -> dict[str, str]:

@@ -18,18 +18,24 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from daq_backend.epics.records import entry_ms
 from daq_backend.epics.stats import BufferCounters
-from daq_backend.epics.store import Store
+from daq_backend.epics.store import Store, xrevrange
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 2.0
+
+
+def _fields(entry: Entry) -> dict[Any, Any]:
+    """The entry's fields as redis' ``xadd`` types them (a dict invariant in its key type)."""
+    return dict(entry.fields)
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Entry:
 
     key: str
     ms: int
-    fields: dict[str, bytes | str | int]
+    fields: Mapping[str, bytes | str | int]
     maxlen: int
     strictly_increasing: bool = False
 
@@ -179,7 +185,7 @@ class StreamSink:
         self._redis_ok = True
 
     def _top_ms(self, r: redis.Redis, key: str) -> int:
-        newest = r.xrevrange(key, count=1)
+        newest = xrevrange(r, key, count=1)
         return entry_ms(newest[0][0]) if newest else -1
 
     def _write(self, batch: list[Entry]) -> None:
@@ -201,7 +207,7 @@ class StreamSink:
                 continue
             ms = max(entry.ms, last[entry.key], 0)
             last[entry.key] = ms
-            pipe.xadd(entry.key, entry.fields, id=f"{ms}-*", maxlen=entry.maxlen, approximate=True)
+            pipe.xadd(entry.key, _fields(entry), id=f"{ms}-*", maxlen=entry.maxlen, approximate=True)
             sent.append(entry)
         results = pipe.execute(raise_on_error=False) if sent else []
         n_events = n_bytes = 0
@@ -212,7 +218,7 @@ class StreamSink:
                     continue
                 # Someone else moved the stream top: index the entry at the new top.
                 top = self._top_ms(r, entry.key)
-                r.xadd(entry.key, entry.fields, id=f"{top}-*", maxlen=entry.maxlen, approximate=True)
+                r.xadd(entry.key, _fields(entry), id=f"{top}-*", maxlen=entry.maxlen, approximate=True)
                 last[entry.key] = top
             elif isinstance(result, Exception):
                 self.counters.add(n_rejected=1)

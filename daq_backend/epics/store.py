@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 from types import TracebackType
+from typing import cast
 from urllib.parse import urlsplit
 
 import redis
@@ -46,7 +47,8 @@ class EmbeddedRedisServer:
         self._server = TcpFakeServer((host, port))
         if backend is not None:
             self._server.fake_server = backend
-        self.host, self.port = self._server.server_address[:2]
+        address, self.port = self._server.server_address[:2]
+        self.host = address.decode() if isinstance(address, bytes | bytearray) else str(address)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.1},
@@ -133,3 +135,19 @@ def make_store(redis_url: str | None = None) -> Store:
             f"redis_url: unsupported {url!r}; use redis://host:port, unix://path, 'embedded' or embedded://host:port"
         )
     return Store(url)
+
+
+#: one entry of a Redis stream as the client returns it without ``decode_responses``: (id, fields)
+StreamEntry = tuple[bytes, dict[bytes, bytes]]
+
+
+def xrange(r: redis.Redis, key: str, min: str = "-", max: str = "+",
+           count: int | None = None) -> list[StreamEntry]:
+    """``XRANGE key min max [COUNT count]``, typed (the client's own signature says "anything")."""
+    return cast(list[StreamEntry], r.xrange(key, min=min, max=max, count=count))
+
+
+def xrevrange(r: redis.Redis, key: str, max: str = "+", min: str = "-",
+              count: int | None = None) -> list[StreamEntry]:
+    """``XREVRANGE key max min [COUNT count]``, typed."""
+    return cast(list[StreamEntry], r.xrevrange(key, max=max, min=min, count=count))

@@ -65,7 +65,7 @@ from daq_backend.epics.records import (
     decode_record,
     entry_ms,
 )
-from daq_backend.epics.store import Store
+from daq_backend.epics.store import Store, xrange, xrevrange
 
 NS = 1_000_000_000
 RESERVED_ENTRY_ATTRS = frozenset(
@@ -192,19 +192,19 @@ class PulseMap:
         self.settings = settings
 
     def newest_at_or_before(self, pulse_id: int) -> Pulse | None:
-        found = self.r.xrevrange(self.stream, max=str(pulse_id), min="-", count=1)
+        found = xrevrange(self.r, self.stream, max=str(pulse_id), min="-", count=1)
         return _pulse(found[0]) if found else None
 
     def oldest_at_or_after(self, pulse_id: int) -> Pulse | None:
-        found = self.r.xrange(self.stream, min=str(pulse_id), max="+", count=1)
+        found = xrange(self.r, self.stream, min=str(pulse_id), max="+", count=1)
         return _pulse(found[0]) if found else None
 
     def oldest(self) -> Pulse | None:
-        found = self.r.xrange(self.stream, count=1)
+        found = xrange(self.r, self.stream, count=1)
         return _pulse(found[0]) if found else None
 
     def newest(self) -> Pulse | None:
-        found = self.r.xrevrange(self.stream, count=1)
+        found = xrevrange(self.r, self.stream, count=1)
         return _pulse(found[0]) if found else None
 
     def resolve(
@@ -257,7 +257,7 @@ class PulseMap:
         times: list[int] = []
         cursor = str(start.pulse_id)
         while True:
-            page = self.r.xrange(self.stream, min=cursor, max=str(stop.pulse_id), count=10_000)
+            page = xrange(self.r, self.stream, min=cursor, max=str(stop.pulse_id), count=10_000)
             for entry in page:
                 pulse = _pulse(entry)
                 pulses.append(pulse.pulse_id)
@@ -278,7 +278,7 @@ class PulseMap:
         low, upper = oldest, newest.pulse_id  # low.time <= t; every pulse >= upper has time > t
         while low.pulse_id + 1 < upper:
             middle = (low.pulse_id + 1 + upper) // 2
-            found = self.r.xrange(self.stream, min=str(middle), max=str(upper - 1), count=1)
+            found = xrange(self.r, self.stream, min=str(middle), max=str(upper - 1), count=1)
             if not found:
                 upper = middle
                 continue
@@ -333,7 +333,7 @@ class EpicsWriter:
         before: tuple[bytes, PvRecord] | None = None
         cursor = str(start_ns // 1_000_000)
         while before is None:
-            entries = r.xrevrange(key, max=cursor, min="-", count=16)
+            entries = xrevrange(r, key, max=cursor, min="-", count=16)
             for entry_id, fields in entries:
                 record = decode_record(fields)
                 if record.event is not Event.CONNECT and _order_ns(entry_id, record) <= start_ns:
@@ -345,7 +345,7 @@ class EpicsWriter:
         selected = [before[1]] if before else []
         cursor = "(" + before[0].decode() if before else "-"
         while True:
-            entries = r.xrange(key, min=cursor, max="+", count=page)
+            entries = xrange(r, key, min=cursor, max="+", count=page)
             for entry_id, fields in entries:
                 record = decode_record(fields)
                 if record.event is Event.CONNECT:
@@ -503,7 +503,8 @@ def _values(records: list[PvRecord]) -> tuple[str, np.ndarray, np.ndarray | None
         if array.ndim == 0:
             data[i] = array.item()  # (into an object array, a 0-d array would be stored as the object)
         else:
-            data[(i, *[slice(0, n) for n in array.shape])] = array
+            index: tuple[int | slice, ...] = (i, *(slice(0, n) for n in array.shape))
+            data[index] = array
         if row_shapes is not None:
             row_shapes[i] = array.shape
     return dtype_label, data, row_shapes

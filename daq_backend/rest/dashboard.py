@@ -221,11 +221,16 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` if it is a mapping, else an empty one (status files are read, not trusted)."""
+    return value if isinstance(value, Mapping) else {}
+
+
 def process_views(status: Mapping[str, Any] | None, now: float) -> list[ProcessView]:
     if status is None:
         return []
     stale = bool(status.get("stale"))
-    logs = status.get("logs") if isinstance(status.get("logs"), Mapping) else {}
+    logs = _mapping(status.get("logs"))
     views = []
     for svc in status.get("services", []):
         if not isinstance(svc, Mapping):
@@ -235,10 +240,10 @@ def process_views(status: Mapping[str, Any] | None, now: float) -> list[ProcessV
         state: Literal["running", "down", "stale", "unknown"] = (
             "stale" if stale else "running" if alive is True else "down" if alive is False else "unknown"
         )
-        counters = svc.get("counters") if isinstance(svc.get("counters"), Mapping) else {}
+        counters = _mapping(svc.get("counters"))
         stamp = _number(svc.get("stats_time"))
-        log = logs.get(name) if isinstance(logs.get(name), Mapping) else {}
-        rates = svc.get("rates") if isinstance(svc.get("rates"), Mapping) else {}
+        log = _mapping(logs.get(name))
+        rates = _mapping(svc.get("rates"))
         views.append(ProcessView(
             name=name,
             role=_role(name),

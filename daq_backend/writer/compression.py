@@ -56,7 +56,7 @@ class BitshuffleLZ4:
         self._block = int(self._lib.bshuf_default_block_size(itemsize))
         bound = int(self._lib.bshuf_compress_lz4_bound(self._n_elements, itemsize, self._block))
         self._out = np.empty(BSHUF_HEADER.size + bound, dtype=np.uint8)
-        BSHUF_HEADER.pack_into(self._out, 0, nbytes, self._block * itemsize)
+        BSHUF_HEADER.pack_into(self._out.data, 0, nbytes, self._block * itemsize)
 
     def compress(self, data: np.ndarray) -> memoryview:
         """Compress ``data`` (a C-contiguous buffer of ``nbytes``); the result aliases an internal
@@ -69,4 +69,4 @@ class BitshuffleLZ4:
         )
         if n < 0:
             raise RuntimeError(f"bitshuffle-lz4 compression failed (error {n})")
-        return memoryview(self._out)[: BSHUF_HEADER.size + n]
+        return self._out.data[: BSHUF_HEADER.size + n]

@@ -157,7 +157,7 @@ class ImageFile:
         try:
             cls._build(h5, config, path.name, n_images, metadata or {}, compression, request_id)
             h5.swmr_mode = True
-            _publish(building, path, overwrite)
+            publish(building, path, overwrite)
             return cls(h5, path, config, compression)
         except BaseException:
             h5.close()
@@ -296,7 +296,7 @@ class ImageFile:
         self.close(FILE_COMPLETED if exc is None else f"failed: {exc}")
 
 
-def _publish(building: Path, path: Path, overwrite: bool) -> None:
+def publish(building: Path, path: Path, overwrite: bool) -> None:
     """Give the finished file its name; without ``overwrite`` never replace a file that appeared
     meanwhile (``link`` fails if the name exists, unlike ``rename``)."""
     if overwrite:

@@ -17,8 +17,9 @@ geometry is read from the DAQ at every ``prepare`` (a changed bit depth changes 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
+from typing import Any
 
 import numpy as np
 from ophyd_async.core import (
@@ -59,10 +60,13 @@ def make_directories(info: PathInfo) -> None:
 class StdDaqDataLogic(DetectorDataLogic):
     """Opens the DAQ's file for each ``prepare`` and describes its images and per-image status."""
 
-    def __init__(self, driver: StdDaqDriverIO, writer: StdDaqWriterIO, path_provider: PathProvider) -> None:
+    def __init__(self, driver: StdDaqDriverIO, writer: StdDaqWriterIO, path_provider: PathProvider,
+                 nxmx: Mapping[str, Any] | None = None) -> None:
         self.driver = driver
         self.writer = writer
         self.path_provider = path_provider
+        #: the request's ``nxmx`` metadata: given, every file is an NXmx file
+        self.nxmx = dict(nxmx) if nxmx else None
 
     async def prepare_unbounded(self, datakey_name: str) -> StreamableDataProvider:
         async with in_step(OPEN_FILE):
@@ -74,7 +78,10 @@ class StdDaqDataLogic(DetectorDataLogic):
         settings = {k: await s.get_value() for k, s in (("exptime", self.driver.exposure_time),
                                                          ("period", self.driver.acquire_period),
                                                          ("timing", self.driver.timing_mode))}
-        await self.writer.open(path, metadata={"ophyd_device": datakey_name, **settings})
+        metadata: dict[str, Any] = {"ophyd_device": datakey_name, **settings}
+        if self.nxmx:
+            metadata["nxmx"] = self.nxmx
+        await self.writer.open(path, metadata=metadata)
         h, w = config.image_shape
         images = StreamResourceInfo(
             data_key=datakey_name,

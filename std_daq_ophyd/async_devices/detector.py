@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, cast
 
 from ophyd_async.core import (
@@ -65,12 +65,15 @@ class StdDaqAsyncDetector(StandardDetector):
     ``<tmp>/std-daq-data``, which must exist on the DAQ host); ``detector_name``: the detector at the
     DAQ (default: the DAQ's own); ``token``: bearer token of the REST API (default: ``STD_DAQ_TOKEN``
     / ``STD_DAQ_TOKEN_FILE``); ``compression``: ``none`` or ``bitshuffle-lz4``; ``timeouts``: the
-    bounds of the acquisition's steps.
+    bounds of the acquisition's steps; ``nxmx``: the request's NXmx metadata (sample, source, beam;
+    see the README's HDF5 layout): given, every file is an NXmx file, and a missing field fails
+    ``prepare`` naming it.
     """
 
     def __init__(self, url: str = DEFAULT_URL, path_provider: PathProvider | None = None, *,
                  detector_name: str | None = None, token: str | None = None, compression: str = "none",
-                 timeouts: AsyncTimeouts | None = None, name: str = "") -> None:
+                 timeouts: AsyncTimeouts | None = None, nxmx: Mapping[str, Any] | None = None,
+                 name: str = "") -> None:
         self.timeouts = timeouts or AsyncTimeouts()
         self.client = AsyncStdDaqClient(url, token=token)
         self.path_provider = path_provider or StaticPathProvider(UUIDFilenameProvider(), default_output_dir())
@@ -80,7 +83,7 @@ class StdDaqAsyncDetector(StandardDetector):
         self.add_detector_logics(
             StdDaqTriggerLogic(self.driver),
             self._acquire,
-            StdDaqDataLogic(self.driver, self.writer, self.path_provider),
+            StdDaqDataLogic(self.driver, self.writer, self.path_provider, nxmx),
         )
         self.add_config_signals(self.driver.detector_name, self.driver.bit_depth, self.driver.exposure_time,
                                 self.driver.acquire_period, self.driver.timing_mode)

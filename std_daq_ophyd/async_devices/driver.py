@@ -94,14 +94,14 @@ class StdDaqDriverIO(Device):
     async def refresh_settings(self) -> DetectorConfigResponse:
         """``GET /detector/<name>``: exposure, period, timing mode, frames and triggers."""
         settings = await self.client.detector_settings(self.name_of_detector)
-        for setter, value, kind in (
-            (self._set_exposure_time, settings.exptime, float),
-            (self._set_acquire_period, settings.period, float),
-            (self._set_frames, settings.frames, int),
-            (self._set_triggers, settings.triggers, int),
-        ):
-            if value is not None:
-                setter(kind(value))
+        if settings.exptime is not None:
+            self._set_exposure_time(float(settings.exptime))
+        if settings.period is not None:
+            self._set_acquire_period(float(settings.period))
+        if settings.frames is not None:
+            self._set_frames(int(settings.frames))
+        if settings.triggers is not None:
+            self._set_triggers(int(settings.triggers))
         if settings.timing is not None:
             self._set_timing_mode(str(settings.timing).removeprefix(TIMING_PREFIX))
         return settings
