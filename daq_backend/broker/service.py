@@ -228,8 +228,8 @@ class BrokerService:
             if worker is None:
                 self._release(ctx)
                 self._reported()
-        if self.reject_when_busy:
-            return  # the next delivery may come now: it is refused while this one runs
+        if worker is None or self.reject_when_busy:
+            return  # refused; or running, and the next delivery may come now (refused while this runs)
         # Block the delivery thread until the request is over: that (prefetch 1 + ack on return)
         # is what makes the service run one request at a time, the next one waiting in the queue.
         while worker.is_alive():
