@@ -318,9 +318,14 @@ def request_view(record: RequestRecord | None, queued: int, now: float) -> Reque
 
 
 def find_problems(stats: StatsResponse, stats_age: float | None, processes: list[ProcessView],
-                  request: RequestView | None) -> list[Problem]:
-    """What someone glancing at the page must see first, errors before warnings."""
+                  request: RequestView | None, broker: dict[str, Any] | None = None) -> list[Problem]:
+    """What someone glancing at the page must see first, errors before warnings. ``broker``: the
+    API's ``broker_health()`` (a broker it cannot reach is an error)."""
     problems: list[Problem] = []
+    if broker is not None and broker.get("broker") == "down":
+        problems.append(Problem(severity="error", text=(
+            f"broker {broker.get('broker_where')} unreachable ({broker.get('broker_error')}): write requests "
+            "are refused (503) until it is back")))
     if stats.pipeline == "down":
         problems.append(Problem(severity="error", text="no pipeline status: is `std-daq up` running?"))
     elif stats.pipeline == "stale":
@@ -405,7 +410,8 @@ class Dashboard:
                 seq=self._seq, time=now, interval=self.interval, viewers=self.viewers,
                 detector=config.detector_name, detector_type=config.detector_type.value,
                 n_modules=config.n_modules, image_shape=config.image_shape, image_dtype=config.image_dtype,
-                broker=backend.broker_kind, problems=find_problems(stats, stats_age, processes, request),
+                broker=backend.broker_kind, problems=find_problems(stats, stats_age, processes, request,
+                                                             backend.broker_health()),
                 stats=stats, stats_age=stats_age, processes=processes, request=request,
                 logs=log_views(status, config.detector_name), image=renderer.info if renderer else None,
                 image_error=renderer.error if renderer else "no viewer: images are rendered only while "

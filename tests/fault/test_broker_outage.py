@@ -153,6 +153,9 @@ def test_broker_stopped_while_idle(daq: Daq, listener: tuple[StatusAggregator, B
     seen_down = time.monotonic() - cut
     assert body["status"] == "unavailable" and body["broker"] == "down" and body["broker_kind"] == "amqp"
     assert body["broker_where"].startswith(f"127.0.0.1:{daq.proxy.port}") and body["broker_error"]
+    problems = requests.get(f"{daq.url}/ui/snapshot", timeout=30).json()["problems"]
+    assert any(p["severity"] == "error" and p["text"].startswith(f"broker 127.0.0.1:{daq.proxy.port}")
+               and "write requests are refused (503)" in p["text"] for p in problems), problems
     status = status_command(daq)
     assert status.returncode == 3, status.stdout + status.stderr
     assert f"broker 127.0.0.1:{daq.proxy.port}" in status.stdout and "DOWN" in status.stdout
