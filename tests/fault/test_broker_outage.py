@@ -192,6 +192,9 @@ def test_broker_stopped_while_idle(daq: Daq, listener: tuple[StatusAggregator, B
     late = wait_for(lambda: (s := daq.request(late_id))["state"] in FINAL and s, FAULT_BOUND,
                     "REST: the expired request")
     assert late["state"] == "failed" and late["message"] == message
+    for record in (late, daq.request(refused_id)):  # neither wrote a row: all 5 images not written
+        accounting = ImageAccounting(n_requested=5, n_written=record["n_written"], n_not_written=5)
+        assert accounting.balanced() and record["n_written"] == 0, record
     with pytest.raises(KeyError):
         aggregator.status(refused_id)  # it never reached the broker
     assert daq.request(refused_id)["state"] == "failed"
@@ -280,6 +283,8 @@ def test_network_partition_while_idle(daq: Daq, listener: tuple[StatusAggregator
     healthy_after = time.monotonic() - restored
     with pytest.raises(KeyError):
         aggregator.status(request_id)  # it never reached the broker
-    assert daq.request(request_id)["state"] == "failed" and not output.exists()
+    record = daq.request(request_id)
+    assert record["state"] == "failed" and not output.exists()
+    assert ImageAccounting(n_requested=5, n_written=record["n_written"], n_not_written=5).balanced()
     print(f"\nnetwork partition: write_async 503 after {answered_in:.2f} s, /health 503 after "
           f"{noticed:.2f} s; healed: /health 200 after {healthy_after:.2f} s")
