@@ -14,11 +14,14 @@ and the client that stands for ``std-daq write`` on another host talk to RabbitM
   ``FAULT_BOUND``;
 * a network partition (connections stay open, nothing passes): a write is still answered 503 within
   ``BROKER_ANSWER_BOUND``, and the heartbeat makes every process notice the loss
-  (``/health`` 503) within ``2 * (DEFAULT_HEARTBEAT_S + 5)`` s.
+  (``/health`` 503) within ``2 * (DEFAULT_HEARTBEAT_S + 5)`` s;
+* ``std-daq write`` on the broker answers in one line within the bound when nobody serves the
+  detector or the broker is gone.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -43,6 +46,7 @@ from daq_backend.config import DetectorConfig
 from daq_backend.messages import FAULT_BOUND, ImageAccounting
 from daq_backend.rest.backend import BROKER_ANSWER_BOUND
 from daq_backend.supervisor import read_status
+from daq_backend.writer.client import write_main
 from tests.fault.broker_proxy import BrokerProxy, broker_proxy
 from tests.fault.test_hostile_packets import Detector
 from tests.ophyd_fixtures import RABBITMQ_URL
@@ -288,3 +292,21 @@ def test_network_partition_while_idle(daq: Daq, listener: tuple[StatusAggregator
     assert ImageAccounting(n_requested=5, n_written=record["n_written"], n_not_written=5).balanced()
     print(f"\nnetwork partition: write_async 503 after {answered_in:.2f} s, /health 503 after "
           f"{noticed:.2f} s; healed: /health 200 after {healthy_after:.2f} s")
+
+
+def test_std_daq_write_during_an_outage_answers_within_the_bound(broker_proxy: BrokerProxy,
+                                                                 tmp_path: Path) -> None:
+    """``std-daq write`` on the broker: refused in one line, never left waiting, when the broker is
+    gone or nobody serves the detector."""
+    argv = ["--n-images", "3", "--output", str(tmp_path / "cli.h5"), "--no-progress",
+            "--broker-url", broker_proxy.url, "--detector", f"nobody-{os.getpid()}"]
+    err = io.StringIO()
+    started = time.monotonic()
+    assert write_main(argv, out=io.StringIO(), err=err) == 2  # served by nobody: no route
+    assert "no writer agent serves detector" in err.getvalue()
+    assert time.monotonic() - started <= BROKER_ANSWER_BOUND + FAULT_BOUND
+    broker_proxy.cut()
+    err = io.StringIO()
+    assert write_main(argv, out=io.StringIO(), err=err) == 2
+    assert "Cannot connect to RabbitMQ at 127.0.0.1:" in err.getvalue()
+    assert not (tmp_path / "cli.h5").exists()
