@@ -112,7 +112,8 @@ def test_folder_checks(tmp_path: Path) -> None:
     }
     for output_file, text in cases.items():
         with pytest.raises(RequestError, match="output_file: ") as info:
-            _parse({"output_file": output_file, "n_images": 1}, output_roots=[tmp_path.parent, Path("/sys/kernel")])
+            roots = [tmp_path.parent, Path("/sys/kernel")]
+            _parse({"output_file": output_file, "n_images": 1}, output_roots=roots)
         assert text in str(info.value), (output_file, str(info.value))
     assert not list(Path("/sys/kernel").glob(".std-daq-probe-*"))
 

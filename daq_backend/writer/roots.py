@@ -22,6 +22,7 @@ Path limits (Linux): a name component at most :data:`MAX_NAME_BYTES` bytes, the 
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,9 +147,11 @@ def open_folder(folder: str | Path, roots: Sequence[Path]) -> int:
         for part in real.relative_to(real_root).parts:
             try:
                 child = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                raise ValueError(f"cannot create a file in {folder}: the folder does not exist") from None
             except OSError as exc:
-                raise ValueError(f"folder {folder} changed while it was checked ({part}: {exc.strerror}); "
-                                 "refusing to follow it") from None
+                raise ValueError(f"cannot create a file in {folder}: it changed while it was checked "
+                                 f"({part}: {exc.strerror}); refusing to follow it") from None
             os.close(fd)
             fd = child
     except BaseException:
@@ -161,3 +164,13 @@ def fd_path(dir_fd: int, name: str = "") -> str:
     """A path that names ``name`` inside the folder held by ``dir_fd`` (``/proc/self/fd``): for
     libraries that take only path names (HDF5)."""
     return f"/proc/self/fd/{dir_fd}/{name}" if name else f"/proc/self/fd/{dir_fd}"
+
+
+def add_output_root_option(parser: argparse.ArgumentParser) -> None:
+    """``--output-root FOLDER`` (repeatable) on a command that decides where files go."""
+    parser.add_argument(
+        ROOT_FLAG, "--output_root", dest="output_roots", action="append", type=Path, default=None,
+        metavar="FOLDER",
+        help=f"a folder files may be written in (repeatable; default: env {OUTPUT_ROOTS_ENV}, else "
+             f"$XDG_DATA_HOME/std-daq = {default_data_root()})",
+    )
