@@ -70,7 +70,7 @@ def _body(model: type[BaseModel], example: dict[str, Any] | None = None) -> dict
 def _errors(*codes: int, model: type[BaseModel] = m.ErrorBody) -> dict[int | str, dict[str, Any]]:
     reasons = {
         400: "malformed JSON or a bad detector parameter",
-        403: "output file outside the allowed output roots",
+        403: "output file outside the output roots (the answer names them and --output-root)",
         404: "unknown request id or detector",
         409: "the detector or writer is in the wrong state for this",
         413: f"request body over {MAX_BODY_BYTES} bytes or nested too deeply",
