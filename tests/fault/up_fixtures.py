@@ -25,8 +25,14 @@ from typing import Any
 import requests
 
 from daq_backend import ipc
-from daq_backend.broker import BrokerClient, StatusAggregator, make_transport
-from daq_backend.broker.protocol import Action
+from daq_backend.broker import (
+    REQUEST_EXCHANGE,
+    Action,
+    BrokerClient,
+    Message,
+    StatusAggregator,
+    make_transport,
+)
 from daq_backend.config import DetectorConfig
 from daq_backend.simulator.sender import DetectorSimulator
 from daq_backend.supervisor import read_status
@@ -108,9 +114,6 @@ class Up:
         message."""
         request_id = str(uuid.uuid4())
         if isinstance(body, bytes):
-            from daq_backend.broker.protocol import REQUEST_EXCHANGE
-            from daq_backend.broker.transport import Message
-
             client.transport.publish(Message(REQUEST_EXCHANGE, client.tag, body, request_id), mandatory=True)
         else:
             client.request(body, request_id=request_id)
