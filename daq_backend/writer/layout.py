@@ -367,10 +367,11 @@ def _publish_at(building: str, path: Path, dir_fd: int, overwrite: bool) -> None
     os.unlink(building, dir_fd=dir_fd)
 
 
-def replace_problem(name: str, dir_fd: int | None, overwrite: bool) -> str:
+def replace_problem(name: str, dir_fd: int | None, overwrite: bool, creator: str = CREATOR) -> str:
     """Why ``name`` (in the folder of ``dir_fd``; None: the current folder) may not be created:
     "" when it does not exist, or exists, ``overwrite`` is set and it is a file this DAQ wrote
-    (:func:`is_daq_file`); otherwise the reason, for the user."""
+    (:func:`is_daq_file`; ``creator``: the attribute its writer sets); otherwise the reason, for the
+    user."""
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -383,13 +384,13 @@ def replace_problem(name: str, dir_fd: int | None, overwrite: bool) -> str:
         return "it is a symbolic link; overwrite never replaces one"
     if not stat.S_ISREG(info.st_mode):
         return "it is not a regular file; overwrite replaces only an HDF5 file this DAQ wrote"
-    why = foreign_file_reason(name, dir_fd)
+    why = foreign_file_reason(name, dir_fd, creator)
     return f"overwrite replaces only an HDF5 file this DAQ wrote, and {why}" if why else ""
 
 
-def foreign_file_reason(name: str, dir_fd: int | None = None) -> str:
-    """"" if ``name`` is an HDF5 file this DAQ wrote (``creator`` == :data:`CREATOR`), else why not.
-    The file is opened with ``O_NOFOLLOW``, and only read."""
+def foreign_file_reason(name: str, dir_fd: int | None = None, expected: str = CREATOR) -> str:
+    """"" if ``name`` is an HDF5 file this DAQ wrote (its ``creator`` attribute is ``expected``), else
+    why not. The file is opened with ``O_NOFOLLOW``, and only read."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
@@ -403,7 +404,7 @@ def foreign_file_reason(name: str, dir_fd: int | None = None) -> str:
             creator = h5.attrs.get("creator")
         if isinstance(creator, bytes):
             creator = creator.decode("utf-8", "replace")
-        if creator != CREATOR:
+        if creator != expected:
             return f"it is an HDF5 file of another program (creator {creator!r})"
         return ""
     finally:
