@@ -50,7 +50,6 @@ from daq_backend.stats import Counters, StatsReporter, service_name
 from daq_backend.writer import roots
 from daq_backend.writer.layout import FILE_COMPLETED, FILE_INTERRUPTED, ImageFile, recover_file
 from daq_backend.writer.request import parse_write_request
-from daq_backend.writer.roots import add_output_root_option
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +465,7 @@ def h5_writer_main(argv: list[str] | None = None) -> int:
     """``std-daq h5-writer CONFIG``: the h5 writer as its own process (seed's std_h5_writer)."""
     parser = argparse.ArgumentParser(prog="std-daq h5-writer", description=h5_writer_main.__doc__)
     parser.add_argument("config", help="detector JSON file")
-    add_output_root_option(parser)
+    roots.add_output_root_option(parser)
     parser.add_argument("--log_level", "--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                         choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
     args = parser.parse_args(argv)
