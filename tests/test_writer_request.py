@@ -66,6 +66,8 @@ def test_seed_fields_are_accepted_and_the_path_normalised(tmp_path: Path) -> Non
         ({"metadata": {"a": "x\x00y"}}, "metadata.a", "contains a NUL"),
         ({"metadata": {"a": [[{"b": "\udc80"}]]}}, "metadata.a[0][0].b", "not valid UTF-8"),
         ({"metadata": {"a": _nested(32)}}, "metadata", "nested deeper than 32 levels"),
+        ({"sources": _nested(300)}, "sources", "nested deeper than 32 levels"),
+        ({"user_id": {"a": "\x00"}}, "user_id.a", "contains a NUL"),
         ({"metadata": [1, 2]}, "metadata", "valid dictionary"),
         ({"metadata": {"NX_class": "x"}}, "metadata", "reserved"),
         ({"metadata": {"x": float("nan")}}, "metadata", "JSON"),

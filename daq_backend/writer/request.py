@@ -9,8 +9,8 @@ in :mod:`daq_backend.writer.roots` (a relative ``output_file`` is taken inside t
 Limits (also in the JSON schema of :class:`WriteRequest`): ``n_images`` 1..:data:`MAX_IMAGES`,
 ``start_id`` 0..2**64-1, ``timeout`` at most :data:`MAX_TIMEOUT` s, a path component at most 255 bytes
 and the path at most 4095, ``metadata`` at most :data:`MAX_METADATA_BYTES` as JSON, nested at most
-:data:`MAX_METADATA_DEPTH` levels, keys at most :data:`MAX_METADATA_KEY_BYTES` bytes, strings UTF-8
-without NUL.
+:data:`MAX_METADATA_DEPTH` levels (so are ``sources`` and ``user_id``), keys at most
+:data:`MAX_METADATA_KEY_BYTES` bytes, strings UTF-8 without NUL.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def _check_json_value(value: Any, where: str, depth: int) -> None:
         return
     if isinstance(value, dict | list):
         if depth > MAX_METADATA_DEPTH:
-            raise ValueError(f"metadata: nested deeper than {MAX_METADATA_DEPTH} levels (at {where})")
+            field = where.split(".", 1)[0].split("[", 1)[0]
+            raise ValueError(f"{field}: nested deeper than {MAX_METADATA_DEPTH} levels (at {where})")
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
             if isinstance(key, str):
@@ -155,6 +156,13 @@ class WriteRequest(BaseModel):
             if found:
                 data = {**data, "output_file": roots.resolve_output_path(value, found)}
         return data
+
+    @field_validator("sources", "user_id")
+    @classmethod
+    def _shallow(cls, value: Any, info: ValidationInfo) -> Any:
+        """Ignored, but forwarded with the request: as deep and as clean as metadata."""
+        _check_json_value(value, str(info.field_name), 1)
+        return value
 
     @field_validator("output_file")
     @classmethod

@@ -61,6 +61,8 @@ BAD: dict[str, tuple[Any, int, str]] = {
                        "start_id: Input should be less than or equal to 18446744073709551615"),
     "metadata 40 levels deep": ({"output_file": "a.h5", "n_images": 1, "metadata": {"a": nested(40)}}, 422,
                                 "metadata: nested deeper than 32 levels"),
+    "an ignored field 300 levels deep": ({"output_file": "a.h5", "n_images": 1, "sources": nested(300)}, 422,
+                                         "sources: nested deeper than 32 levels"),
     "a 5 MiB body": ({"output_file": "a.h5", "n_images": 1, "metadata": {"a": "x" * (5 << 20)}}, 413,
                      "the limit is 4194304"),
     "a JSON list": ([1, 2], 422, "JSON object, got list"),
