@@ -82,11 +82,12 @@ def _log_to(log_path: Path) -> tuple[str, ...]:
 
 
 def pipeline_topology(config: DetectorConfig, config_path: Path, broker_url: str, log_path: Path,
-                      rcvbuf: int | None) -> Topology:
-    """What ``std-daq up`` runs without its REST API: receivers, assembler, h5 writer, writer agent."""
+                      rcvbuf: int | None, output_root: Path) -> Topology:
+    """What ``std-daq up`` runs without its REST API: receivers, assembler, h5 writer, writer agent,
+    writing into ``output_root``."""
     receiver_args = ("--rcvbuf", str(rcvbuf)) if rcvbuf else ()
     return Topology(config, config_path, broker_url, receiver_args=receiver_args, log_level=CHILD_LOG_LEVEL,
-                    launcher=_log_to(log_path))
+                    launcher=_log_to(log_path), output_roots=(str(output_root),))
 
 
 class WriterEvents:
@@ -166,9 +167,11 @@ class OurPipeline:
     """One detector's pipeline under a supervisor thread of this process (see module doc)."""
 
     def __init__(self, config: DetectorConfig, workdir: Path, broker_url: str, *, rcvbuf: int | None = None,
-                 startup_timeout: float = 120.0) -> None:
+                 startup_timeout: float = 120.0, output_root: Path | None = None) -> None:
         self.config = config
         self.workdir = workdir
+        #: the folder the writer may write in (default: the parent of ``workdir``, where the files go)
+        self.output_root = output_root or workdir.parent
         self.broker_url = broker_url
         self.rcvbuf = rcvbuf
         self.startup_timeout = startup_timeout
@@ -185,7 +188,7 @@ class OurPipeline:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config.to_json_dict(), indent=1))
         topology = pipeline_topology(self.config, self.config_path, self.broker_url, self.log_path,
-                                     self.rcvbuf)
+                                     self.rcvbuf, self.output_root)
         self.supervisor = Supervisor(self.config, self.config_path, topology=topology, stable_after=1e9)
         self.events = WriterEvents(ipc.writer_status_address(self.config.detector_name))
         self._thread = threading.Thread(target=self.supervisor.run, name="supervisor", daemon=True)

@@ -172,7 +172,8 @@ class Daq:
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [*CLI, "up", str(self.config_path), "--rest-port", str(self.port), "--log-level", "WARNING"],
+            [*CLI, "up", str(self.config_path), "--rest-port", str(self.port), "--log-level", "WARNING",
+             "--output-root", str(workdir)],
             env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         self.pids: dict[str, int] = {}
 

@@ -472,7 +472,8 @@ class LatencyBenchmark:
             follow = Child("follower", _follower_child)
             self.children.append(follow)
         assert self.hub is not None
-        self.pipeline = OurPipeline(config, self.work / "pipeline", self.hub.broker_url)
+        self.pipeline = OurPipeline(config, self.work / "pipeline", self.hub.broker_url,
+                                    output_root=self.work)
         self.pipeline.start()
         sender.result(120)  # ready
         self.monitor = MemoryMonitor(interval=self.args.rss_interval).start()

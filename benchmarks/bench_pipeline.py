@@ -399,7 +399,8 @@ class PipelineBenchmark:
         # As root the receiver would use SO_RCVBUFFORCE and ignore the cap: ask for no more than the cap,
         # so "default" means for ours what it means for slsReceiver and the drain.
         rcvbuf = min(self.plan.rcvbuf, cap)
-        pipeline = OurPipeline(config, self.work / "pipeline", self.hub.broker_url, rcvbuf=rcvbuf)
+        pipeline = OurPipeline(config, self.work / "pipeline", self.hub.broker_url, rcvbuf=rcvbuf,
+                               output_root=self.work)
         try:
             pipeline.start()
         except BaseException:

@@ -93,7 +93,7 @@ def run_h5_writer(config: DetectorConfig, ring: RingBuffer, path: Path, n: int, 
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(ipc.writer_status_address(config.detector_name))
-    writer = H5Writer(config).start()
+    writer = H5Writer(config, output_roots=[path.parent]).start()
     try:
         while json.loads(sub.recv())["event"] != "alive":
             pass

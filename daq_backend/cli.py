@@ -77,7 +77,10 @@ def add_up(sub: Subparsers) -> None:
     p.add_argument("--configure-udp", "--configure_udp", action="store_true",
                    help="point the detector's UDP stream at this DAQ at start-up")
     p.add_argument("--output-root", "--output_root", dest="output_roots", action="append", default=[],
-                   help="folder writes are confined to (repeatable; default anywhere)")
+                   metavar="FOLDER",
+                   help="a folder files may be written in (repeatable; default: env STD_DAQ_OUTPUT_ROOTS, "
+                        "else the data root $XDG_DATA_HOME/std-daq, i.e. ~/.local/share/std-daq); given to "
+                        "the h5 writer, the writer agent and the REST API")
     p.add_argument("--stream-send", "--stream_send", dest="stream_send", default=None, metavar="ADDRESS",
                    help="also replicate the image buffer on this address (e.g. tcp://*:9000)")
     p.add_argument("--live-stream", "--live_stream", dest="live_stream", default=None, metavar="ADDRESS",
@@ -98,7 +101,6 @@ def up_topology(args: argparse.Namespace, config: DetectorConfig, broker_url: st
     REST API and the optional streams. They read the supervisor's live copy of the config."""
     rest_args = ["--detector-control", args.detector_control]
     rest_args += [f"--detector-host={h}" for h in args.detector_hosts]
-    rest_args += [f"--output-root={r}" for r in args.output_roots]
     rest_args += ["--configure-udp"] if args.configure_udp else []
     rest_args += [f"--token-file={Path(args.token_file).resolve()}"] if args.token_file else []
     live_args: tuple[str, ...] = ("--mode", args.live_stream_mode)
@@ -108,6 +110,7 @@ def up_topology(args: argparse.Namespace, config: DetectorConfig, broker_url: st
         rest_port=args.rest_port or None, rest_host=args.rest_host, rest_args=tuple(rest_args),
         stream_send=args.stream_send,
         live_stream=args.live_stream, live_stream_args=live_args,
+        output_roots=tuple(str(Path(r).expanduser().absolute()) for r in args.output_roots),
         log_level=args.log_level,
     )
 

@@ -156,8 +156,9 @@ class LocalDaq:
     """The processes ``std-daq up`` runs for one simulated detector, supervised from this process.
 
     ``start()`` returns once every process reported in and the REST API answers (``url``);
-    ``stop()`` stops them all and removes what they left. ``output_roots``: folders the API allows
-    writes to (None: anywhere). ``log_level``: of the processes (their output goes to this process's
+    ``stop()`` stops them all and removes what they left. ``output_roots``: folders files may be
+    written in, given to the h5 writer, writer agent and REST API (None: ``STD_DAQ_OUTPUT_ROOTS``,
+    else the default data root). ``log_level``: of the processes (their output goes to this process's
     stderr)."""
 
     def __init__(
@@ -205,10 +206,10 @@ class LocalDaq:
         return self._control
 
     def topology(self, port: int) -> Topology:
-        rest_args = ["--detector-control", "simulated"]
-        rest_args += [f"--output-root={r}" for r in self.output_roots or ()]
+        roots = tuple(str(Path(r).absolute()) for r in self.output_roots or ())
         return Topology(self.config, Path(ipc.config_file(self.detector_name)), self._broker.url,
-                        rest_port=port, rest_args=tuple(rest_args), log_level=self.log_level)
+                        rest_port=port, rest_args=("--detector-control", "simulated"), output_roots=roots,
+                        log_level=self.log_level)
 
     def start(self, wait: bool = True) -> LocalDaq:
         """Start the processes; with ``wait=False`` return at once (``wait_ready()`` waits)."""
@@ -303,9 +304,9 @@ class EmbeddedDaq:
     detector simulator as the detector (``control``).
 
     ``start()`` returns once the REST API answers (``url``); ``stop()`` undoes everything it started,
-    including shared-memory rings and ipc socket files. ``output_roots``: folders the API allows
-    writes to (None: anywhere). A config change through the API is refused (nothing here restarts
-    threads); :class:`LocalDaq` applies it."""
+    including shared-memory rings and ipc socket files. ``output_roots``: folders files may be
+    written in (None: ``STD_DAQ_OUTPUT_ROOTS``, else the default data root). A config change
+    through the API is refused (nothing here restarts threads); :class:`LocalDaq` applies it."""
 
     def __init__(
         self,
@@ -373,7 +374,8 @@ class EmbeddedDaq:
                     self._components.append(assembler)
                     self._threads.append(assembler.start())
                 elif spec.role is Role.H5_WRITER:
-                    h5_writer = H5Writer(config)
+                    roots = [Path(r) for r in self.output_roots] if self.output_roots else None
+                    h5_writer = H5Writer(config, output_roots=roots)
                     h5_writer.start()
                     self._components.append(h5_writer)
                 elif spec.role is Role.WRITER_AGENT:

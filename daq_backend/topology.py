@@ -108,7 +108,10 @@ class Topology:
     writer and writer agent (False: they run elsewhere). ``rest_port`` None leaves the REST API out;
     ``rest_args`` are more ``std-daq rest`` options. ``stream_send`` / ``live_stream``: the address to
     serve on (None: not run); ``live_stream_args``: more ``std-daq live-stream`` options (``--mode``,
-    ``--param``). ``receiver_args``: more receiver options (``--rcvbuf``). ``log_level``: every
+    ``--param``). ``receiver_args``: more receiver options (``--rcvbuf``). ``output_roots``: the
+    folders files may be written in, given as ``--output-root`` to every process that decides where a
+    file goes (h5 writer, writer agent, REST API; empty: each uses ``STD_DAQ_OUTPUT_ROOTS``, else the
+    default data root, see ``daq_backend.writer.roots``). ``log_level``: every
     process's. ``launcher``: a command line prefix every process runs under (it must ``exec`` the
     rest, so the PID stays the supervisor's child: e.g. a shell redirecting the output to a log)."""
 
@@ -124,6 +127,7 @@ class Topology:
     live_stream: str | None = None
     live_stream_args: tuple[str, ...] = ()
     receiver_args: tuple[str, ...] = ()
+    output_roots: tuple[str, ...] = ()
     log_level: str | None = None
     launcher: tuple[str, ...] = ()
     python: str = sys.executable
@@ -138,6 +142,9 @@ class Topology:
 
     def _log(self) -> tuple[str, ...]:
         return ("--log-level", self.log_level.upper()) if self.log_level else ()
+
+    def _roots(self) -> tuple[str, ...]:
+        return tuple(f"--output-root={r}" for r in self.output_roots)
 
     def _cli(self, command: str, *args: str) -> tuple[str, ...]:
         return (*self.launcher, self.python, "-m", "daq_backend.cli", command, str(self.config_path), *args,
@@ -173,13 +180,13 @@ class Topology:
         if self.writer:
             specs.append(ServiceSpec(
                 "h5-writer",
-                argv=self._cli("h5-writer"),
+                argv=self._cli("h5-writer", *self._roots()),
                 ipc_addresses=(ipc.writer_status_address(det),),
                 role=Role.H5_WRITER, reports_stats=True,
             ))
             specs.append(ServiceSpec(
                 "writer-agent",
-                argv=self._cli("writer-agent", "--broker-url", self.broker_url),
+                argv=self._cli("writer-agent", "--broker-url", self.broker_url, *self._roots()),
                 ipc_addresses=(ipc.writer_agent_address(det),),
                 role=Role.WRITER_AGENT, reports_stats=True,
             ))
@@ -199,7 +206,7 @@ class Topology:
             specs.append(ServiceSpec(
                 "rest",
                 argv=self._cli("rest", "--rest-port", str(self.rest_port), "--host", self.rest_host,
-                               "--broker-url", self.broker_url, *self.rest_args),
+                               "--broker-url", self.broker_url, *self._roots(), *self.rest_args),
                 role=Role.REST,
             ))
         return specs

@@ -8,7 +8,8 @@ allows it), builds the devices it lists and a document store. The config::
       url: http://127.0.0.1:5000      # REST API of the DAQ (any host)
       embedded_fallback: true         # nothing answers there: run a simulated DAQ from here
       detector_type: jungfrau         # ... of this type (jungfrau | eiger | gigafrost)
-      data_dir: /tmp/std-daq-data     # default folder of the files
+      data_dir: ~/beamtime            # default folder of the files (a folder the DAQ may write to;
+                                      # unset: STD_DAQ_DATA_DIR, else the DAQ's data root)
     catalog: tiled                    # tiled (in-memory Tiled catalog + TiledWriter) | memory
     devices:
       det:
@@ -36,6 +37,7 @@ import yaml
 from ophyd import Device, Signal
 
 from std_daq_ophyd.client import StdDaqClient, StdDaqUnreachable
+from std_daq_ophyd.writer import default_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,7 @@ def load_beamline(path: str | os.PathLike[str] | None = None) -> Beamline:
         raise ValueError(f"no beamline config given (set {CONFIG_ENV})")
     config = read_config(path)
     daq_cfg = dict(config.get("daq") or {})
-    data_dir = str(daq_cfg.get("data_dir") or "") or None
+    data_dir = os.path.expanduser(str(daq_cfg.get("data_dir") or "")) or None
     if data_dir:
         os.makedirs(data_dir, exist_ok=True)
     url, daq = ensure_daq(str(daq_cfg.get("url", "http://127.0.0.1:5000")),
@@ -188,7 +190,7 @@ def load_beamline(path: str | os.PathLike[str] | None = None) -> Beamline:
             beamline.devices[name] = build_device(name, spec, url, data_dir)
         if str(config.get("catalog", "memory")) == "tiled":
             try:
-                beamline.tiled, beamline.tiled_writer, closers = make_tiled(data_dir or tempfile.gettempdir())
+                beamline.tiled, beamline.tiled_writer, closers = make_tiled(data_dir or default_output_dir())
                 beamline._closers.extend(closers)
             except ImportError as exc:
                 log.warning("catalog: tiled is not installed (%s); keeping documents in memory only", exc)

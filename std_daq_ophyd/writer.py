@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
 from daq_backend.rest.models import RequestStatus
+from daq_backend.writer.roots import default_data_root
 from std_daq_ophyd.client import StdDaqClient, StdDaqError
 
 #: A write request with no natural end (one file per run, the run's length unknown at stage);
@@ -32,8 +32,11 @@ FINAL_STATES = ("completed", "interrupted", "failed")
 
 
 def default_output_dir() -> str:
-    """``STD_DAQ_DATA_DIR`` if set, else ``<tmp>/std-daq-data`` (must exist on the DAQ host)."""
-    return os.environ.get("STD_DAQ_DATA_DIR") or os.path.join(tempfile.gettempdir(), "std-daq-data")
+    """``STD_DAQ_DATA_DIR`` if set, else the DAQ's default data root as it is on this host
+    (``$XDG_DATA_HOME/std-daq``, ``~/.local/share/std-daq``): right for a DAQ on this host run by this
+    user; a DAQ elsewhere or with ``--output-root`` needs ``output_dir`` (or ``STD_DAQ_DATA_DIR``) set
+    to a folder inside its roots."""
+    return os.environ.get("STD_DAQ_DATA_DIR") or str(default_data_root())
 
 
 @dataclass(frozen=True)

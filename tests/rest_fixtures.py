@@ -55,7 +55,9 @@ class RestHarness:
         self.assembler = FakeAssembler(self.config) if assembler else None
         # the writer has a connection of its own, as the process it is in production
         self.writer_transport = EmbeddedTransport(self.hub.name)
-        self.writer = DetectorWriter(self.config, self.writer_transport).start() if writer else None
+        roots = backend_options.get("output_roots", [self.data])  # the writer's are the API's, as in `up`
+        self.writer = DetectorWriter(self.config, self.writer_transport, output_roots=roots).start() \
+            if writer else None
         if controls is None:
             control = SimulatedDetectorControl(self.config)
             controls = {self.config.detector_name: control, self.config.detector_type.value: control}

@@ -132,12 +132,14 @@ def main() -> int:
     config_path = Path("/tmp/eiger.json")
     config_path.write_text(json.dumps(CONFIG))
     config = parse_config(CONFIG)
-    rest = subprocess.Popen([sys.executable, "-m", "daq_backend.cli", "rest", str(config_path)])
+    # the seed's examples write /tmp/test.h5: /tmp must be an output root of the API and the writer
+    rest = subprocess.Popen([sys.executable, "-m", "daq_backend.cli", "rest", str(config_path),
+                             "--output-root", "/tmp"])
     assembler = writer = transport = None
     try:
         wait_until(lambda: requests.get(f"{BASE}/health").ok, "the REST API (and its embedded broker hub)")
         transport = EmbeddedTransport("default")
-        writer = DetectorWriter(config, transport).start()
+        writer = DetectorWriter(config, transport, output_roots=[Path("/tmp")]).start()
         assembler = FakeAssembler(config).start(rate_hz=2.0)  # 10 images take 5 s: the kill lands mid-file
         examples()
     finally:

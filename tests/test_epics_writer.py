@@ -313,8 +313,9 @@ def _error(buffer: Buffer, body: dict[str, Any], **settings: Any) -> EpicsReques
         ({"channels": []}, "channels", "at least 1"),
         ({"channels": ["FLOAT", "FLOAT"]}, "channels", "duplicates"),
         ({"output_file": "relative.h5"}, "output_file", "not an absolute path"),
-        ({"output_file": "/nonexistent-folder/x.h5"}, "output_file", "does not exist"),
-        ({"output_file": "/proc/1/x.h5"}, "output_file", "not writable"),
+        ({"output_file": "{tmp}/nonexistent-folder/x.h5"}, "output_file", "does not exist"),
+        ({"output_file": "/proc/1/x.h5"}, "output_file", "is outside the folders this DAQ writes to"),
+        ({"output_file": "{tmp}/" + "n" * 300}, "output_file", "may have at most 255 bytes"),
         ({"metadata": {"request": 1}}, "metadata", "reserved"),
         ({"stop_pulseid": 3}, "stop_pulseid", "Extra inputs"),
     ],
@@ -323,6 +324,8 @@ def test_bad_requests_name_the_field(
     buffer: Buffer, tmp_path: Path, changes: dict, field: str, words: str
 ) -> None:
     body = {**request(tmp_path, 1100, 1200, ["FLOAT"]), **changes}
+    if isinstance(body["output_file"], str):
+        body["output_file"] = body["output_file"].replace("{tmp}", str(tmp_path))
     error = _error(buffer, body)
     assert error.field == field
     assert str(error).startswith(f"{field}: ")
@@ -350,6 +353,11 @@ def test_existing_file_needs_overwrite(buffer: Buffer, tmp_path: Path) -> None:
     error = _error(buffer, body)
     assert (error.field, "exists" in str(error)) == ("output_file", True)
     assert Path(body["output_file"]).read_bytes() == b"precious"
+    error = _error(buffer, {**body, "overwrite": True})  # overwrite replaces only a file of this writer
+    assert "overwrite replaces only an HDF5 file this DAQ wrote, and it is not an HDF5 file" in str(error)
+    assert Path(body["output_file"]).read_bytes() == b"precious"
+    Path(body["output_file"]).unlink()
+    buffer.writer().write(body)
     buffer.writer().write({**body, "overwrite": True})
     assert read_file(body["output_file"])["FLOAT"]["attrs"]["n_points"] > 0
 

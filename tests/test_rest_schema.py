@@ -2,8 +2,9 @@
 operation find no server error, and every answer matches the documented status codes and schemas.
 
 The DAQ behind it is real (embedded broker, writer agent + h5 writer, simulated detector) with a
-stand-in assembler producing small images; generated output files fall outside the allowed output
-root, so no generated write request blocks. Bounded: a fixed number of examples per operation.
+stand-in assembler producing small images; the only output root does not exist, so a generated
+output file is outside it (403) or, relative, in a missing folder (422): no generated write request
+blocks. Bounded: a fixed number of examples per operation.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def daq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestHarness]:
     os.environ["STD_DAQ_IPC_DIR"] = ipc_dir
     harness = None
     try:
-        harness = RestHarness(tmp_path_factory.mktemp("schema"), small_detector())
+        base = tmp_path_factory.mktemp("schema")
+        harness = RestHarness(base, small_detector(), output_roots=[base / "no-such-root"])
         assert harness.assembler is not None
         harness.assembler.start(rate_hz=20)
         yield harness

@@ -71,3 +71,22 @@ def test_a_change_restarts_the_readers_of_its_fields(fields: dict[str, object], 
 def test_a_service_has_a_command_line_or_a_target() -> None:
     with pytest.raises(ValueError, match="exactly one of argv and target"):
         ServiceSpec("x")
+
+
+def test_output_roots_go_to_every_process_that_decides_where_a_file_goes() -> None:
+    import argparse
+
+    from daq_backend.cli import add_up, up_topology
+
+    config = make_config("jungfrau")
+    parser = argparse.ArgumentParser()
+    add_up(parser.add_subparsers())
+    args = parser.parse_args(["up", "det.json", "--output-root", "/data/a", "--output-root", "~/b"])
+    topology = up_topology(args, config, "embedded://x")
+    roots = ("--output-root=/data/a", f"--output-root={Path('~/b').expanduser()}")
+    for spec in topology.services():
+        assert spec.argv is not None
+        given = tuple(a for a in spec.argv if a.startswith("--output-root"))
+        assert given == (roots if spec.role in (Role.H5_WRITER, Role.WRITER_AGENT, Role.REST) else ()), spec
+    none = up_topology(parser.parse_args(["up", "det.json"]), config, "embedded://x")
+    assert not [a for s in none.services() for a in s.argv or () if a.startswith("--output-root")]

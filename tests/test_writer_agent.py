@@ -210,12 +210,20 @@ def test_bad_inputs_fail_clearly_and_the_service_keeps_serving(harness: Harness)
         ({"output_file": x, "n_images": 0}, "n_images: Input should be greater than or equal to 1"),
         ({"output_file": x, "n_images": -2}, "n_images: Input should be greater than or equal to 1"),
         ({"output_file": x, "n_images": 3, "metadata": "x"}, "metadata: Input should be a valid dictionary"),
-        ({"output_file": "x.h5", "n_images": 3}, "output_file: must be an absolute path, got 'x.h5'"),
+        ({"output_file": x, "n_images": 2**64},
+         "n_images: Input should be less than or equal to 1000000000000"),
+        ({"output_file": str(h.tmp_path / ("n" * 300 + ".h5")), "n_images": 3},
+         "name may have at most 255 bytes"),
+        ({"output_file": str(afile), "n_images": 3, "overwrite": True},
+         f"cannot replace {afile}: overwrite replaces only an HDF5 file this DAQ wrote, and it is not an "
+         "HDF5 file"),
         ({"output_file": str(h.tmp_path / "nope" / "x.h5"), "n_images": 3}, "does not exist"),
         ({"output_file": str(afile / "x.h5"), "n_images": 3}, "is not a folder"),
         ({"output_file": str(good), "n_images": 3},
          f"file {good} already exists (set overwrite: true to replace it)"),
-        ({"output_file": "/tmp/outside.h5", "n_images": 3}, "outside the allowed output roots"),
+        ({"output_file": "/tmp/outside.h5", "n_images": 3},
+         f"/tmp/outside.h5 is outside the folders this DAQ writes to ({h.tmp_path}); "),
+        ({"output_file": "../outside.h5", "n_images": 3}, "is outside the folders this DAQ writes to"),
     ]
     for body, text in bad_requests:
         action, message = h.final(h.request(**body))
@@ -225,6 +233,11 @@ def test_bad_inputs_fail_clearly_and_the_service_keeps_serving(harness: Harness)
     h.transport.publish(Message(REQUEST_EXCHANGE, h.tag, b"{not json", rid), mandatory=True)
     action, message = h.final(rid)
     assert action is Action.FAIL and "not valid JSON" in message
+    rid = str(uuid.uuid4())
+    deep = b"[" * 100_000 + b"]" * 100_000
+    h.transport.publish(Message(REQUEST_EXCHANGE, h.tag, deep, rid), mandatory=True)
+    action, message = h.final(rid)
+    assert action is Action.FAIL and "nested too deeply" in message
     # A kill for an id nobody knows.
     unknown = str(uuid.uuid4())
     h.client.kill(unknown)
@@ -236,16 +249,26 @@ def test_bad_inputs_fail_clearly_and_the_service_keeps_serving(harness: Harness)
     action, result = h.final(h.request(output_file=str(after), n_images=5))
     assert action is Action.SUCCESS, result
     check_file(h, after, 5)
-    assert sorted(p.name for p in h.tmp_path.iterdir()) == ["afile", "after.h5", "good.h5"]
+    # a relative name goes into the first output root
+    action, result = h.final(h.request(output_file="rel.h5", n_images=2))
+    assert action is Action.SUCCESS and result["output_file"] == str(h.tmp_path / "rel.h5"), result
+    assert afile.read_text() == "x"
+    assert sorted(p.name for p in h.tmp_path.iterdir()) == ["afile", "after.h5", "good.h5", "rel.h5"]
 
 
 def test_unwritable_folder_over_the_broker(harness: Harness) -> None:
     h = harness
-    h.start_writer()
+    h.start_writer(output_roots=[Path("/sys/kernel")])  # a root the kernel refuses files in, even to root
     action, message = h.final(h.request(output_file="/sys/kernel/x.h5", n_images=1))
     assert action is Action.FAIL
     assert message == ("invalid write request: output_file: folder /sys/kernel is not writable "
                        "(Permission denied)")
+    action, message = h.final(h.request(output_file=str(h.tmp_path / "x.h5"), n_images=1))
+    assert action is Action.FAIL  # outside its only root
+    assert message == (f"invalid write request: output_file: {h.tmp_path}/x.h5 is outside the folders this "
+                       "DAQ writes to (/sys/kernel); write inside one of them (a relative name goes into "
+                       "/sys/kernel), or start the DAQ with --output-root FOLDER (repeatable) to allow "
+                       "another folder")
 
 
 def test_without_an_h5_writer_the_request_fails_clearly(harness: Harness) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,14 +109,50 @@ def test_lost_rows_are_zero_with_status_3(tmp_path: Path) -> None:
 def test_create_refuses_an_existing_file_unless_overwrite(tmp_path: Path) -> None:
     config = make_config()
     path = tmp_path / "a.h5"
-    path.write_bytes(b"keep me")
+    ImageFile.create(path, config, n_images=1).close("completed")
     with pytest.raises(FileCreateError, match=f"cannot create {path}: file exists"):
         ImageFile.create(path, config, n_images=1)
-    assert path.read_bytes() == b"keep me"
     with pytest.raises(ValueError, match="compression"):
         ImageFile.create(tmp_path / "b.h5", config, n_images=1, compression="gzip")
-    ImageFile.create(path, config, n_images=1, overwrite=True).close("completed")
-    assert h5py.is_hdf5(path)
+    ImageFile.create(path, config, n_images=2, overwrite=True).close("completed")
+    with h5py.File(path, "r") as h5:
+        assert h5.attrs["n_images"] == 2 and h5.attrs["creator"] == layout.CREATOR
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5"]  # nothing half-made left
+
+
+def test_overwrite_replaces_only_a_file_this_daq_wrote(tmp_path: Path) -> None:
+    config = make_config()
+    text, foreign, link, folder = (tmp_path / n for n in ("notes.txt", "other.h5", "link.h5", "dir.h5"))
+    text.write_text("keep me")
+    with h5py.File(foreign, "w") as h5:
+        h5.attrs["creator"] = "another program"
+        h5["x"] = [1, 2, 3]
+    ours = tmp_path / "ours.h5"
+    ImageFile.create(ours, config, n_images=1).close("completed")
+    link.symlink_to(ours)
+    folder.mkdir()
+    reasons = {
+        text: "overwrite replaces only an HDF5 file this DAQ wrote, and it is not an HDF5 file",
+        foreign: "it is an HDF5 file of another program (creator 'another program')",
+        link: "it is a symbolic link; overwrite never replaces one",
+        folder: "it is not a regular file",
+    }
+    for path, reason in reasons.items():
+        pattern = re.escape(f"cannot create {path}: ") + ".*" + re.escape(reason)
+        with pytest.raises(FileCreateError, match=pattern):
+            ImageFile.create(path, config, n_images=1, overwrite=True)
+    assert text.read_text() == "keep me"
+    with h5py.File(foreign, "r") as h5:
+        assert list(h5["x"]) == [1, 2, 3]
+    assert link.is_symlink() and layout.is_daq_file(ours) and not layout.is_daq_file(link)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".creating")]
+
+
+def test_a_255_byte_name_is_built_under_a_hidden_name_that_fits(tmp_path: Path) -> None:
+    path = tmp_path / ("é" * 125 + "ab.h5")  # 250 + 5 bytes
+    assert len(path.name.encode()) == 255
+    ImageFile.create(path, make_config(), n_images=1).close("completed")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 _READER = textwrap.dedent("""

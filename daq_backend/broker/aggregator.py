@@ -34,7 +34,7 @@ class StatusMessage:
 def _parse_request(body: bytes) -> dict[str, Any] | None:
     try:
         request = json.loads(body.decode())
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # not JSON, or nested past the parser
         return None
     return request if isinstance(request, dict) else None
 

@@ -268,6 +268,9 @@ class BrokerService:
         except (UnicodeDecodeError, ValueError) as exc:
             self._publish_status(Action.FAIL, *reply, f"Malformed request: body is not valid JSON ({exc})")
             return None
+        except RecursionError:
+            self._publish_status(Action.FAIL, *reply, "Malformed request: JSON nested too deeply")
+            return None
         if not isinstance(request, dict):
             self._publish_status(
                 Action.FAIL,
@@ -375,6 +378,6 @@ def _kill_finishes(body: bytes) -> bool:
         return False
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and data.get("finish") is True

@@ -66,8 +66,12 @@ from daq_backend.epics.records import (
     entry_ms,
 )
 from daq_backend.epics.store import Store, xrange, xrevrange
+from daq_backend.writer import roots
+from daq_backend.writer.layout import replace_problem
 
 NS = 1_000_000_000
+#: the ``creator`` attribute of this writer's files (what ``overwrite`` recognises)
+CREATOR = "daq_backend.epics.writer"
 RESERVED_ENTRY_ATTRS = frozenset(
     {
         "NX_class",
@@ -123,10 +127,22 @@ class EpicsWriteRequest(BaseModel):
 
 
 def check_output_file(output_file: str, overwrite: bool) -> Path:
-    """An absolute path in an existing, writable folder; an existing file only with ``overwrite``."""
+    """An absolute path inside the DAQ's output roots (``STD_DAQ_OUTPUT_ROOTS``, else the data root;
+    see ``daq_backend.writer.roots``) in an existing, writable folder; an existing file only with
+    ``overwrite``, and only a file this writer made (never a symlink, another file or another
+    program's HDF5 file)."""
     path = Path(output_file)
     if not path.is_absolute():
         raise ValueError(f"output_file: {output_file!r} is not an absolute path")
+    try:
+        roots.check_path_text(output_file)
+        path = roots.confine(os.path.normpath(output_file), roots.output_roots())
+    except ValueError as exc:
+        raise ValueError(f"output_file: {exc}") from None
+    if overwrite and os.path.lexists(path):
+        problem = replace_problem(str(path), None, overwrite, creator=CREATOR)
+        if problem:
+            raise ValueError(f"output_file: cannot replace {str(path)!r}: {problem}")
     if not path.parent.is_dir():
         raise ValueError(f"output_file: folder {str(path.parent)!r} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
@@ -443,7 +459,7 @@ def _attr_value(value: Any) -> Any:
 def _create_entry(h5: h5py.File, request: EpicsWriteRequest, start: Pulse, stop: Pulse) -> h5py.Group:
     h5.attrs["NX_class"] = "NXroot"
     h5.attrs["default"] = "entry"
-    h5.attrs["creator"] = "daq_backend.epics.writer"
+    h5.attrs["creator"] = CREATOR
     entry = h5.create_group("entry")
     entry.attrs["NX_class"] = "NXentry"
     entry.attrs["start_pulse_id"] = np.uint64(request.start_pulse_id)

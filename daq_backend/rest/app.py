@@ -6,10 +6,11 @@ Error answers (decided here, documented in the OpenAPI schema):
   the seed's body ``{"response": <text>}`` (e.g. ``"Parameter not valid: FOO"``) and add ``detail``,
   but with a real status code instead of the seed's 200: 400 bad parameter, 404 unknown detector,
   409 START while running / STOP while idle, 422 malformed request, 503 detector unreachable;
-* malformed JSON: 400; a valid JSON body with a wrong or missing field: 422; a file outside the allowed
-  output roots: 403; a write while another write request is queued or running: 409 naming that one
-  (one write at a time, never queued); no writer agent on the broker tag, or the broker unreachable:
-  503 within ``BROKER_ANSWER_BOUND`` seconds;
+* malformed JSON: 400; a body over 4 MiB or nested too deeply for the parser: 413; a valid JSON body
+  with a wrong, missing or out-of-range field: 422; a file outside the output roots: 403; a write
+  while another write request is queued or running: 409 naming that one (one write at a time, never
+  queued); no writer agent on the broker tag, or the broker unreachable: 503 within
+  ``BROKER_ANSWER_BOUND`` seconds;
 * the admin interface (``/writer/*``, ``/daq/*``) answers HTTP 200 with ``{"status": "error",
   "message"}`` like REST v2, because ``std_daq_client`` only turns that into its
   ``StdDaqAdminException`` (any other status code becomes a bare ``RuntimeError``);
@@ -46,13 +47,15 @@ from daq_backend.rest.backend import (
     explain_validation,
 )
 from daq_backend.rest.dashboard import dashboard_router
-from daq_backend.writer.request import WriteRequest
+from daq_backend.writer.request import MAX_METADATA_DEPTH, WriteRequest
 
 _logger = logging.getLogger(__name__)
 
 ADMIN_PREFIXES = ("/writer/", "/daq/")
 DETECTOR_PREFIX = "/detector"
 MAX_LOGS = 10_000
+#: bytes of a request body (a write request's metadata may have 1 MiB as JSON)
+MAX_BODY_BYTES = 4 << 20
 
 #: request-body models referenced from ``openapi_extra`` (bodies are parsed by hand for clear errors)
 _BODY_MODELS: list[type[BaseModel]] = [
@@ -74,9 +77,10 @@ def _body(model: type[BaseModel], example: dict[str, Any] | None = None) -> dict
 def _errors(*codes: int, model: type[BaseModel] = m.ErrorBody) -> dict[int | str, dict[str, Any]]:
     reasons = {
         400: "malformed JSON or a bad detector parameter",
-        403: "output file outside the allowed output roots",
+        403: "output file outside the output roots (the answer names them and --output-root)",
         404: "unknown request id or detector",
         409: "the detector or writer is in the wrong state for this (e.g. a write while another runs)",
+        413: f"request body over {MAX_BODY_BYTES} bytes or nested too deeply",
         422: "a field is missing, of the wrong type or out of range",
         502: "the detector refused the command",
         503: "detector unreachable, broker unreachable or no writer agent on the tag",
@@ -105,13 +109,20 @@ def _error_response(path: str, status_code: int, detail: str, **extra: Any) -> J
 
 
 async def _json_body(request: Request) -> Any:
+    """The parsed JSON body: 413 above :data:`MAX_BODY_BYTES` or nested deeper than the parser takes,
+    400 when it is no JSON."""
     raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body of {len(raw)} bytes: the limit is {MAX_BODY_BYTES}")
     if not raw.strip():
         raise ApiError(400, "empty request body: expected a JSON object")
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise ApiError(413, "request body nested too deeply (write request metadata may nest at most "
+                            f"{MAX_METADATA_DEPTH} levels)") from None
 
 
 def _write_result(record: RequestRecord) -> m.WriteResult:
@@ -230,7 +241,7 @@ def create_app(backend: DaqBackend, token: str | None = None) -> FastAPI:
             "and the request goes on (poll /requests/{id})."
         ),
         openapi_extra=_body(WriteRequest, write_example),
-        responses=_errors(400, 403, 404, 409, 422, 503, 504),
+        responses=_errors(400, 403, 404, 409, 413, 422, 503, 504),
     )
     async def write_sync(request: Request) -> m.WriteSyncResponse:
         write = await run_in_threadpool(backend.validate_write, await _json_body(request))
@@ -244,7 +255,7 @@ def create_app(backend: DaqBackend, token: str | None = None) -> FastAPI:
         tags=["seed"],
         summary="Start writing and answer with the request id at once",
         openapi_extra=_body(WriteRequest, write_example),
-        responses=_errors(400, 403, 409, 422, 503),
+        responses=_errors(400, 403, 409, 413, 422, 503),
     )
     async def write_async(request: Request) -> m.WriteAsyncResponse:
         write = await run_in_threadpool(backend.validate_write, await _json_body(request))

@@ -50,7 +50,8 @@ from daq_backend.control.base import (
 from daq_backend.messages import FAULT_BOUND
 from daq_backend.rest.models import FINAL_STATES, DetectorRequest, RequestState
 from daq_backend.validation import explain as explain_validation
-from daq_backend.writer.request import RequestError, WriteRequest, output_roots_from_env, parse_write_request
+from daq_backend.writer import roots as writer_roots
+from daq_backend.writer.request import RequestError, WriteRequest, parse_write_request
 
 _logger = logging.getLogger(__name__)
 
@@ -688,20 +689,20 @@ def summarize_stats(status: Mapping[str, Any] | None, config: DetectorConfig) ->
 # -- output roots --------------------------------------------------------------------------------
 
 
-def check_output_root(output_file: Any, roots: Sequence[Path] | None) -> None:
-    """403 for a file outside the allowed roots (checked before anything else looks at the path)."""
-    if (
-        not roots
-        or not isinstance(output_file, str)
-        or not os.path.isabs(output_file)
-        or "\x00" in output_file
-    ):
-        return  # no restriction, or a malformed path the request validation names precisely
-    folder = Path(os.path.realpath(os.path.dirname(os.path.normpath(output_file))))
-    allowed = [Path(os.path.realpath(r)) for r in roots]
-    if not any(folder == r or r in folder.parents for r in allowed):
-        listed = ", ".join(str(r) for r in roots)
-        raise ApiError(403, f"output_file: {output_file} is outside the allowed output roots ({listed})")
+def check_output_root(output_file: Any, roots: Sequence[Path]) -> None:
+    """403 for a file outside every output root (checked before anything else looks at the path; a
+    relative path is taken inside the first root). The message names the roots and ``--output-root``."""
+    if not isinstance(output_file, str) or not output_file:
+        return  # a malformed path: the request validation names it precisely
+    try:
+        writer_roots.check_path_text(output_file)
+    except ValueError:
+        return
+    path = writer_roots.resolve_output_path(output_file, roots)
+    try:
+        writer_roots.real_root_of(Path(os.path.dirname(path)), roots, path)
+    except writer_roots.OutsideRootsError as exc:
+        raise ApiError(403, f"output_file: {exc}") from None
 
 
 # -- the backend ---------------------------------------------------------------------------------
@@ -712,8 +713,8 @@ class DaqBackend:
 
     ``controls`` maps names (case-insensitive on lookup) to detector controls; the same control may be
     listed under several names (e.g. the detector name and ``"eiger"``, so the seed's README URLs work).
-    ``output_roots``: folders writes are confined to (None: the writer's ``STD_DAQ_OUTPUT_ROOTS``, if
-    set, else anywhere).
+    ``output_roots``: folders files may be written in (None: ``STD_DAQ_OUTPUT_ROOTS``, else the default
+    data root; see ``daq_backend.writer.roots``).
     """
 
     def __init__(
@@ -753,8 +754,7 @@ class DaqBackend:
         }
         self.stats_provider = stats
         self.preview_provider = preview
-        roots = output_roots if output_roots is not None else output_roots_from_env()
-        self.output_roots: list[Path] | None = [Path(r) for r in roots] if roots else None
+        self.output_roots: list[Path] = writer_roots.output_roots(output_roots)
         self.check_filesystem = check_filesystem
         self.kill_timeout = kill_timeout
         self.idle_grace = idle_grace

@@ -32,6 +32,7 @@ from daq_backend.control.base import DetectorControl
 from daq_backend.rest.app import create_app
 from daq_backend.rest.backend import DaqBackend, PreviewProvider, status_file_stats
 from daq_backend.rest.dashboard import close_dashboard
+from daq_backend.writer.roots import add_output_root_option
 
 _logger = logging.getLogger(__name__)
 
@@ -363,15 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--alias", action="append", default=[], help="another name for the detector in /detector/<name>"
     )
-    p.add_argument(
-        "--output-root",
-        "--output_root",
-        dest="output_roots",
-        action="append",
-        type=Path,
-        default=None,
-        help="folder writes are confined to (repeatable; default: env STD_DAQ_OUTPUT_ROOTS, else anywhere)",
-    )
+    add_output_root_option(p)
     p.add_argument(
         "--no-filesystem-check",
         dest="check_filesystem",

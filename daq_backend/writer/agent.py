@@ -2,7 +2,8 @@
 
 A ``BrokerService`` on the detector's tag. One request at a time:
 
-1. validate (``request.parse_write_request``; a bad request is a ``request_fail`` naming the field);
+1. validate (``request.parse_write_request``, with the output roots: a bad request or a file outside
+   the roots is a ``request_fail`` naming the field, the roots and the option that allows others);
 2. ``START`` to the h5 writer, which creates the file and answers ``started`` (or ``finished`` /
    failed, e.g. the folder vanished);
 3. forward the next ``n_images`` images of the image stream as ``WRITE`` messages — or, with
@@ -50,6 +51,7 @@ from daq_backend.formats import DTYPE_CODES, ImageMetadata, StoreOp, StoreStream
 from daq_backend.ram_buffer import RingBuffer, SlotOverwritten
 from daq_backend.stats import Counters, StatsReporter
 from daq_backend.stats import service_name as reported_name
+from daq_backend.writer import roots
 from daq_backend.writer.h5_writer import (
     EVENT_FINISHED,
     EVENT_PROGRESS,
@@ -101,7 +103,8 @@ class WriterAgent:
         self.transport = transport
         self.service_name = service_name
         self.tag = tag or config.detector_name
-        self.output_roots = output_roots
+        #: folders files may be written in (None: those in force, see ``roots.output_roots``)
+        self.output_roots = roots.output_roots(output_roots)
         self.writer_timeout = writer_timeout
         self.progress_interval = progress_interval
         name = config.detector_name
@@ -580,7 +583,8 @@ class DetectorWriter:
     def __init__(self, config: DetectorConfig, transport: Transport, service_name: str = DEFAULT_SERVICE_NAME,
                  tag: str | None = None, *, h5_options: dict[str, Any] | None = None,
                  **agent_options: Any) -> None:
-        self.h5_writer = H5Writer(config, **(h5_options or {}))
+        h5_options = {"output_roots": agent_options.get("output_roots"), **(h5_options or {})}
+        self.h5_writer = H5Writer(config, **h5_options)
         self.agent = WriterAgent(config, transport, service_name, tag, **agent_options)
 
     def start(self) -> DetectorWriter:
@@ -622,13 +626,14 @@ def writer_agent_main(argv: list[str] | None = None) -> int:
                         help="run the h5 writer in this process too (else start `std-daq h5-writer CONFIG`)")
     parser.add_argument("--writer-timeout", "--writer_timeout", type=float, default=30.0,
                         help="seconds the h5 writer may be silent before a request fails")
+    roots.add_output_root_option(parser)
     parser.add_argument("--log_level", "--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                         choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_config(args.config)
     transport = make_transport(args.broker_url)
-    options: dict[str, Any] = {"writer_timeout": args.writer_timeout}
+    options: dict[str, Any] = {"writer_timeout": args.writer_timeout, "output_roots": args.output_roots}
     service: DetectorWriter | WriterAgent
     if args.with_h5_writer:
         service = DetectorWriter(config, transport, args.service_name, args.tag, **options)

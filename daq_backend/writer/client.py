@@ -113,12 +113,14 @@ def write_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="std-daq write", description="Write the next N images of a detector "
                                 "to an HDF5 file (one request to its writer agent).")
     p.add_argument("--n-images", "--n_images", type=int, required=True, help="number of images")
-    p.add_argument("--output", "--output-file", "--output_file", required=True, help="HDF5 file to create")
+    p.add_argument("--output", "--output-file", "--output_file", required=True,
+                   help="HDF5 file to create, inside the DAQ's output roots (by default its data root "
+                        "$XDG_DATA_HOME/std-daq, i.e. ~/.local/share/std-daq)")
     p.add_argument("--metadata", help="JSON object stored as attributes of /entry")
     p.add_argument("--start-id", "--start_id", type=int,
                    help="first image id (taken from the RAM buffer if still there)")
     p.add_argument("--compression", choices=["none", "bitshuffle-lz4"], default="none")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file this DAQ wrote")
     p.add_argument("--timeout", type=float, help="give up when no image arrives for this many seconds")
     p.add_argument("--detector",
                    help=f"detector (writer agent tag); default ${DETECTOR_ENV}, else the one that is up")

@@ -17,6 +17,12 @@ a run is answered with ``finished`` / failed so the agent is never left waiting.
 
 A small journal (``<ipc dir>/std-daq-<detector>-h5_writer.journal``) names the open file; a writer
 that starts and finds it (its predecessor crashed) repairs that file with ``layout.recover_file``.
+
+The h5 writer is the process that opens files, so it enforces the output roots itself
+(``output_roots``, ``--output-root``; see :mod:`daq_backend.writer.roots`), whatever the agent
+checked: the file's folder is opened from its root with ``O_NOFOLLOW`` and the file is created in
+that folder (``ImageFile.create(dir_fd=...)``); ``overwrite`` replaces only a file this DAQ wrote.
+A journal naming a file outside the roots is not followed.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from daq_backend.config import DetectorConfig, load_config
 from daq_backend.formats import StoreOp, StoreStream
 from daq_backend.ram_buffer import AttachedRing, RingBuffer, SlotOverwritten
 from daq_backend.stats import Counters, StatsReporter, service_name
+from daq_backend.writer import roots
 from daq_backend.writer.layout import FILE_COMPLETED, FILE_INTERRUPTED, ImageFile, recover_file
-from daq_backend.writer.request import RequestError, parse_write_request
+from daq_backend.writer.request import parse_write_request
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +112,12 @@ class H5Writer:
         progress_interval: float = 0.2,
         heartbeat_interval: float = 0.5,
         ring_attach_timeout: float = 5.0,
+        output_roots: list[Path] | None = None,
         context: zmq.Context | None = None,
     ) -> None:
         self.config = config
+        #: folders files may be created in (None: those in force, see ``roots.output_roots``)
+        self.output_roots = roots.output_roots(output_roots)
         name = config.detector_name
         self.store_address = store_address or ipc.writer_agent_address(name)
         self.status_address = status_address or ipc.writer_status_address(name)
@@ -288,12 +298,17 @@ class H5Writer:
             self._finish(FILE_INTERRUPTED, f"superseded by request {msg.request_id}")
         try:
             body = msg.request or {"output_file": msg.output_file, "n_images": msg.n_images}
-            request = parse_write_request(body, check_filesystem=False)
-            file = ImageFile.create(
-                request.output_file, self.config, n_images=request.n_images, metadata=request.metadata,
-                compression=request.compression, overwrite=request.overwrite, request_id=msg.request_id,
-            )
-        except (RequestError, OSError, ValueError, RuntimeError) as exc:
+            request = parse_write_request(body, output_roots=self.output_roots, check_filesystem=False)
+            folder = roots.open_folder(Path(request.output_file).parent, self.output_roots)
+            try:
+                file = ImageFile.create(
+                    request.output_file, self.config, n_images=request.n_images, metadata=request.metadata,
+                    compression=request.compression, overwrite=request.overwrite, request_id=msg.request_id,
+                    dir_fd=folder,
+                )
+            finally:
+                os.close(folder)
+        except Exception as exc:  # any request it cannot serve is answered, never left waiting
             self.stats.files_failed += 1
             log.warning("h5 writer: cannot start %s: %s", msg.output_file, exc)
             self._remember(msg.request_id, self._emit(
@@ -435,6 +450,7 @@ class H5Writer:
             return
         path = entry.get("output_file", "")
         try:
+            roots.confine(str(path), self.output_roots, create_default=False)
             n = recover_file(path, "the previous h5 writer stopped before closing the file")
             log.warning("h5 writer: recovered %s left open by a previous writer (%d images)", path, n)
         except Exception as exc:
@@ -449,12 +465,13 @@ def h5_writer_main(argv: list[str] | None = None) -> int:
     """``std-daq h5-writer CONFIG``: the h5 writer as its own process (seed's std_h5_writer)."""
     parser = argparse.ArgumentParser(prog="std-daq h5-writer", description=h5_writer_main.__doc__)
     parser.add_argument("config", help="detector JSON file")
+    roots.add_output_root_option(parser)
     parser.add_argument("--log_level", "--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                         choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_config(args.config)
-    writer = H5Writer(config)
+    writer = H5Writer(config, output_roots=args.output_roots)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: writer.stop())
     writer.run()

@@ -28,9 +28,13 @@ Layout (NeXus, readable while being written through SWMR)::
     NeXus/NXmx fields (pixel size, sensor, timing, pixel mask, modules, transformations; the NXmx
     definition when the request asks for it): see ``nexus.py``
 
-The file is built under a hidden name (``.<name>.<random>.creating``) and appears under its own
-name only when every dataset and attribute exists and SWMR mode is on, so a reader polling for it
-can open it at once. Rows are appended as images arrive (datasets are extendable, ``maxshape``
+The file is built under a hidden name (``.<name>.<random>.creating``, the name shortened to keep
+it within 255 bytes) and appears under its own name only when every dataset and attribute exists and
+SWMR mode is on, so a reader polling for it can open it at once. Both names are taken relative to one
+descriptor of the folder (``dir_fd``: the h5 writer passes the one it opened inside its output root),
+so the file is made in the folder that was checked. ``overwrite`` replaces only a file this DAQ wrote:
+an HDF5 file whose ``creator`` attribute is :data:`CREATOR` (never a symlink, another kind of file or
+another program's HDF5 file). Rows are appended as images arrive (datasets are extendable, ``maxshape``
 None). The writer flushes per small batch (at most every 0.1 s by default, and whenever it is idle)
 and only then raises ``n_written``, so a reader following the file (``h5py.File(path, "r",
 swmr=True)``, ``dset.refresh()``) never counts an unwritten row.
@@ -44,10 +48,12 @@ other file.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as dt
 import json
 import os
+import stat
 import uuid
 from functools import cache
 from pathlib import Path
@@ -61,6 +67,7 @@ from daq_backend.config import DetectorConfig
 from daq_backend.formats import ImageStatus
 from daq_backend.writer import nexus
 from daq_backend.writer.compression import BitshuffleLZ4, dataset_filter
+from daq_backend.writer.roots import MAX_NAME_BYTES, fd_path
 
 ENTRY = "/entry"
 DATA_GROUP = "/entry/data"
@@ -80,6 +87,8 @@ FILE_WRITING = "writing"
 FILE_COMPLETED = "completed"
 FILE_INTERRUPTED = "interrupted"
 COMPRESSIONS = ("none", "bitshuffle-lz4")
+#: the ``creator`` file attribute of every file this DAQ writes (what ``overwrite`` recognises)
+CREATOR = "std-daq-bluesky daq_backend.writer"
 _META_CHUNK = 4096
 
 
@@ -140,28 +149,50 @@ class ImageFile:
         compression: str = "none",
         overwrite: bool = False,
         request_id: str = "",
+        dir_fd: int | None = None,
     ) -> ImageFile:
         """Create the file with every dataset and attribute, switch it to SWMR mode (after which
         no object or attribute may be added), and only then give it its name: a reader polling for
-        the file never finds it half built or not yet open for SWMR reading."""
+        the file never finds it half built or not yet open for SWMR reading. ``dir_fd``: a descriptor
+        of the file's folder to create it in (default: the folder is opened by name). An existing
+        file is replaced only with ``overwrite`` and only if this DAQ wrote it (:func:`replace_problem`);
+        otherwise ``FileCreateError`` says why."""
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression: expected one of {COMPRESSIONS}, got {compression!r}")
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileCreateError(f"cannot create {path}: file exists")
-        building = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
+        own_fd = None
+        if dir_fd is None:
+            try:
+                dir_fd = own_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise FileCreateError(f"cannot create {path}: {exc.strerror}") from None
         try:
-            h5 = h5py.File(building, "w-", libver="latest")
+            return cls._create(path, dir_fd, config, n_images, metadata or {}, compression, overwrite,
+                               request_id)
+        finally:
+            if own_fd is not None:
+                os.close(own_fd)
+
+    @classmethod
+    def _create(cls, path: Path, dir_fd: int, config: DetectorConfig, n_images: int, metadata: dict[str, Any],
+                compression: str, overwrite: bool, request_id: str) -> ImageFile:
+        problem = replace_problem(path.name, dir_fd, overwrite)
+        if problem:
+            raise FileCreateError(f"cannot create {path}: {problem}")
+        building = _building_name(path.name)
+        try:
+            h5 = h5py.File(fd_path(dir_fd, building), "w-", libver="latest")
         except (OSError, ValueError) as exc:
             raise FileCreateError(f"cannot create {path}: {exc}") from None
         try:
-            cls._build(h5, config, path.name, n_images, metadata or {}, compression, request_id)
+            cls._build(h5, config, path.name, n_images, metadata, compression, request_id)
             h5.swmr_mode = True
-            publish(building, path, overwrite)
+            _publish_at(building, path, dir_fd, overwrite)
             return cls(h5, path, config, compression)
         except BaseException:
             h5.close()
-            building.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(building, dir_fd=dir_fd)
             raise
 
     @staticmethod
@@ -176,7 +207,7 @@ class ImageFile:
     ) -> None:
         h5.attrs.update({
             "default": "entry",
-            "creator": "std-daq-bluesky daq_backend.writer",
+            "creator": CREATOR,
             "file_name": file_name,
             "status": FILE_WRITING,
             "n_written": np.uint64(0),
@@ -296,22 +327,93 @@ class ImageFile:
         self.close(FILE_COMPLETED if exc is None else f"failed: {exc}")
 
 
+def _building_name(name: str) -> str:
+    """The hidden name a file is built under: ``.<name>.<random>.creating``, within 255 bytes."""
+    suffix = f".{uuid.uuid4().hex[:8]}.creating"
+    room = MAX_NAME_BYTES - 1 - len(suffix)
+    short = name.encode()[:room].decode("utf-8", "ignore")
+    return f".{short}{suffix}"
+
+
 def publish(building: Path, path: Path, overwrite: bool) -> None:
-    """Give the finished file its name; without ``overwrite`` never replace a file that appeared
-    meanwhile (``link`` fails if the name exists, unlike ``rename``)."""
+    """Give the finished file ``building`` (in the folder of ``path``) the name ``path``; with
+    ``overwrite`` only an existing file this DAQ wrote is replaced (:func:`replace_problem`)."""
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        problem = replace_problem(path.name, fd, overwrite) if overwrite else ""
+        if problem:
+            raise FileCreateError(f"cannot create {path}: {problem}")
+        _publish_at(building.name, path, fd, overwrite)
+    finally:
+        os.close(fd)
+
+
+def _publish_at(building: str, path: Path, dir_fd: int, overwrite: bool) -> None:
+    """Give the finished file its name in the folder of ``dir_fd``; without ``overwrite`` never
+    replace a file that appeared meanwhile (``link`` fails if the name exists, unlike ``rename``)."""
+    name = path.name
     if overwrite:
-        os.replace(building, path)
+        os.replace(building, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return
     try:
-        os.link(building, path)
+        os.link(building, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     except FileExistsError:
         raise FileCreateError(f"cannot create {path}: file exists") from None
     except OSError:  # a file system without hard links
-        if path.exists():
+        if os.path.lexists(fd_path(dir_fd, name)):
             raise FileCreateError(f"cannot create {path}: file exists") from None
-        os.rename(building, path)
+        os.rename(building, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return
-    building.unlink()
+    os.unlink(building, dir_fd=dir_fd)
+
+
+def replace_problem(name: str, dir_fd: int | None, overwrite: bool, creator: str = CREATOR) -> str:
+    """Why ``name`` (in the folder of ``dir_fd``; None: the current folder) may not be created:
+    "" when it does not exist, or exists, ``overwrite`` is set and it is a file this DAQ wrote
+    (:func:`is_daq_file`; ``creator``: the attribute its writer sets); otherwise the reason, for the
+    user."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not overwrite:
+        return "file exists"
+    if stat.S_ISLNK(info.st_mode):
+        return "it is a symbolic link; overwrite never replaces one"
+    if not stat.S_ISREG(info.st_mode):
+        return "it is not a regular file; overwrite replaces only an HDF5 file this DAQ wrote"
+    why = foreign_file_reason(name, dir_fd, creator)
+    return f"overwrite replaces only an HDF5 file this DAQ wrote, and {why}" if why else ""
+
+
+def foreign_file_reason(name: str, dir_fd: int | None = None, expected: str = CREATOR) -> str:
+    """"" if ``name`` is an HDF5 file this DAQ wrote (its ``creator`` attribute is ``expected``), else
+    why not. The file is opened with ``O_NOFOLLOW``, and only read."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror})"
+    try:
+        try:
+            h5 = open_image_file(fd_path(fd))
+        except OSError:
+            return "it is not an HDF5 file"
+        with h5:
+            creator = h5.attrs.get("creator")
+        if isinstance(creator, bytes):
+            creator = creator.decode("utf-8", "replace")
+        if creator != expected:
+            return f"it is an HDF5 file of another program (creator {creator!r})"
+        return ""
+    finally:
+        os.close(fd)
+
+
+def is_daq_file(path: str | Path) -> bool:
+    """Whether ``path`` is an HDF5 file this DAQ wrote (not followed if it is a symlink)."""
+    return not os.path.islink(path) and os.path.isfile(path) and not foreign_file_reason(str(path))
 
 
 # -- reading and recovery -----------------------------------------------------------------------------

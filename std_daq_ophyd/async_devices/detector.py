@@ -61,13 +61,13 @@ def _unwrapped(method: Callable[..., Any]) -> Callable[..., Updates]:
 class StdDaqAsyncDetector(StandardDetector):
     """A std-daq detector. ``StdDaqAsyncDetector("http://daq-host:5000", name="det")`` is enough.
 
-    ``path_provider``: where files go (default: a UUID name in ``STD_DAQ_DATA_DIR`` or
-    ``<tmp>/std-daq-data``, which must exist on the DAQ host); ``detector_name``: the detector at the
-    DAQ (default: the DAQ's own); ``token``: bearer token of the REST API (default: ``STD_DAQ_TOKEN``
-    / ``STD_DAQ_TOKEN_FILE``); ``compression``: ``none`` or ``bitshuffle-lz4``; ``timeouts``: the
-    bounds of the acquisition's steps; ``nxmx``: the request's NXmx metadata (sample, source, beam;
-    see the README's HDF5 layout): given, every file is an NXmx file, and a missing field fails
-    ``prepare`` naming it.
+    ``path_provider``: where files go (default: a UUID name in ``STD_DAQ_DATA_DIR``, else in the DAQ's
+    default data root ``~/.local/share/std-daq``; a folder inside the DAQ's output roots);
+    ``detector_name``: the detector at the DAQ (default: the DAQ's own); ``token``: bearer token of
+    the REST API (default: ``STD_DAQ_TOKEN`` / ``STD_DAQ_TOKEN_FILE``); ``compression``: ``none`` or
+    ``bitshuffle-lz4``; ``timeouts``: the bounds of the acquisition's steps; ``nxmx``: the request's
+    NXmx metadata (sample, source, beam; see the README's HDF5 layout): given, every file is an NXmx
+    file, and a missing field fails ``prepare`` naming it.
     """
 
     def __init__(self, url: str = DEFAULT_URL, path_provider: PathProvider | None = None, *,
