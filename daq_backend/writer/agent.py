@@ -368,7 +368,10 @@ class WriterAgent:
                 self._push.send(message.to_json(), zmq.NOBLOCK)
                 return
             except zmq.Again:
-                if self._monitor is not None and self._writer_peers == 0:
+                # no writer connected: one that is (re)connecting gets a second, a dead one does not
+                grace = int(min(1.0, self.writer_timeout) * 1000)
+                if self._monitor is not None and self._writer_peers == 0 and \
+                        not self._push.poll(grace, zmq.POLLOUT):
                     raise WriterDied(f"no h5 writer of {self.config.detector_name} is connected to "
                                      f"{self._store_address}") from None
             try:  # connected but its queue is full: wait for it (up to writer_timeout)
