@@ -174,6 +174,8 @@ class WriterAgent:
         self._writer_disconnects = 0
         self._monitor: zmq.Socket | None = None
         self._stop = threading.Event()
+        #: set when ``stop`` begins: a running request ends as shut down, nobody waits for a new writer
+        self._stopping = threading.Event()
         self._pump_ready = threading.Event()
         self._pump: threading.Thread | None = None
         self._run_ids = itertools.count(1)
@@ -199,6 +201,7 @@ class WriterAgent:
                                f"{self._store_address} ({exc}); is another agent running?") from None
         self._push = push
         self._stop.clear()
+        self._stopping.clear()
         self._pump = threading.Thread(target=self._pump_loop, name=f"writer-agent-pump-{self.tag}",
                                       daemon=True)
         self._pump.start()
@@ -211,7 +214,9 @@ class WriterAgent:
         return self
 
     def stop(self) -> None:
-        """Stop serving; a running request is killed (its file closed) first."""
+        """Stop serving; a running request is ended first (its file closed as ``interrupted``,
+        ``end_reason`` "shutdown: ...")."""
+        self._stopping.set()
         if self._reporter is not None:
             self._reporter.close()
             self._reporter = None
@@ -538,7 +543,8 @@ class _Request:
         dead = self.writer_instance
         asked: str | None = None
         finished: dict[str, Any] | None = self.finished
-        deadline = time.monotonic() + agent.recovery_wait
+        # a stopping agent waits for no new writer: the DAQ is going down
+        deadline = time.monotonic() + (0.5 if agent._stopping.is_set() else agent.recovery_wait)
         while finished is None and time.monotonic() < deadline:
             instance = agent._writer_instance
             if instance is not None and instance not in (dead, asked):
@@ -653,7 +659,10 @@ class _Request:
             self.agent._wake(self.ctx.request_id)
 
     def _kill_reason(self) -> str:
-        """A kill that asks to finish ends the file as completed with what it has."""
+        """A kill that asks to finish ends the file as completed with what it has; the agent being
+        stopped ends it as shut down."""
+        if self.agent._stopping.is_set() and not self.ctx.finish:
+            return f"{EndReason.SHUTDOWN.value}: the writer agent was stopped"
         return REASON_FINISHED if self.ctx.finish else REASON_KILLED
 
     def _write(self, meta: ImageMetadata) -> None:
@@ -776,6 +785,9 @@ class _Request:
             raise WriterFailed(f"Failed after {self.n_written} of {req.n_images} images: "
                                f"{finished.get('message') or status}; "
                                f"{req.output_file} holds the images written")
+        if reason.startswith(EndReason.SHUTDOWN.value):
+            raise WriteInterrupted(f"Interrupted: {reason} after {self.n_written} of {req.n_images} images; "
+                                   f"{where}")
         if reason == REASON_KILLED:
             raise WriteInterrupted(
                 f"Interrupted: killed after {self.n_written} of {req.n_images} images; {where}"

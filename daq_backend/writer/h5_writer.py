@@ -235,7 +235,7 @@ class H5Writer:
                     self._idle_flush()
         finally:
             if self._run is not None:
-                self._finish(FILE_INTERRUPTED, "the h5 writer was stopped")
+                self._finish(FILE_INTERRUPTED, f"{EndReason.SHUTDOWN.value}: the h5 writer was stopped")
             self._pub = None
             pull.close()
             pub.close()
@@ -412,7 +412,7 @@ class H5Writer:
                 self._finish(FILE_COMPLETED, f"finished on request after {n} images")
             elif reason.startswith(REASON_TIMEOUT_PREFIX):
                 self._finish(FILE_INTERRUPTED, reason.removeprefix(REASON_TIMEOUT_PREFIX).strip())
-            elif reason.startswith(EndReason.AGENT_DIED.value):
+            elif reason.startswith((EndReason.AGENT_DIED.value, EndReason.SHUTDOWN.value)):
                 self._finish(FILE_INTERRUPTED, reason)
             else:
                 self._finish(f"failed: {reason}", reason)
