@@ -176,6 +176,12 @@ class WriterAgent:
         self._stop = threading.Event()
         #: set when ``stop`` begins: a running request ends as shut down, nobody waits for a new writer
         self._stopping = threading.Event()
+        #: the request being served, and set while none is
+        self._serving: _Request | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+        #: seconds ``stop`` gives a running request to close its file before stopping the service
+        self.stop_grace = 3.0
         self._pump_ready = threading.Event()
         self._pump: threading.Thread | None = None
         self._run_ids = itertools.count(1)
@@ -217,6 +223,13 @@ class WriterAgent:
         """Stop serving; a running request is ended first (its file closed as ``interrupted``,
         ``end_reason`` "shutdown: ...")."""
         self._stopping.set()
+        run = self._serving
+        if run is not None:  # end the file first: stopping the broker service may wait on the broker
+            run.ctx.killed.set()
+            self._idle.wait(self.stop_grace)
+        # Stopped on purpose: the next agent has no request of ours to end (with a dead broker the
+        # request thread may still wait to report; the h5 writer closes or recovers the file itself).
+        self.journal.unlink(missing_ok=True)
         if self._reporter is not None:
             self._reporter.close()
             self._reporter = None
@@ -401,10 +414,14 @@ class WriterAgent:
             "request_id": ctx.request_id, "request": ctx.request, "routing_key": self.tag,
             "run_id": run.run_id, "output_file": request.output_file, "n_images": request.n_images,
         }))
+        self._serving = run
+        self._idle.clear()
         try:
             return run.run()
         finally:
             self.journal.unlink(missing_ok=True)
+            self._serving = None
+            self._idle.set()
 
     def _end_orphan(self) -> None:
         """End the request a dead predecessor was serving (named in the journal): ``STOP`` its file
@@ -527,12 +544,19 @@ class _Request:
                     raise
                 except Exception as exc:
                     self._end(events, f"writer agent error: {exc}")
+                    self._file_closed()
                     raise
                 finished = self._end(events, reason)
+                self._file_closed()
             except WriterDied as exc:
                 raise self._writer_died(events, exc) from None
         self._progress(force=True)
         return self._result(finished, reason)
+
+    def _file_closed(self) -> None:
+        """The file is closed: a later death of this agent leaves nothing for the next one to end
+        (done before reporting, which may wait on the broker)."""
+        self.agent.journal.unlink(missing_ok=True)
 
     def _writer_died(self, events: queue.Queue[tuple[str, Any]], exc: WriterDied) -> WriterFailed:
         """The h5 writer died during this request: get the file's counts from the restarted writer
@@ -567,6 +591,7 @@ class _Request:
         self.n_written = int(counts.get("n_written", self.n_written))
         self.n_missing = int(counts.get("n_missing_images", self.n_missing))
         self.n_incomplete = int(counts.get("n_incomplete_images", self.n_incomplete))
+        self._file_closed()
         self._progress(force=True)
         return WriterFailed(f"{EndReason.WRITER_DIED.value}: the h5 writer died after {self.n_written} of "
                             f"{req.n_images} images ({exc}); {state}")
