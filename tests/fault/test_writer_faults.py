@@ -316,26 +316,39 @@ def test_kill_9_of_the_assembler_mid_write_the_writer_follows_the_new_ring(daq: 
            seconds_from_kill_to_final=round(took, 1))
 
 
+class SyncCaller:
+    """A client waiting on ``write_sync`` (in a thread) while a process dies."""
+
+    def __init__(self, daq: Daq, path: Path, n_images: int) -> None:
+        self.answer: dict[str, Any] = {}
+        body = {"output_file": str(path), "n_images": n_images, "timeout": 60}
+
+        def call() -> None:
+            answer = requests.post(f"{daq.url}/write_sync", json=body, timeout=300)
+            self.answer.update(code=answer.status_code, body=answer.json(), at=time.monotonic())
+
+        self.thread = threading.Thread(target=call, daemon=True)
+        self.thread.start()
+
+    def wait(self, since: float) -> dict[str, Any]:
+        """The answer, which came within ``FAULT_BOUND`` of ``since``: HTTP 200 and a final state."""
+        self.thread.join(max(1.0, since + FAULT_BOUND - time.monotonic()))
+        assert not self.thread.is_alive() and self.answer["at"] - since <= FAULT_BOUND, self.answer
+        assert self.answer["code"] == 200, self.answer
+        return self.answer
+
+
 def test_kill_9_of_the_h5_writer_mid_write_ends_the_request_within_the_bound(daq: Daq) -> None:
     with Detector(daq.config), Broker(daq.config.detector_name) as broker:
         path = daq.output / "writer.h5"
-        sync: dict[str, Any] = {}
-
-        def write_sync() -> None:  # a caller waiting on write_sync while the writer dies
-            answer = requests.post(f"{daq.url}/write_sync", json={"output_file": str(path),
-                                   "n_images": N_IMAGES, "timeout": 60}, timeout=300)
-            sync.update(code=answer.status_code, body=answer.json(), at=time.monotonic())
-
-        caller = threading.Thread(target=write_sync, daemon=True)
-        caller.start()
+        caller = SyncCaller(daq, path, N_IMAGES)
         wait_for(lambda: rows(path) >= KILL_AT, 180, f"{KILL_AT} images written")
         request_id = wait_for(lambda: broker.seen and broker.seen[0], 30, "the request's status")
         killed = kill_service(daq, "h5-writer")
         rest, (action, message), took = final_everywhere(daq, broker, request_id, killed)
-        caller.join(FAULT_BOUND)
-        assert not caller.is_alive() and sync["at"] - killed <= FAULT_BOUND
+        sync = caller.wait(killed)
         next_write_works(daq)
-    assert sync["code"] == 200 and sync["body"]["response"]["state"] == "failed", sync
+    assert sync["body"]["response"]["state"] == "failed", sync
     assert rest["state"] == "failed" and rest["message"].startswith(EndReason.WRITER_DIED.value), rest
     assert action is Action.FAIL and message.startswith(EndReason.WRITER_DIED.value)
     attrs, counts, ids = file_state(path)  # recovered by the restarted writer
@@ -347,16 +360,21 @@ def test_kill_9_of_the_h5_writer_mid_write_ends_the_request_within_the_bound(daq
     assert_balanced(rest, counts, N_IMAGES)
     report("kill -9 h5 writer", rows_in_file=counts["n_written"], rest_n_written=rest["n_written"],
            not_written=N_IMAGES - counts["n_written"], final=rest["state"],
-           seconds_from_kill_to_final=round(took, 1), write_sync_answer=sync["code"])
+           seconds_from_kill_to_final=round(took, 1), write_sync_answer=sync["code"],
+           write_sync_seconds=round(sync["at"] - killed, 1))
 
 
 def test_kill_9_of_the_writer_agent_mid_write_ends_the_request_within_the_bound(daq: Daq) -> None:
     with Detector(daq.config), Broker(daq.config.detector_name) as broker:
-        request_id, path = submit(daq, "agent.h5", N_IMAGES)
+        path = daq.output / "agent.h5"
+        caller = SyncCaller(daq, path, N_IMAGES)
         wait_for(lambda: rows(path) >= KILL_AT, 180, f"{KILL_AT} images written")
+        request_id = wait_for(lambda: broker.seen and broker.seen[0], 30, "the request's status")
         killed = kill_service(daq, "writer-agent")
         rest, (action, message), took = final_everywhere(daq, broker, request_id, killed)
+        sync = caller.wait(killed)
         next_write_works(daq)
+    assert sync["body"]["response"]["state"] == "failed", sync
     assert rest["state"] == "failed" and rest["message"].startswith(EndReason.AGENT_DIED.value), rest
     assert action is Action.FAIL and message.startswith(EndReason.AGENT_DIED.value)
     attrs, counts, ids = file_state(path)  # closed by the h5 writer on the new agent's STOP
@@ -367,7 +385,8 @@ def test_kill_9_of_the_writer_agent_mid_write_ends_the_request_within_the_bound(
     assert_balanced(rest, counts, N_IMAGES)
     report("kill -9 writer agent", rows_in_file=counts["n_written"], rest_n_written=rest["n_written"],
            not_written=N_IMAGES - counts["n_written"], final=rest["state"],
-           seconds_from_kill_to_final=round(took, 1))
+           seconds_from_kill_to_final=round(took, 1), write_sync_answer=sync["code"],
+           write_sync_seconds=round(sync["at"] - killed, 1))
 
 
 # -- the disk fills up ------------------------------------------------------------------------------
