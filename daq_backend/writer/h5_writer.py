@@ -364,8 +364,9 @@ class H5Writer:
         ring = self._ring(run)
         if not ring.holds(meta.id) and self._attached.refreshed():
             # the producer re-created the ring (an assembler restart): the id is in the new one
-            ring = run.ring = self._attached.ring
-            assert ring is not None
+            new = self._attached.ring
+            assert new is not None
+            ring = run.ring = new
             self.stats.ring_reattachments += 1
             log.warning("h5 writer: image ring %s was re-created; following the new one", ring.name)
         file = run.file
