@@ -293,9 +293,12 @@ def test_a_stopped_service_closes_the_running_file(harness: Harness) -> None:
     writer.stop()
     h.writer = None
     action, message = h.final(rid)
-    assert action is Action.FAIL and message.startswith("Interrupted: killed after")
+    # nobody killed the request: it ends as shut down, in the answer and in the file
+    assert action is Action.FAIL
+    assert message.startswith("Interrupted: shutdown: the writer agent was stopped after")
     with open_image_file(path) as h5:
         assert h5.attrs["status"] == "interrupted" and h5.attrs["n_written"] >= 3
+        assert h5.attrs["end_reason"].startswith("shutdown: ")
 
 
 def test_a_writer_that_never_answers_fails_the_request(harness: Harness) -> None:

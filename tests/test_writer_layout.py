@@ -155,6 +155,41 @@ def test_a_255_byte_name_is_built_under_a_hidden_name_that_fits(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_a_file_that_cannot_be_built_leaves_nothing_behind(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while the file is built (the library's error text): no ``.creating`` file, no reserve;
+    the reserve exists next to a file being written and goes when it is closed."""
+    config = make_config()
+    path = tmp_path / "a.h5"
+    with ImageFile.create(path, config, n_images=1) as file:
+        assert layout.reserve_path(path).stat().st_size == layout.RESERVE_BYTES
+        file.append(0, 0, 0, file.encode(expected_pixels(config, 0).reshape(-1).view(np.uint8)))
+    assert not layout.reserve_path(path).exists() and layout.openable(path)
+
+    def full(*args: object) -> None:
+        raise OSError(28, "Can't write data (file write failed: errno = 28, No space left on device)")
+
+    monkeypatch.setattr(ImageFile, "_build", staticmethod(full))
+    with pytest.raises(FileCreateError, match="cannot create .*b.h5: no space left on device"):
+        ImageFile.create(tmp_path / "b.h5", config, n_images=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5"]
+
+
+def test_recover_file_sets_the_status_it_is_given(tmp_path: Path) -> None:
+    config = make_config()
+    path = tmp_path / "a.h5"
+    file = ImageFile.create(path, config, n_images=3)
+    _write(file, range(2), config)
+    file.flush()
+    file.h5.close()  # as if the writer could not close it: status stays "writing"
+    assert recover_file(path, "no space left on device after 2 of 3 images", layout.FILE_NO_SPACE) == 2
+    with h5py.File(path, "r") as h5:
+        assert h5.attrs["status"] == "failed: no space left on device"
+        # _write gives image 1 status 1 (missing packets)
+        assert layout.file_accounting(h5) == {"n_written": 2, "n_good": 1, "n_lost": 0, "n_incomplete": 1}
+    assert not layout.reserve_path(path).exists()
+
+
 _READER = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, sys.argv[2])

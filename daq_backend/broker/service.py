@@ -141,6 +141,12 @@ class BrokerService:
         for cancel in cancels[1:]:
             cancel()
 
+    def report(self, action: Action, request_id: str, routing_key: str, request: dict[str, Any],
+               message: Any) -> None:
+        """Publish a status of a request this service is not running (one a predecessor of this
+        process left unfinished when it died)."""
+        self._publish_status(action, request_id, routing_key, json.dumps(request).encode(), message)
+
     @property
     def current_request_id(self) -> str | None:
         with self._lock:

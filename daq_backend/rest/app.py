@@ -148,6 +148,7 @@ def _request_status(record: RequestRecord) -> m.RequestStatus:
         n_incomplete_images=record.n_incomplete_images,
         output_file=record.output_file,
         message=record.message,
+        warning=record.warning,
         init_timestamp=record.init_timestamp,
         end_timestamp=record.end_timestamp,
         created=record.created,

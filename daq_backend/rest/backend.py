@@ -133,6 +133,8 @@ class RequestRecord:
     n_images: int | None = None
     output_file: str | None = None
     message: str | None = None
+    #: a warning of the service (e.g. less free space than the images need)
+    warning: str | None = None
     init_timestamp: float | None = None
     end_timestamp: float | None = None
     run_id: int | str | None = None
@@ -356,6 +358,8 @@ class RequestTracker:
                 setattr(record, name, max(getattr(record, name), count))
         if isinstance(data.get("output_file"), str):
             record.output_file = data["output_file"]
+        if isinstance(data.get("warning"), str):
+            record.warning = data["warning"]
         init = _float(data.get("init_timestamp"))
         if init is not None:
             record.init_timestamp = init

@@ -131,6 +131,8 @@ class RequestStatus(BaseModel):
     )
     output_file: str | None
     message: str | None = Field(description="the writer's final message or failure reason")
+    warning: str | None = Field(default=None, description="a warning of the writer, e.g. less free space "
+                                "in the output folder than the requested images need")
     init_timestamp: float | None
     end_timestamp: float | None
     created: float = Field(description="when this API first saw the request (unix time)")

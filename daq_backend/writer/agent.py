@@ -22,6 +22,23 @@ before it is declared dead. A killed request ends with ``request_fail`` "Interru
 
 The image stream is read all the time by a pump thread (the SUB socket stays subscribed, so there
 is no slow-joiner gap at request start); images reach a request only while it is active.
+
+Process deaths end every request they touch within ``messages.FAULT_BOUND``:
+
+* the h5 writer dies: its connection to the store stream drops (seen at once through a socket
+  monitor; a new writer ``instance`` in its events, or silence for ``writer_timeout``, are seen
+  too). The request stops forwarding, waits up to ``recovery_wait`` s for the restarted writer to
+  recover the file (it answers ``STOP`` with the recovered file's counts), else reads the file's
+  counter itself, and ends with ``request_fail`` "writer died: ..." whose last progress has the
+  file's counts;
+* the writer agent dies: the request it served is named in a journal
+  (``<ipc dir>/std-daq-<detector>-writer_agent.journal``); the agent that starts next stops that
+  file (``interrupted``, ``end_reason`` "writer agent died: ...") before it serves anything, and
+  reports the request as failed with the file's counts.
+
+A request whose images need more space than the output folder has free is started with a warning
+(log, progress messages, result): the write ends as ``failed: no space left on device`` when the
+disk fills up.
 """
 
 from __future__ import annotations
@@ -43,15 +60,18 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from daq_backend import ipc
 from daq_backend.broker import BrokerService, RequestContext, Transport, make_transport
+from daq_backend.broker.protocol import Action
 from daq_backend.config import DetectorConfig, load_config
 from daq_backend.formats import DTYPE_CODES, ImageMetadata, StoreOp, StoreStream
+from daq_backend.messages import FAULT_BOUND, EndReason
 from daq_backend.ram_buffer import RingBuffer, SlotOverwritten
 from daq_backend.stats import Counters, StatsReporter
 from daq_backend.stats import service_name as reported_name
-from daq_backend.writer import roots
+from daq_backend.writer import layout, roots
 from daq_backend.writer.h5_writer import (
     EVENT_FINISHED,
     EVENT_PROGRESS,
@@ -77,6 +97,29 @@ class WriterFailed(RuntimeError):
     """The h5 writer could not create or finish the file."""
 
 
+class WriterDied(WriterFailed):
+    """The h5 writer process went away during the request."""
+
+
+def journal_path(detector_name: str) -> Path:
+    """Where the agent names the request it serves (read by the next agent if this one dies)."""
+    return Path(ipc.ipc_dir()) / f"std-daq-{detector_name}-writer_agent.journal"
+
+
+def space_warning(request: WriteRequest, config: DetectorConfig) -> str | None:
+    """A warning when the output folder has less free space than the request's images need."""
+    folder = Path(request.output_file).parent
+    try:
+        free = layout.free_bytes(folder)
+    except OSError:
+        return None
+    need = request.n_images * config.image_nbytes + layout.RESERVE_BYTES
+    if request.compression != "none" or free >= need:  # compressed sizes are not known before
+        return None
+    return (f"only {free / 2**20:.1f} MiB free in {folder}, {request.n_images} images need up to "
+            f"{need / 2**20:.1f} MiB: the write fails with 'no space left on device' when the disk is full")
+
+
 @dataclass
 class AgentCounters(Counters):
     """What ``std-daq status`` shows of the writer agent (its first report also says it serves)."""
@@ -97,6 +140,7 @@ class WriterAgent:
         output_roots: list[Path] | None = None,
         writer_timeout: float = 30.0,
         progress_interval: float = 0.2,
+        recovery_wait: float = 0.6 * FAULT_BOUND,
         context: zmq.Context | None = None,
     ) -> None:
         self.config = config
@@ -107,6 +151,9 @@ class WriterAgent:
         self.output_roots = roots.output_roots(output_roots)
         self.writer_timeout = writer_timeout
         self.progress_interval = progress_interval
+        #: seconds a request whose h5 writer died waits for the restarted writer to recover the file
+        self.recovery_wait = recovery_wait
+        self.journal = journal_path(config.detector_name)
         name = config.detector_name
         self._ctx = context or zmq.Context.instance()
         self._image_address = ipc.image_metadata_address(name)
@@ -122,7 +169,21 @@ class WriterAgent:
         self._direct: _Request | None = None
         self._writer_seen = threading.Condition()
         self._writer_last_seen: float | None = None
+        #: the ``instance`` of the h5 writer whose events came last
+        self._writer_instance: str | None = None
+        #: h5 writer connections to the store stream now, and how many went away so far
+        self._writer_peers = 0
+        self._writer_disconnects = 0
+        self._monitor: zmq.Socket | None = None
         self._stop = threading.Event()
+        #: set when ``stop`` begins: a running request ends as shut down, nobody waits for a new writer
+        self._stopping = threading.Event()
+        #: the request being served, and set while none is
+        self._serving: _Request | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+        #: seconds ``stop`` gives a running request to close its file before stopping the service
+        self.stop_grace = 3.0
         self._pump_ready = threading.Event()
         self._pump: threading.Thread | None = None
         self._run_ids = itertools.count(1)
@@ -137,18 +198,24 @@ class WriterAgent:
         push.setsockopt(zmq.SNDHWM, max(100_000, 10 * self.config.image_ring_slots))
         push.setsockopt(zmq.SNDTIMEO, int(self.writer_timeout * 1000))
         push.setsockopt(zmq.LINGER, 0)
+        # before the bind: a writer that connects at once is counted too
+        self._monitor = push.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         try:
             push.bind(self._store_address)
         except zmq.ZMQError as exc:
+            self._monitor.close()
+            self._monitor = None
             push.close()
             raise RuntimeError(f"writer agent of {self.config.detector_name}: cannot bind "
                                f"{self._store_address} ({exc}); is another agent running?") from None
         self._push = push
         self._stop.clear()
+        self._stopping.clear()
         self._pump = threading.Thread(target=self._pump_loop, name=f"writer-agent-pump-{self.tag}",
                                       daemon=True)
         self._pump.start()
         self._pump_ready.wait()
+        self._end_orphan()  # before serving: the request a dead predecessor left is ended first
         self.service.start()
         self._reporter = StatsReporter(self.config.detector_name, reported_name(DEFAULT_SERVICE_NAME),
                                        self.counters.snapshot, context=self._ctx).start()
@@ -156,7 +223,16 @@ class WriterAgent:
         return self
 
     def stop(self) -> None:
-        """Stop serving; a running request is killed (its file closed) first."""
+        """Stop serving; a running request is ended first (its file closed as ``interrupted``,
+        ``end_reason`` "shutdown: ...")."""
+        self._stopping.set()
+        run = self._serving
+        if run is not None:  # end the file first: stopping the broker service may wait on the broker
+            run.ctx.killed.set()
+            self._idle.wait(self.stop_grace)
+        # Stopped on purpose: the next agent has no request of ours to end (with a dead broker the
+        # request thread may still wait to report; the h5 writer closes or recovers the file itself).
+        self.journal.unlink(missing_ok=True)
         if self._reporter is not None:
             self._reporter.close()
             self._reporter = None
@@ -190,10 +266,15 @@ class WriterAgent:
         poller = zmq.Poller()
         poller.register(images, zmq.POLLIN)
         poller.register(status, zmq.POLLIN)
+        monitor = self._monitor
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         self._pump_ready.set()
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(100))
+                if monitor is not None and monitor in ready:
+                    self._on_monitor(monitor)
                 if status in ready:
                     self._on_writer_status(status.recv())
                 if images in ready:
@@ -206,6 +287,27 @@ class WriterAgent:
         finally:
             images.close()
             status.close()
+            if monitor is not None:
+                monitor.close()
+
+    def _on_monitor(self, monitor: zmq.Socket) -> None:
+        """Connections of h5 writers to the store stream: one going away is a writer that died."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._writer_peers += 1
+                continue
+            self._writer_peers = max(0, self._writer_peers - 1)
+            self._writer_disconnects += 1
+            with self._lock:
+                direct, self._direct = self._direct, None
+                if direct is not None and direct.error is None:
+                    direct.error = direct._writer_gone("its connection to the store stream closed")
+                if self._sink is not None:
+                    self._sink.put(("wake", None))
 
     def _on_image(self, raw: bytes) -> None:
         with self._lock:
@@ -231,6 +333,8 @@ class WriterAgent:
             return
         with self._writer_seen:
             self._writer_last_seen = time.monotonic()
+            if isinstance(event.get("instance"), str):
+                self._writer_instance = event["instance"]
             self._writer_seen.notify_all()
         with self._lock:
             sink = self._sink if event.get("request_id") == self._sink_request else None
@@ -282,6 +386,16 @@ class WriterAgent:
             if self._push is None:
                 raise RuntimeError("the writer agent is stopped")
             try:
+                self._push.send(message.to_json(), zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                # no writer connected: one that is (re)connecting gets a second, a dead one does not
+                grace = int(min(1.0, self.writer_timeout) * 1000)
+                if self._monitor is not None and self._writer_peers == 0 and \
+                        not self._push.poll(grace, zmq.POLLOUT):
+                    raise WriterDied(f"no h5 writer of {self.config.detector_name} is connected to "
+                                     f"{self._store_address}") from None
+            try:  # connected but its queue is full: wait for it (up to writer_timeout)
                 self._push.send(message.to_json())
             except zmq.Again:
                 raise WriterFailed(
@@ -295,7 +409,83 @@ class WriterAgent:
         init_timestamp = time.time()
         self.counters.requests += 1
         request = parse_write_request(ctx.request, output_roots=self.output_roots)
-        return _Request(self, ctx, request, next(self._run_ids), init_timestamp).run()
+        run = _Request(self, ctx, request, next(self._run_ids), init_timestamp)
+        run.warning = space_warning(request, self.config)
+        if run.warning is not None:
+            log.warning("writer agent: request %s: %s", ctx.request_id, run.warning)
+        self.journal.write_text(json.dumps({
+            "request_id": ctx.request_id, "request": ctx.request, "routing_key": self.tag,
+            "run_id": run.run_id, "output_file": request.output_file, "n_images": request.n_images,
+        }))
+        self._serving = run
+        self._idle.clear()
+        try:
+            return run.run()
+        finally:
+            self.journal.unlink(missing_ok=True)
+            self._serving = None
+            self._idle.set()
+
+    def _end_orphan(self) -> None:
+        """End the request a dead predecessor was serving (named in the journal): ``STOP`` its file
+        (``interrupted``, "writer agent died: ...") and report it failed with the file's counts."""
+        try:
+            entry = json.loads(self.journal.read_text())
+            request_id, request = str(entry["request_id"]), dict(entry["request"])
+            output_file, n_images = str(entry["output_file"]), int(entry["n_images"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("writer agent: unreadable journal %s (%s); removing it", self.journal, exc)
+            self.journal.unlink(missing_ok=True)
+            return
+        why = f"{EndReason.AGENT_DIED.value}: the writer agent process died during the request"
+        counts: dict[str, Any] = {}
+        deadline = time.monotonic() + self.recovery_wait
+        with self._active(request_id) as events:
+            with self._writer_seen:  # the h5 writer's first heartbeat tells it is there
+                while self._writer_last_seen is None and time.monotonic() < deadline:
+                    self._writer_seen.wait(0.1)
+            stop = StoreStream(output_file=output_file, run_id=int(entry.get("run_id", 0)), n_images=n_images,
+                               image_id=0, i_image=0, op=StoreOp.STOP, request_id=request_id, reason=why)
+            try:
+                self._send(stop)
+                while time.monotonic() < deadline:
+                    try:
+                        kind, item = events.get(timeout=0.1)
+                    except queue.Empty:
+                        continue
+                    if kind == "writer" and item.get("event") == EVENT_FINISHED:
+                        counts = item
+                        break
+            except WriterFailed as exc:
+                log.warning("writer agent: cannot stop %s left by a dead agent: %s", output_file, exc)
+        if not counts.get("n_written") and os.path.exists(output_file):
+            counts = _file_counts(output_file) or counts
+        n_written = int(counts.get("n_written", 0))
+        progress = {"n_written": n_written, "n_images": n_images, "output_file": output_file,
+                    "n_missing_images": int(counts.get("n_missing_images", 0)),
+                    "n_incomplete_images": int(counts.get("n_incomplete_images", 0))}
+        routing_key = str(entry.get("routing_key") or self.tag)
+        self.service.report(Action.PROGRESS, request_id, routing_key, request, progress)
+        self.service.report(Action.FAIL, request_id, routing_key, request,
+                            f"{why}, after {n_written} of {n_images} images; {output_file} holds them "
+                            f"({counts.get('status', 'status unknown')})")
+        log.warning("writer agent: ended request %s left by a dead agent (%d of %d images in %s)", request_id,
+                    n_written, n_images, output_file)
+        self.journal.unlink(missing_ok=True)
+
+
+def _file_counts(path: str) -> dict[str, Any] | None:
+    """The complete rows of a file as progress keys (also while a dead writer left it open)."""
+    try:
+        with layout.open_image_file(path) as h5:
+            counts = layout.file_accounting(h5)
+            status = str(h5.attrs.get("status", ""))
+    except (OSError, KeyError, ValueError):
+        return None
+    return {"n_written": counts["n_written"], "n_missing_images": counts["n_lost"],
+            "n_incomplete_images": counts["n_incomplete"], "status": status}
 
 
 class _Request:
@@ -320,6 +510,11 @@ class _Request:
         self.last_image = time.monotonic()
         #: set by the pump thread when forwarding failed (the writer stopped taking messages)
         self.error: WriterFailed | None = None
+        #: the h5 writer serving this request (its ``instance``) and its connection losses at start
+        self.writer_instance: str | None = None
+        self.disconnects = agent._writer_disconnects
+        #: free space below what the images need (see ``space_warning``)
+        self.warning: str | None = None
 
     def _store(self, op: StoreOp, **fields: Any) -> StoreStream:
         return StoreStream(
@@ -334,22 +529,75 @@ class _Request:
         agent._wait_for_writer()
         with agent._active(self.ctx.request_id) as events:
             backlog = self._from_ring() if req.start_id is not None else []  # before any file exists
-            agent._send(self._store(StoreOp.START, request=req.to_json_dict()))
-            started = self._next_event(events, (EVENT_STARTED, EVENT_FINISHED))
-            if started["event"] == EVENT_FINISHED:
-                raise WriterFailed(str(started.get("message") or started.get("status")))
-            log.info("writer agent: request %s writes %d images to %s", self.ctx.request_id, req.n_images,
-                     req.output_file)
+            self.writer_instance = agent._writer_instance
+            self.disconnects = agent._writer_disconnects
             try:
-                reason = self._forward(events, backlog)
-            except WriterFailed:
-                raise  # the writer is gone: nobody to tell
-            except Exception as exc:
-                self._end(events, f"writer agent error: {exc}")
-                raise
-            finished = self._end(events, reason)
+                agent._send(self._store(StoreOp.START, request=req.to_json_dict()))
+                started = self._next_event(events, (EVENT_STARTED, EVENT_FINISHED))
+                if started["event"] == EVENT_FINISHED:
+                    raise WriterFailed(str(started.get("message") or started.get("status")))
+                self.writer_instance = started.get("instance", self.writer_instance)
+                if self.warning is not None:
+                    self._progress(force=True)
+                log.info("writer agent: request %s writes %d images to %s", self.ctx.request_id,
+                         req.n_images, req.output_file)
+                try:
+                    reason = self._forward(events, backlog)
+                except WriterFailed:
+                    raise
+                except Exception as exc:
+                    self._end(events, f"writer agent error: {exc}")
+                    self._file_closed()
+                    raise
+                finished = self._end(events, reason)
+                self._file_closed()
+            except WriterDied as exc:
+                raise self._writer_died(events, exc) from None
         self._progress(force=True)
         return self._result(finished, reason)
+
+    def _file_closed(self) -> None:
+        """The file is closed: a later death of this agent leaves nothing for the next one to end
+        (done before reporting, which may wait on the broker)."""
+        self.agent.journal.unlink(missing_ok=True)
+
+    def _writer_died(self, events: queue.Queue[tuple[str, Any]], exc: WriterDied) -> WriterFailed:
+        """The h5 writer died during this request: get the file's counts from the restarted writer
+        (it recovers the file and answers ``STOP`` with them) or, failing that, from the file."""
+        agent, req = self.agent, self.request
+        agent._stop_images()
+        log.warning("writer agent: request %s: %s", self.ctx.request_id, exc)
+        dead = self.writer_instance
+        asked: str | None = None
+        finished: dict[str, Any] | None = self.finished
+        # a stopping agent waits for no new writer: the DAQ is going down
+        deadline = time.monotonic() + (0.5 if agent._stopping.is_set() else agent.recovery_wait)
+        while finished is None and time.monotonic() < deadline:
+            instance = agent._writer_instance
+            if instance is not None and instance not in (dead, asked):
+                asked = instance  # a new writer runs: it recovered the file at its start
+                with contextlib.suppress(WriterFailed):
+                    agent._send(self._store(StoreOp.STOP, reason=EndReason.WRITER_DIED.value))
+            try:
+                kind, item = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if kind == "writer" and item.get("event") == EVENT_FINISHED:
+                finished = item
+        counts = finished if finished is not None and finished.get("recovered") else None
+        if counts is None:
+            counts = _file_counts(req.output_file) or {}
+            state = (f"{req.output_file} was not recovered yet (status {counts.get('status', 'unknown')});"
+                     " the next h5 writer start recovers it")
+        else:
+            state = f"{req.output_file} was recovered as {counts.get('status')} with its complete images"
+        self.n_written = int(counts.get("n_written", self.n_written))
+        self.n_missing = int(counts.get("n_missing_images", self.n_missing))
+        self.n_incomplete = int(counts.get("n_incomplete_images", self.n_incomplete))
+        self._file_closed()
+        self._progress(force=True)
+        return WriterFailed(f"{EndReason.WRITER_DIED.value}: the h5 writer died after {self.n_written} of "
+                            f"{req.n_images} images ({exc}); {state}")
 
     def _end(self, events: queue.Queue[tuple[str, Any]], reason: str) -> dict[str, Any]:
         """``STOP`` the file and wait until the writer closed it."""
@@ -439,14 +687,17 @@ class _Request:
             self.agent._wake(self.ctx.request_id)
 
     def _kill_reason(self) -> str:
-        """A kill that asks to finish ends the file as completed with what it has."""
+        """A kill that asks to finish ends the file as completed with what it has; the agent being
+        stopped ends it as shut down."""
+        if self.agent._stopping.is_set() and not self.ctx.finish:
+            return f"{EndReason.SHUTDOWN.value}: the writer agent was stopped"
         return REASON_FINISHED if self.ctx.finish else REASON_KILLED
 
     def _write(self, meta: ImageMetadata) -> None:
         try:
             self.agent._send(self._store(StoreOp.WRITE, image_id=meta.id, metadata=meta.pack().hex()))
-        except WriterFailed:
-            raise self._writer_gone() from None
+        except WriterFailed as exc:
+            raise exc if isinstance(exc, WriterDied) else self._writer_gone(str(exc)) from None
         self.n_forwarded += 1
         self.last_id = meta.id
 
@@ -521,15 +772,20 @@ class _Request:
             self.finished = event
 
     def _check_writer(self) -> None:
-        if not self.agent._writer_alive():
-            raise self._writer_gone()
+        agent = self.agent
+        if self.error is not None:
+            raise self.error
+        if agent._writer_disconnects != self.disconnects:
+            raise self._writer_gone("its connection to the store stream closed")
+        instance = agent._writer_instance
+        if self.writer_instance is not None and instance is not None and instance != self.writer_instance:
+            raise self._writer_gone(f"a new h5 writer ({instance}) replaced it")
+        if not agent._writer_alive():
+            raise self._writer_gone(f"no status for {agent.writer_timeout:g} s")
 
-    def _writer_gone(self) -> WriterFailed:
-        return WriterFailed(
-            f"the h5 writer stopped responding (no status for {self.agent.writer_timeout:g} s) after "
-            f"{self.n_written} of {self.request.n_images} images; {self.request.output_file} holds the "
-            "images flushed so far"
-        )
+    def _writer_gone(self, why: str = "") -> WriterDied:
+        why = why or f"no status for {self.agent.writer_timeout:g} s"
+        return WriterDied(f"the h5 writer stopped responding ({why})")
 
     def _progress(self, force: bool = False) -> None:
         """Publish progress (rate limited; a held-back change is sent by the next call once due).
@@ -541,10 +797,13 @@ class _Request:
         if not force and (current == self.published or not due):
             return
         self.last_progress, self.published = now, current
-        self.ctx.publish_progress({"n_written": self.n_written, "n_images": self.request.n_images,
-                                   "output_file": self.request.output_file,
-                                   "n_missing_images": self.n_missing,
-                                   "n_incomplete_images": self.n_incomplete})
+        progress: dict[str, Any] = {"n_written": self.n_written, "n_images": self.request.n_images,
+                                    "output_file": self.request.output_file,
+                                    "n_missing_images": self.n_missing,
+                                    "n_incomplete_images": self.n_incomplete}
+        if self.warning is not None:
+            progress["warning"] = self.warning
+        self.ctx.publish_progress(progress)
 
     def _result(self, finished: dict[str, Any], reason: str) -> dict[str, Any]:
         req = self.request
@@ -554,6 +813,9 @@ class _Request:
             raise WriterFailed(f"Failed after {self.n_written} of {req.n_images} images: "
                                f"{finished.get('message') or status}; "
                                f"{req.output_file} holds the images written")
+        if reason.startswith(EndReason.SHUTDOWN.value):
+            raise WriteInterrupted(f"Interrupted: {reason} after {self.n_written} of {req.n_images} images; "
+                                   f"{where}")
         if reason == REASON_KILLED:
             raise WriteInterrupted(
                 f"Interrupted: killed after {self.n_written} of {req.n_images} images; {where}"
@@ -571,6 +833,7 @@ class _Request:
             "n_incomplete_images": int(finished.get("n_incomplete_images", 0)),
             "init_timestamp": self.init_timestamp,
             "end_timestamp": time.time(),
+            **({"warning": self.warning} if self.warning is not None else {}),
         }
 
 

@@ -15,8 +15,19 @@ Status events (JSON on the PUB socket) keep the agent informed: ``alive`` heartb
 have open are dropped (a restarted writer never writes into someone else's file); a ``STOP`` for such
 a run is answered with ``finished`` / failed so the agent is never left waiting.
 
-A small journal (``<ipc dir>/std-daq-<detector>-h5_writer.journal``) names the open file; a writer
-that starts and finds it (its predecessor crashed) repairs that file with ``layout.recover_file``.
+The image ring is the assembler's: a restarted assembler re-creates it (a new segment), and a slot
+that does not hold the announced id makes the writer look whether the ring was re-created and read
+the slot from the new ring, so the images a restarted assembler makes are written, not counted lost.
+
+Every event carries the writer's ``instance`` (new for each start), so the agent sees a restarted
+writer. A small journal (``<ipc dir>/std-daq-<detector>-h5_writer.journal``) names the open file; a
+writer that starts and finds it (its predecessor died) repairs that file with ``layout.recover_file``
+(status ``interrupted``, ``end_reason`` "writer died: ...") and answers the agent's ``STOP`` for that
+request with the recovered file's counts.
+
+A full disk (ENOSPC while writing or flushing) ends the file with status ``failed: no space left on
+device``; it keeps every row flushed before the error and opens like any other file (see
+``layout``). Any file the writer could not close properly is repaired with ``recover_file`` at once.
 
 The h5 writer is the process that opens files, so it enforces the output roots itself
 (``output_roots``, ``--output-root``; see :mod:`daq_backend.writer.roots`), whatever the agent
@@ -35,20 +46,30 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import zmq
 
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, load_config
 from daq_backend.formats import StoreOp, StoreStream
+from daq_backend.messages import EndReason
 from daq_backend.ram_buffer import AttachedRing, RingBuffer, SlotOverwritten
 from daq_backend.stats import Counters, StatsReporter, service_name
-from daq_backend.writer import roots
-from daq_backend.writer.layout import FILE_COMPLETED, FILE_INTERRUPTED, ImageFile, recover_file
+from daq_backend.writer import layout, roots
+from daq_backend.writer.layout import (
+    FILE_COMPLETED,
+    FILE_INTERRUPTED,
+    FILE_NO_SPACE,
+    ImageFile,
+    is_no_space,
+    recover_file,
+)
 from daq_backend.writer.request import parse_write_request
 
 log = logging.getLogger(__name__)
@@ -80,6 +101,9 @@ class WriterStats(Counters):
     images_incomplete: int = 0
     dropped_messages: int = 0
     bad_messages: int = 0
+    ring_reattachments: int = 0
+    files_no_space: int = 0
+    files_recovered: int = 0
 
 
 @dataclass
@@ -143,6 +167,8 @@ class H5Writer:
         self._pub: zmq.Socket | None = None
         self._last_flush = time.monotonic()
         self._last_alive = 0.0
+        #: new for every writer: the agent tells a restarted writer by it
+        self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     # -- lifetime ---------------------------------------------------------------------------------
     def start(self) -> H5Writer:
@@ -213,12 +239,12 @@ class H5Writer:
                     except Exception as exc:  # a bug must not take the writer down: end the file
                         log.exception("h5 writer: internal error")
                         if self._run is not None:
-                            self._finish(f"failed: internal error: {exc}", str(exc))
+                            self._fail(exc, "internal error")
                 if self._run is not None and not pull.poll(0):
                     self._idle_flush()
         finally:
             if self._run is not None:
-                self._finish(FILE_INTERRUPTED, "the h5 writer was stopped")
+                self._finish(FILE_INTERRUPTED, f"{EndReason.SHUTDOWN.value}: the h5 writer was stopped")
             self._pub = None
             pull.close()
             pub.close()
@@ -228,7 +254,7 @@ class H5Writer:
 
     # -- events -----------------------------------------------------------------------------------
     def _emit(self, event: str, run: _Run | None = None, **extra: Any) -> dict[str, Any]:
-        message: dict[str, Any] = {"event": event, "time": time.time()}
+        message: dict[str, Any] = {"event": event, "time": time.time(), "instance": self.instance}
         if run is not None:
             message.update({
                 "request_id": run.request_id, "run_id": run.run_id, "output_file": run.output_file,
@@ -289,7 +315,7 @@ class H5Writer:
                 self._write(run, msg)
             except Exception as exc:  # disk full, bad metadata ...: end this file, keep serving
                 log.exception("h5 writer: writing %s failed", run.output_file)
-                self._finish(f"failed: {exc}", str(exc))
+                self._fail(exc)
         else:
             self._stop_run(msg)
 
@@ -320,7 +346,8 @@ class H5Writer:
         self._run = _Run(msg.request_id, msg.run_id, request.output_file, request.n_images, file)
         self.stats.files += 1
         self._last_flush = time.monotonic()
-        entry = {"output_file": request.output_file, "request_id": msg.request_id}
+        entry = {"output_file": request.output_file, "request_id": msg.request_id, "run_id": msg.run_id,
+                 "n_images": request.n_images}
         self.journal.write_text(json.dumps(entry))
         log.info("h5 writer: writing %d images to %s", request.n_images, request.output_file)
         self._emit(EVENT_STARTED, self._run)
@@ -349,6 +376,13 @@ class H5Writer:
                 f"{self.config.image_shape[0]}x{self.config.image_shape[1]} {self._dtype}"
             )
         ring = self._ring(run)
+        if not ring.holds(meta.id) and self._attached.refreshed():
+            # the producer re-created the ring (an assembler restart): the id is in the new one
+            new = self._attached.ring
+            assert new is not None
+            ring = run.ring = new
+            self.stats.ring_reattachments += 1
+            log.warning("h5 writer: image ring %s was re-created; following the new one", ring.name)
         file = run.file
         chunk: Any = None
         try:
@@ -393,6 +427,8 @@ class H5Writer:
                 self._finish(FILE_COMPLETED, f"finished on request after {n} images")
             elif reason.startswith(REASON_TIMEOUT_PREFIX):
                 self._finish(FILE_INTERRUPTED, reason.removeprefix(REASON_TIMEOUT_PREFIX).strip())
+            elif reason.startswith((EndReason.AGENT_DIED.value, EndReason.SHUTDOWN.value)):
+                self._finish(FILE_INTERRUPTED, reason)
             else:
                 self._finish(f"failed: {reason}", reason)
             return
@@ -416,7 +452,21 @@ class H5Writer:
             run.file.flush()
         except Exception as exc:
             log.exception("h5 writer: flushing %s failed", run.output_file)
-            self._finish(f"failed: {exc}", str(exc))
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException, what: str = "") -> None:
+        """End the open file after ``exc``: a full disk as ``failed: no space left on device``."""
+        run = self._run
+        if run is None:
+            return
+        if is_no_space(exc):
+            self.stats.files_no_space += 1
+            run.file.release_reserve()  # room for the library to close the file
+            self._finish(FILE_NO_SPACE, f"{EndReason.NO_SPACE.value} on device after {run.file.n_written} of "
+                         f"{run.n_images} images")
+            return
+        text = f"{what}: {exc}" if what else str(exc)
+        self._finish(f"failed: {text}", text)
 
     def _finish(self, status: str, reason: str) -> None:
         run, self._run = self._run, None
@@ -426,7 +476,15 @@ class H5Writer:
             run.file.close(status, reason)
         except Exception as exc:
             log.exception("h5 writer: closing %s failed", run.output_file)
-            status, reason = f"failed: {exc}", str(exc)
+            if not status.startswith("failed"):
+                status = FILE_NO_SPACE if is_no_space(exc) else f"failed: {exc}"
+                reason = f"{EndReason.NO_SPACE.value} on device" if is_no_space(exc) else str(exc)
+        if not layout.openable(run.output_file):  # never leave a file that cannot be opened
+            try:
+                recover_file(run.output_file, reason, status)
+                self.stats.files_recovered += 1
+            except Exception:
+                log.exception("h5 writer: repairing %s failed", run.output_file)
         self.journal.unlink(missing_ok=True)
         if status.startswith("failed"):
             self.stats.files_failed += 1
@@ -448,14 +506,31 @@ class H5Writer:
             log.warning("h5 writer: unreadable journal %s (%s); removing it", self.journal, exc)
             self.journal.unlink(missing_ok=True)
             return
-        path = entry.get("output_file", "")
+        path = str(entry.get("output_file", ""))
+        request_id = str(entry.get("request_id", ""))
+        counts = {"n_written": 0, "n_lost": 0, "n_incomplete": 0}
+        reason = f"{EndReason.WRITER_DIED.value}: the previous h5 writer process died while writing the file"
         try:
             roots.confine(str(path), self.output_roots, create_default=False)
-            n = recover_file(path, "the previous h5 writer stopped before closing the file")
-            log.warning("h5 writer: recovered %s left open by a previous writer (%d images)", path, n)
+            n = recover_file(path, reason)
+            with h5py.File(path, "r") as h5:
+                counts = layout.file_accounting(h5)
+            self.stats.files_recovered += 1
+            log.warning("h5 writer: recovered %s left open by a writer that died (%d images)", path, n)
+            status = FILE_INTERRUPTED
+            message = f"{reason}; the file was recovered with {n} images"
         except Exception as exc:
             log.warning("h5 writer: could not recover %s (%s)", path, exc)
+            status = f"failed: {reason}; the file could not be recovered: {exc}"
+            message = status.removeprefix("failed: ")
         self.journal.unlink(missing_ok=True)
+        if request_id:  # the agent's STOP for that request gets this answer
+            self._remember(request_id, self._emit(
+                EVENT_FINISHED, request_id=request_id, run_id=entry.get("run_id", 0), output_file=path,
+                n_images=entry.get("n_images"), n_written=counts["n_written"],
+                n_missing_images=counts["n_lost"], n_incomplete_images=counts["n_incomplete"],
+                status=status, message=message, recovered=True,
+            ))
 
 
 # -- process entry point ------------------------------------------------------------------------------

@@ -40,7 +40,16 @@ and only then raises ``n_written``, so a reader following the file (``h5py.File(
 swmr=True)``, ``dset.refresh()``) never counts an unwritten row.
 
 A killed or timed-out acquisition closes the file with status ``interrupted`` (``end_reason`` says
-why). A crashed writer leaves a valid file holding every flushed image and status ``writing``: it
+why).
+
+A full disk never leaves a file that cannot be opened: next to the file a reserve
+(``.<name>.reserve``, :data:`RESERVE_BYTES`, allocated before the file is built) is kept while it is
+written. When a write or flush fails with ENOSPC the reserve is released, so the library can still
+write the metadata it holds; the file is closed with status ``failed: no space left on device`` and
+holds every row flushed before the error. A disk too full for the reserve refuses the file at
+creation, and nothing half made (no ``.creating`` file) is left behind.
+
+A crashed writer leaves a valid file holding every flushed image and status ``writing``: it
 opens with ``swmr=True`` (or :func:`open_image_file`), and :func:`recover_file` (run by the next h5
 writer start) trims it to ``n_written``, sets status ``interrupted`` and makes it open like any
 other file.
@@ -51,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime as dt
+import errno
 import json
 import os
 import stat
@@ -90,6 +100,56 @@ COMPRESSIONS = ("none", "bitshuffle-lz4")
 #: the ``creator`` file attribute of every file this DAQ writes (what ``overwrite`` recognises)
 CREATOR = "std-daq-bluesky daq_backend.writer"
 _META_CHUNK = 4096
+#: bytes kept free next to a file being written, released when the disk fills up (room for the
+#: metadata the HDF5 library still has to write when it closes the file)
+RESERVE_BYTES = 1 << 20
+#: the file status of a file ended by a full disk
+FILE_NO_SPACE = "failed: no space left on device"
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """True if ``exc`` is (or, as h5py words it, reports) ENOSPC."""
+    return isinstance(exc, OSError) and (
+        exc.errno == errno.ENOSPC or "No space left on device" in str(exc) or "errno = 28" in str(exc)
+    )
+
+
+def reserve_path(path: str | Path) -> Path:
+    """The space reserve of the file ``path`` (see the module docstring): ``.<name>.reserve``, the
+    name shortened to stay within 255 bytes."""
+    path = Path(path)
+    suffix = ".reserve"
+    short = path.name.encode()[:MAX_NAME_BYTES - 1 - len(suffix)].decode("utf-8", "ignore")
+    return path.with_name(f".{short}{suffix}")
+
+
+def _make_reserve(path: Path, dir_fd: int | None = None) -> Path:
+    """Allocate the space reserve of ``path`` (in the folder of ``dir_fd``, never through a symlink)."""
+    reserve = reserve_path(path)
+    try:
+        fd = os.open(reserve.name if dir_fd is not None else reserve,
+                     os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
+    except OSError as exc:
+        raise FileCreateError(f"cannot create {path}: {exc.strerror or exc}") from None
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+    except OSError as exc:
+        reserve.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise FileCreateError(f"cannot create {path}: no space left on device "
+                                  f"({free_bytes(path.parent) >> 10} KiB free)") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise FileCreateError(f"cannot create {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    return reserve
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system of ``folder``."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
 
 
 class FileCreateError(OSError):
@@ -180,19 +240,30 @@ class ImageFile:
         if problem:
             raise FileCreateError(f"cannot create {path}: {problem}")
         building = _building_name(path.name)
+        reserve = _make_reserve(path, dir_fd)
         try:
             h5 = h5py.File(fd_path(dir_fd, building), "w-", libver="latest")
         except (OSError, ValueError) as exc:
-            raise FileCreateError(f"cannot create {path}: {exc}") from None
+            with contextlib.suppress(FileNotFoundError):  # the library may have made it before failing
+                os.unlink(building, dir_fd=dir_fd)
+            reserve.unlink(missing_ok=True)
+            why = "no space left on device" if is_no_space(exc) else str(exc)
+            raise FileCreateError(f"cannot create {path}: {why}") from None
         try:
             cls._build(h5, config, path.name, n_images, metadata, compression, request_id)
             h5.swmr_mode = True
             _publish_at(building, path, dir_fd, overwrite)
             return cls(h5, path, config, compression)
-        except BaseException:
-            h5.close()
+        except BaseException as exc:
+            try:
+                h5.close()
+            except Exception:  # a full disk fails the close too; the file goes anyway
+                pass
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(building, dir_fd=dir_fd)
+            reserve.unlink(missing_ok=True)
+            if is_no_space(exc):
+                raise FileCreateError(f"cannot create {path}: no space left on device") from None
             raise
 
     @staticmethod
@@ -271,7 +342,11 @@ class ImageFile:
         self._data.id.set_extent((index + 1, *self._frame_shape))  # Dataset.resize, without its checks
         if chunk is None:
             chunk, status = self._zero_chunk, STATUS_LOST
-        self._data.id.write_direct_chunk((index, 0, 0), chunk)
+        try:
+            self._data.id.write_direct_chunk((index, 0, 0), chunk)
+        except BaseException:
+            self._data.id.set_extent((index, *self._frame_shape))  # the row was not written
+            raise
         self._pending_ids.append(image_id)
         self._pending_status.append(status)
         self._pending_missing.append(n_missing_packets)
@@ -293,12 +368,14 @@ class ImageFile:
         # h5py's low-level calls: at 100 Hz there is a flush per image, and the high-level
         # resize/__setitem__ (selection objects, shape checks) cost as much as the writes themselves
         memory = h5py.h5s.create_simple((b - a,))
-        for dset, values in ((self._ids, self._pending_ids), (self._status, self._pending_status),
-                             (self._missing, self._pending_missing)):
+        pending = ((self._ids, self._pending_ids), (self._status, self._pending_status),
+                   (self._missing, self._pending_missing))
+        for dset, values in pending:  # kept until all is written: a failed flush can be repeated
             dset.id.set_extent((b,))
             space = dset.id.get_space()
             space.select_hyperslab((a,), (b - a,))
             dset.id.write(memory, space, np.asarray(values, dtype=dset.dtype))
+        for _, values in pending:
             values.clear()
         self.h5.flush()
         self._counter.id.write(h5py.h5s.create(h5py.h5s.SCALAR), h5py.h5s.create(h5py.h5s.SCALAR),
@@ -306,19 +383,33 @@ class ImageFile:
         self._counter.flush()
         self._n_flushed = b
 
+    def release_reserve(self) -> None:
+        """Free the space reserve (the disk is full: the library needs room to close the file)."""
+        reserve_path(self.path).unlink(missing_ok=True)
+
     def close(self, status: str, reason: str = "") -> None:
-        """Flush, record the final status and close. Safe to call twice."""
+        """Flush, record the final status and close. Safe to call twice. On a full disk the reserve
+        is released and the flush repeated once, so the rows appended so far are kept."""
         if self.closed:
             return
         self.closed = True
         try:
-            self.flush()
+            try:
+                self.flush()
+            except OSError as exc:
+                if not is_no_space(exc):
+                    raise
+                self.release_reserve()
+                self.flush()
             self.h5.attrs["status"] = status
             self.h5.attrs["n_written"] = np.uint64(self._n_flushed)
             self.h5.attrs["end_time"] = _now()
             self.h5.attrs["end_reason"] = reason
         finally:
-            self.h5.close()
+            try:
+                self.h5.close()
+            finally:
+                self.release_reserve()
 
     def __enter__(self) -> ImageFile:
         return self
@@ -460,11 +551,33 @@ def _clear_status_flags(path: Path) -> None:
     fid.close()
 
 
-def recover_file(path: str | Path, reason: str = "the writer stopped before closing the file") -> int:
-    """Finish a file whose writer died: clear its open-for-write flags, trim every dataset to the
-    flushed ``n_written`` rows, set status ``interrupted``. Returns ``n_written``. A file that was
-    closed properly is left as it is."""
+def openable(path: str | Path) -> bool:
+    """True if a plain reader can open the file (it was closed properly)."""
+    try:
+        h5py.File(path, "r").close()
+    except OSError:
+        return False
+    return True
+
+
+def file_accounting(h5: h5py.File) -> dict[str, int]:
+    """The complete rows of a file and their statuses: ``n_written``, ``n_good``, ``n_incomplete``
+    (missing packets, module id mismatch) and ``n_lost`` (zero rows)."""
+    n = written_rows(h5)
+    status = h5[STATUS][:n]
+    n_good = int(np.count_nonzero(status == 0))
+    n_lost = int(np.count_nonzero(status == STATUS_LOST))
+    return {"n_written": n, "n_good": n_good, "n_lost": n_lost, "n_incomplete": n - n_good - n_lost}
+
+
+def recover_file(path: str | Path, reason: str = "the writer stopped before closing the file",
+                 status: str = FILE_INTERRUPTED) -> int:
+    """Finish a file whose writer died (or could not close it): clear its open-for-write flags, trim
+    every dataset to the flushed ``n_written`` rows, set ``status`` (default ``interrupted``) and
+    ``end_reason``, remove the space reserve. Returns ``n_written``. A file that was closed properly
+    is left as it is."""
     path = Path(path)
+    reserve_path(path).unlink(missing_ok=True)
     try:
         h5py.File(path, "r").close()
         crashed = False
@@ -481,7 +594,7 @@ def recover_file(path: str | Path, reason: str = "the writer stopped before clos
         for name in (DATA, IMAGE_ID, STATUS, N_MISSING_PACKETS):
             if h5[name].shape[0] > n:
                 h5[name].resize(n, axis=0)
-        h5.attrs["status"] = FILE_INTERRUPTED
+        h5.attrs["status"] = status
         h5.attrs["n_written"] = np.uint64(n)
         h5.attrs["end_time"] = _now()
         h5.attrs["end_reason"] = reason

@@ -1,0 +1,463 @@
+"""Processes of the write path die, and the disk fills up, during a write: through the processes
+``std-daq up`` runs (receivers, assembler, h5 writer, writer agent, REST) on RabbitMQ, with real UDP
+from the built-in simulator on loopback.
+
+* ``kill -9`` of the assembler: the image ring is re-created by the restarted assembler and the
+  writer follows it; the file holds the images of the old ring, then those of the new one (pixel
+  for pixel), and only the outage is missing (a jump of the image ids), no row is lost;
+* ``kill -9`` of the h5 writer and of the writer agent: the request reaches its final state in REST,
+  the broker status and ``/writer/status`` within ``FAULT_BOUND``, REST's ``n_written`` equals the
+  recovered file's complete rows, its ``end_reason`` names the process that died, a ``write_sync``
+  caller gets the final answer, and the next write works;
+* a full disk (a small tmpfs mounted by the test): the file opens, holds every image flushed before
+  the error and says ``failed: no space left on device`` like REST and the broker; nothing half made
+  is left, also when the disk is full before the file is created; the request carries a warning
+  from its start.
+
+Every test checks the accounting (``ImageAccounting.balanced``) of file and REST.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import requests
+
+from daq_backend import ipc
+from daq_backend.broker import StatusAggregator, make_transport
+from daq_backend.broker.protocol import Action
+from daq_backend.config import DetectorConfig
+from daq_backend.messages import FAULT_BOUND, EndReason, ImageAccounting
+from daq_backend.simulator.pattern import expected_image
+from daq_backend.simulator.sender import DetectorSimulator
+from daq_backend.supervisor import read_status
+from daq_backend.writer import layout
+from tests.ophyd_fixtures import RABBITMQ_URL
+from tests.readout_fixtures import (
+    assert_no_leftovers,
+    free_tcp_port,
+    ipc_env,
+    make_config,
+    pid_alive,
+    wait_for,
+)
+from tests.test_rest_server import healthy
+
+__all__ = ["ipc_env"]
+
+CLI = (sys.executable, "-m", "daq_backend.cli")
+SERVICES = {"receiver-0", "assembler", "h5-writer", "writer-agent", "rest"}
+FINAL = ("completed", "interrupted", "failed")
+N_IMAGES = 500  # the measured scenarios: kill -9 at about 200 of 500
+KILL_AT = 200
+RATE = 100.0
+
+
+@dataclass
+class Daq:
+    config: DetectorConfig
+    url: str
+    output: Path
+
+    def services(self) -> dict[str, dict[str, Any]]:
+        status = read_status(ipc.status_file(self.config.detector_name))
+        return {s["name"]: s for s in status["services"]}
+
+    def rest(self, request_id: str) -> dict[str, Any]:
+        return requests.get(f"{self.url}/requests/{request_id}", timeout=30).json()
+
+    def writer_state(self) -> str:
+        return requests.get(f"{self.url}/writer/status", timeout=30).json()["writer"]["state"]
+
+
+def start_daq(ipc_dir: str, folder: Path, output: Path) -> tuple[subprocess.Popen[bytes], Daq]:
+    config = make_config("jungfrau", frame_ring_slots=64, image_ring_slots=256, module_sync_timeout=2.0)
+    path = folder / "detector.json"
+    path.write_text(json.dumps(config.to_json_dict()))
+    port = free_tcp_port()
+    env = dict(os.environ, STD_DAQ_IPC_DIR=ipc_dir)
+    proc = subprocess.Popen([*CLI, "up", str(path), "--rest-port", str(port), "--status-interval", "0.2",
+                             "--broker-url", RABBITMQ_URL, "--output-root", str(output),
+                             "--log-level", "WARNING"], env=env)
+    daq = Daq(config, f"http://127.0.0.1:{port}", output)
+    return proc, daq
+
+
+@contextlib.contextmanager
+def running_daq(ipc_dir: str, folder: Path, output: Path) -> Iterator[Daq]:
+    """``std-daq up`` of a 1-module Jungfrau on RabbitMQ, every service alive, REST healthy."""
+    proc, daq = start_daq(ipc_dir, folder, output)
+    pids: list[int] = []
+    try:
+        def up() -> list[int] | None:
+            if not os.path.exists(ipc.status_file(daq.config.detector_name)):
+                return None
+            services = daq.services()
+            if set(services) == SERVICES and all(s["alive"] for s in services.values()):
+                return [s["pid"] for s in services.values()]
+            return None
+
+        pids = wait_for(up, 180, "every service of std-daq up alive")
+        wait_for(lambda: healthy(daq.url), 120, "REST API healthy")
+        yield daq
+        pids = [s["pid"] for s in daq.services().values()]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+    assert pids and not any(pid_alive(p) for p in pids)
+    assert_no_leftovers(daq.config, ipc_dir)
+
+
+@pytest.fixture
+def daq(ipc_env: str, tmp_path: Path) -> Iterator[Daq]:
+    output = tmp_path / "data"
+    output.mkdir()
+    with running_daq(ipc_env, tmp_path, output) as d:
+        yield d
+
+
+class Detector:
+    """The simulator sending image ids 1, 2, ... at ``rate`` until stopped."""
+
+    def __init__(self, config: DetectorConfig, rate: float = RATE) -> None:
+        self.sim = DetectorSimulator(config)
+        self.period = 1.0 / rate
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            self.sent += 1
+            self.sim.send_image(self.sent)
+            self._stop.wait(max(0.0, t0 + self.sent * self.period - time.monotonic()))
+
+    def __enter__(self) -> Detector:
+        self._thread.start()
+        wait_for(lambda: self.sent >= 5, 60, "the detector streaming")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.sim.close()
+
+
+class Broker:
+    """The broker's view: every status of the detector's requests (``StatusAggregator``)."""
+
+    def __init__(self, tag: str) -> None:
+        self.transport = make_transport(RABBITMQ_URL)
+        self.aggregator = StatusAggregator(self.transport, tag)
+        #: request ids in the order their first status came
+        self.seen: list[str] = []
+        self.aggregator.add_listener(
+            lambda status: None if status.request_id in self.seen else self.seen.append(status.request_id))
+
+    def __enter__(self) -> Broker:
+        self.aggregator.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.aggregator.stop()
+        self.transport.close()
+
+    def final(self, request_id: str, timeout: float) -> tuple[Action, Any]:
+        done = self.aggregator.wait_for_complete(request_id, timeout=timeout)
+        (action, message), = [reports[-1] for reports in done["services"].values()]
+        return action, message
+
+
+def rows(path: Path) -> int:
+    try:
+        with h5py.File(path, "r", swmr=True) as h5:
+            return layout.written_rows(h5)
+    except (OSError, KeyError):
+        return 0
+
+
+def submit(daq: Daq, name: str, n_images: int, **extra: Any) -> tuple[str, Path]:
+    output = daq.output / name
+    body = {"output_file": str(output), "n_images": n_images, "timeout": 60, **extra}
+    answer = requests.post(f"{daq.url}/write_async", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["request_id"], output
+
+
+def kill_service(daq: Daq, name: str) -> float:
+    """SIGKILL the service ``name``; returns the time of the kill (monotonic)."""
+    os.kill(daq.services()[name]["pid"], signal.SIGKILL)
+    return time.monotonic()
+
+
+def final_everywhere(daq: Daq, broker: Broker, request_id: str, since: float,
+                     bound: float = FAULT_BOUND) -> tuple[dict[str, Any], tuple[Action, Any], float]:
+    """REST, broker status and ``/writer/status`` all final within ``bound`` s of ``since``; returns the
+    REST status, the broker's last (action, message) and the seconds until REST was final."""
+    rest = wait_for(lambda: (s := daq.rest(request_id))["state"] in FINAL and s,
+                    max(1.0, since + bound - time.monotonic()), f"REST final within {bound:g} s")
+    took = time.monotonic() - since
+    assert took <= bound, f"REST final after {took:.1f} s"
+    action, message = broker.final(request_id, timeout=max(1.0, since + bound - time.monotonic()))
+    wait_for(lambda: daq.writer_state() == "READY", max(1.0, since + bound - time.monotonic()),
+             "/writer/status READY")
+    assert time.monotonic() - since <= bound
+    return rest, (action, message), took
+
+
+def file_state(path: Path) -> tuple[dict[str, Any], dict[str, int], np.ndarray]:
+    """A plain reader opens the file (it was closed or recovered): attributes, counts, ids."""
+    with h5py.File(path, "r") as h5:
+        attrs = dict(h5.attrs)
+        counts = layout.file_accounting(h5)
+        n = counts["n_written"]
+        assert h5[layout.DATA].shape[0] == n and int(attrs["n_written"]) == n
+        ids = h5[layout.IMAGE_ID][:n].astype(np.int64)
+    return attrs, counts, ids
+
+
+def assert_pixels(config: DetectorConfig, path: Path, rows_to_check: list[int]) -> None:
+    with h5py.File(path, "r") as h5:
+        for row in rows_to_check:
+            image_id = int(h5[layout.IMAGE_ID][row])
+            np.testing.assert_array_equal(h5[layout.DATA][row], expected_image(config, image_id))
+
+
+def assert_balanced(rest: dict[str, Any], counts: dict[str, int], n_requested: int) -> None:
+    """File and REST agree on the rows, and every requested image is accounted for."""
+    assert rest["n_written"] == counts["n_written"]
+    assert rest["n_missing_images"] == counts["n_lost"]
+    assert rest["n_incomplete_images"] == counts["n_incomplete"]
+    accounting = ImageAccounting(n_requested=n_requested, n_written=counts["n_written"],
+                                 n_good=counts["n_good"], n_incomplete=counts["n_incomplete"],
+                                 n_lost=counts["n_lost"], n_not_written=n_requested - counts["n_written"])
+    assert accounting.balanced()
+
+
+def next_write_works(daq: Daq, name: str = "after.h5", n_images: int = 20) -> None:
+    """A ``write_sync`` after the fault: answered, completed, the file complete."""
+    output = daq.output / name
+    answer = requests.post(f"{daq.url}/write_sync", json={"output_file": str(output), "n_images": n_images,
+                                                          "timeout": 60}, timeout=300)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["response"]["state"] == "completed", answer.text
+    attrs, counts, ids = file_state(output)
+    assert attrs["status"] == "completed" and counts["n_good"] == n_images and np.all(np.diff(ids) == 1)
+
+
+def report(scenario: str, **numbers: Any) -> None:
+    print(f"\n[{scenario}] " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
+
+
+# -- a process dies ---------------------------------------------------------------------------------
+
+
+def test_kill_9_of_the_assembler_mid_write_the_writer_follows_the_new_ring(daq: Daq) -> None:
+    with Detector(daq.config), Broker(daq.config.detector_name) as broker:
+        request_id, path = submit(daq, "assembler.h5", N_IMAGES)
+        wait_for(lambda: rows(path) >= KILL_AT, 180, f"{KILL_AT} images written")
+        old = daq.services()["assembler"]["pid"]
+        killed = kill_service(daq, "assembler")
+        wait_for(lambda: (s := daq.services()["assembler"])["alive"] and s["pid"] != old, 60,
+                 "the assembler restarted")
+        rest, (action, message), _ = final_everywhere(daq, broker, request_id, time.monotonic(), 180)
+        took = time.monotonic() - killed
+    attrs, counts, ids = file_state(path)
+    assert rest["state"] == "completed" and action is Action.SUCCESS, (rest, message)
+    assert attrs["status"] == "completed" and counts["n_written"] == N_IMAGES
+    steps = np.diff(ids)
+    assert np.all(steps >= 1)  # increasing
+    with h5py.File(path, "r") as h5:
+        status = h5[layout.STATUS][:]
+        missing = h5[layout.N_MISSING_PACKETS][:]
+    # The outage, and only the outage, is missing or flagged: ids that never became images (one jump
+    # of the ids), and the frames the receivers stored while no assembler ran, which the restarted
+    # assembler gets announced all at once but whose slots were overwritten meanwhile: rows flagged
+    # missing packets, or lost when that burst laps the new image ring before the writer reads it.
+    # Both are zero pixels and counted. Before and after the outage every row is good, pixel for pixel.
+    flagged = np.flatnonzero(status != 0)
+    jumps = np.flatnonzero(steps > 1)
+    assert len(jumps) <= 1, f"ids jump at rows {jumps}: only the outage is missing"
+    outage = sorted({*flagged.tolist(), *(jumps + 1).tolist()})
+    first, last = (outage[0], outage[-1]) if outage else (KILL_AT, KILL_AT - 1)
+    assert outage == list(range(first, last + 1)), f"the outage is one stretch of rows, not {outage}"
+    assert first >= KILL_AT  # nothing written before the kill is touched
+    incomplete = flagged[status[flagged] == 1]
+    assert np.all(np.isin(status[flagged], (1, layout.STATUS_LOST))) and np.all(missing[incomplete] > 0)
+    good_after = int(np.count_nonzero(status[last + 1:] == 0))
+    assert good_after > 0 and good_after == N_IMAGES - last - 1  # the restarted assembler's images
+    with h5py.File(path, "r") as h5:
+        for row in flagged[:: max(1, len(flagged) // 5)]:
+            assert not np.any(h5[layout.DATA][row])  # zero-filled, never stale
+    assert_pixels(daq.config, path, [0, first - 1, *range(last + 1, N_IMAGES, 25), N_IMAGES - 1])
+    assert message["n_written"] == N_IMAGES and message["n_missing_images"] == counts["n_lost"]
+    assert message["n_incomplete_images"] == counts["n_incomplete"] == len(incomplete)
+    assert_balanced(rest, counts, N_IMAGES)
+    report("kill -9 assembler", rows_written=counts["n_written"], rows_lost_in_outage=counts["n_lost"],
+           rows_flagged_in_outage=len(incomplete),
+           ids_skipped_by_outage=int(steps[jumps[0]]) - 1 if len(jumps) else 0,
+           good_rows_from_restarted_assembler=good_after, final=rest["state"],
+           seconds_from_kill_to_final=round(took, 1))
+
+
+class SyncCaller:
+    """A client waiting on ``write_sync`` (in a thread) while a process dies."""
+
+    def __init__(self, daq: Daq, path: Path, n_images: int) -> None:
+        self.answer: dict[str, Any] = {}
+        body = {"output_file": str(path), "n_images": n_images, "timeout": 60}
+
+        def call() -> None:
+            answer = requests.post(f"{daq.url}/write_sync", json=body, timeout=300)
+            self.answer.update(code=answer.status_code, body=answer.json(), at=time.monotonic())
+
+        self.thread = threading.Thread(target=call, daemon=True)
+        self.thread.start()
+
+    def wait(self, since: float) -> dict[str, Any]:
+        """The answer, which came within ``FAULT_BOUND`` of ``since``: HTTP 200 and a final state."""
+        self.thread.join(max(1.0, since + FAULT_BOUND - time.monotonic()))
+        assert not self.thread.is_alive() and self.answer["at"] - since <= FAULT_BOUND, self.answer
+        assert self.answer["code"] == 200, self.answer
+        return self.answer
+
+
+def test_kill_9_of_the_h5_writer_mid_write_ends_the_request_within_the_bound(daq: Daq) -> None:
+    with Detector(daq.config), Broker(daq.config.detector_name) as broker:
+        path = daq.output / "writer.h5"
+        caller = SyncCaller(daq, path, N_IMAGES)
+        wait_for(lambda: rows(path) >= KILL_AT, 180, f"{KILL_AT} images written")
+        request_id = wait_for(lambda: broker.seen and broker.seen[0], 30, "the request's status")
+        killed = kill_service(daq, "h5-writer")
+        rest, (action, message), took = final_everywhere(daq, broker, request_id, killed)
+        sync = caller.wait(killed)
+        next_write_works(daq)
+    assert sync["body"]["response"]["state"] == "failed", sync
+    assert rest["state"] == "failed" and rest["message"].startswith(EndReason.WRITER_DIED.value), rest
+    assert action is Action.FAIL and message.startswith(EndReason.WRITER_DIED.value)
+    attrs, counts, ids = file_state(path)  # recovered by the restarted writer
+    assert attrs["status"] == layout.FILE_INTERRUPTED
+    assert attrs["end_reason"].startswith(EndReason.WRITER_DIED.value)
+    assert counts["n_written"] >= KILL_AT and np.all(np.diff(ids) == 1)
+    assert "recovered as interrupted" in rest["message"]
+    assert_pixels(daq.config, path, [0, counts["n_written"] - 1])
+    assert_balanced(rest, counts, N_IMAGES)
+    report("kill -9 h5 writer", rows_in_file=counts["n_written"], rest_n_written=rest["n_written"],
+           not_written=N_IMAGES - counts["n_written"], final=rest["state"],
+           seconds_from_kill_to_final=round(took, 1), write_sync_answer=sync["code"],
+           write_sync_seconds=round(sync["at"] - killed, 1))
+
+
+def test_kill_9_of_the_writer_agent_mid_write_ends_the_request_within_the_bound(daq: Daq) -> None:
+    with Detector(daq.config), Broker(daq.config.detector_name) as broker:
+        path = daq.output / "agent.h5"
+        caller = SyncCaller(daq, path, N_IMAGES)
+        wait_for(lambda: rows(path) >= KILL_AT, 180, f"{KILL_AT} images written")
+        request_id = wait_for(lambda: broker.seen and broker.seen[0], 30, "the request's status")
+        killed = kill_service(daq, "writer-agent")
+        rest, (action, message), took = final_everywhere(daq, broker, request_id, killed)
+        sync = caller.wait(killed)
+        next_write_works(daq)
+    assert sync["body"]["response"]["state"] == "failed", sync
+    assert rest["state"] == "failed" and rest["message"].startswith(EndReason.AGENT_DIED.value), rest
+    assert action is Action.FAIL and message.startswith(EndReason.AGENT_DIED.value)
+    attrs, counts, ids = file_state(path)  # closed by the h5 writer on the new agent's STOP
+    assert attrs["status"] == layout.FILE_INTERRUPTED
+    assert attrs["end_reason"].startswith(EndReason.AGENT_DIED.value)
+    assert counts["n_written"] >= KILL_AT and np.all(np.diff(ids) == 1)
+    assert_pixels(daq.config, path, [0, counts["n_written"] - 1])
+    assert_balanced(rest, counts, N_IMAGES)
+    report("kill -9 writer agent", rows_in_file=counts["n_written"], rest_n_written=rest["n_written"],
+           not_written=N_IMAGES - counts["n_written"], final=rest["state"],
+           seconds_from_kill_to_final=round(took, 1), write_sync_answer=sync["code"],
+           write_sync_seconds=round(sync["at"] - killed, 1))
+
+
+# -- the disk fills up ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_tmpfs(size: str = "20m") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted for the test (needs root), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail("the disk-full tests mount a tmpfs: run them as root (CI does)")
+    folder = Path(tempfile.mkdtemp(prefix="sdq-full-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+        folder.rmdir()
+
+
+@pytest.fixture
+def full_daq(ipc_env: str, tmp_path: Path) -> Iterator[Daq]:
+    with small_tmpfs() as disk, running_daq(ipc_env, tmp_path, disk) as d:
+        yield d
+
+
+def leftovers(folder: Path, *keep: str) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+def test_disk_full_mid_write_keeps_every_flushed_image_in_an_openable_file(full_daq: Daq) -> None:
+    daq = full_daq
+    n_images = 100  # 100 MiB into 20 MiB
+    with Detector(daq.config), Broker(daq.config.detector_name) as broker:
+        request_id, path = submit(daq, "full.h5", n_images)
+        warned = wait_for(lambda: daq.rest(request_id).get("warning"), 60, "the free-space warning")
+        assert "MiB free" in warned and "no space left on device" in warned
+        action, message = broker.final(request_id, timeout=180)
+        rest, _, _ = final_everywhere(daq, broker, request_id, time.monotonic())
+    attrs, counts, ids = file_state(path)
+    assert attrs["status"] == layout.FILE_NO_SPACE == "failed: no space left on device"
+    assert attrs["end_reason"].startswith(EndReason.NO_SPACE.value)
+    assert 0 < counts["n_written"] < n_images and counts["n_good"] == counts["n_written"]
+    assert np.all(np.diff(ids) == 1)
+    assert_pixels(daq.config, path, list(range(counts["n_written"])))
+    assert rest["state"] == "failed" and "no space left on device" in rest["message"], rest
+    assert action is Action.FAIL and "no space left on device" in message
+    assert_balanced(rest, counts, n_images)
+    assert leftovers(daq.output) == ["full.h5"]  # no .creating, no reserve
+    report("disk full mid-write", tmpfs="20 MiB", image_mib=daq.config.image_nbytes / 2**20,
+           rows_kept=counts["n_written"], of=n_images, final=rest["state"], file_status=attrs["status"])
+
+
+def test_disk_full_at_creation_leaves_nothing_half_made(full_daq: Daq) -> None:
+    daq = full_daq
+    filler = daq.output / "filler"
+    with open(filler, "wb") as f:  # fill the disk
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+    with Detector(daq.config), Broker(daq.config.detector_name) as broker:
+        path = daq.output / "nothing.h5"
+        answer = requests.post(f"{daq.url}/write_sync", json={"output_file": str(path), "n_images": 10,
+                                                              "timeout": 60}, timeout=300)
+        assert answer.status_code == 200, answer.text
+        response = answer.json()["response"]
+        assert response["state"] == "failed" and "no space left on device" in response["message"], response
+        action, message = broker.final(answer.json()["request_id"], timeout=60)
+        assert action is Action.FAIL and "no space left on device" in message
+        assert leftovers(daq.output) == ["filler"]  # no 0-byte .creating, no reserve, no file
+        filler.unlink()
+        next_write_works(daq, n_images=5)  # the disk has room again
+    report("disk full at creation", answer=response["message"][:120])
+
