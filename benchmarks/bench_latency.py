@@ -104,12 +104,13 @@ def _sender_child(config_json: str, conn: Connection) -> None:
         stamps: list[float] = []
 
         class StampedSimulator(DetectorSimulator):
-            def send_image(self, image_id: int) -> None:
-                super().send_image(image_id)  # returns when sendmmsg took the last packet
-                stamps.append(time.monotonic())
+            def send_images(self, first_id: int, count: int) -> None:
+                super().send_images(first_id, count)  # returns when sendmmsg took the last packet
+                stamps.extend([time.monotonic()] * count)
 
         config = DetectorConfig.model_validate_json(config_json)
-        with StampedSimulator(config, rate_hz=0.0, n_images=0) as sim:
+        # one image per sendmmsg: every image gets its own send time
+        with StampedSimulator(config, rate_hz=0.0, n_images=0, max_batch=1) as sim:
             conn.send({"ready": True})
             while True:
                 command = conn.recv()

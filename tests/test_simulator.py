@@ -228,6 +228,48 @@ def test_simulator_sends_exact_datagrams_to_module_ports(name: str, use_sendmmsg
     )
 
 
+@pytest.mark.parametrize("name", ["jungfrau_1m", "eiger_500k_32", "gigafrost_128x480"])
+def test_frame_addresses_point_at_frame_bytes(name: str) -> None:
+    config = load_config(CONFIGS / f"{name}.json")
+    source = pattern_source(config)
+    ids = np.array([0, 1, 2, 7, 12345, 2**31 + 3])
+    for m in config.required_modules:
+        expected = [source.frame_bytes(m, int(i)).__array_interface__["data"][0] for i in ids]
+        assert source.frame_addresses(m, ids).tolist() == expected
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, None])
+def test_batches_send_the_same_datagrams_around_a_faulty_image(max_batch: int | None) -> None:
+    """Images batched into one sendmmsg, split around an image with a fault, with pulse ids."""
+    data = jf(2).to_json_dict()
+    data["image_id_source"] = "pulse_id"
+    base = parse_config(data)
+    with Collector(2) as collector:
+        config = with_port(base, collector.base)
+        with DetectorSimulator(config, n_images=7, start_id=20, drop_frames={(23, 1)},
+                               max_batch=max_batch) as sim:
+            assert sim.max_batch == (max_batch or 4)  # 1024 datagrams // 256 per image
+            sim.run()
+        n_expected = 7 * 2 * 128 - 128
+        assert (sim.n_sent_images, sim.n_sent_packets, sim.last_sent_id) == (7, n_expected, 26)
+        received = collector.wait_for(n_expected)
+    expected = Counter(
+        (m, d) for image_id in range(20, 27) for m in config.required_modules
+        if (image_id, m) != (23, 1) for d in module_datagrams(config, m, image_id)
+    )
+    assert Counter(received) == expected
+
+
+def test_high_rates_send_the_images_due_together_and_never_run_ahead() -> None:
+    with Collector(8) as collector:
+        config = with_port(load_config(CONFIGS / "gigafrost_128x480.json"), collector.base)
+        with DetectorSimulator(config, rate_hz=20000, n_images=400, start_id=1) as sim:
+            sim.run()
+            assert sim.n_sent_images == 400
+            assert sim.elapsed >= 399 / 20000  # deadlines only move later, never earlier
+        collector.wait_for(400 * 16)
+
+
 def test_drop_duplicate_and_reorder() -> None:
     with Collector(2) as collector:
         config = with_port(jf(2), collector.base)
@@ -325,6 +367,8 @@ def test_thread_mode_start_stop() -> None:
 def test_simulator_validates_arguments() -> None:
     with pytest.raises(ValueError, match="rate_hz"):
         DetectorSimulator(jf(), rate_hz=-1)
+    with pytest.raises(ValueError, match="max_batch"):
+        DetectorSimulator(jf(), max_batch=0)
     with pytest.raises(ValueError, match="drop_packets"):
         DetectorSimulator(jf(), drop_packets=[(1, 2)])
     gf = load_config(CONFIGS / "gigafrost_128x480.json")
