@@ -19,8 +19,12 @@ the rate is stepped up until frames are lost, and the highest lossless rate is r
 For every run: the sender's achieved rate, frames caught / written / lost (counted from the output
 files), wall rate, CPU seconds per frame and RSS of every process (the virtual server included), the
 kernel's socket drops and buffer size, and the CPU other programs used meanwhile (noise). Each point is
-repeated ``--repeats`` times (variant order rotated) and reported as median (min–max). Output:
-``benchmarks/out/<timestamp>.{md,json,png}``; ``--record`` also updates ``benchmarks/RESULTS.md``.
+repeated ``--repeats`` times (variant order rotated) and reported as median (min–max). Before each
+multi-module detector's steps the simulator's own ceiling is measured (free-running, nothing
+receiving, 1 s) and reported beside its steps. Output: ``benchmarks/out/<timestamp>.{md,json,png}``;
+``--record`` also writes ``benchmarks/records/bench_pipeline.json`` and the plot
+``benchmarks/bench_pipeline.png``, then regenerates ``RESULTS.md`` and the README table
+(``report.py``).
 
     python benchmarks/bench_pipeline.py --repeats 2        # the recorded run (about 18 min on 2 cores)
     python benchmarks/bench_pipeline.py --quick            # a few hundred frames per point
@@ -61,13 +65,13 @@ from _drain import UdpDrain  # noqa: E402
 from _net import free_udp_base, udp_socket_stats  # noqa: E402
 from _ours import OurPipeline, read_h5_counts  # noqa: E402
 from _procmon import ProcessMonitor  # noqa: E402
+from _records import Record, write_record  # noqa: E402
 from _report import (  # noqa: E402
     SCHEMA,
     VARIANTS,
     RunResult,
     machine_facts,
     parse_sender_report,
-    update_results_file,
     write_outputs,
 )
 from _rmem import (  # noqa: E402
@@ -89,6 +93,7 @@ from _sls import (  # noqa: E402
     sls_frames_on_disk,
 )
 from _vmmem import backed_memory  # noqa: E402
+from bench_sender import measure as measure_sender  # noqa: E402
 
 from daq_backend.broker import EmbeddedBrokerHub  # noqa: E402
 from daq_backend.config import DetectorConfig, load_config, parse_config  # noqa: E402
@@ -99,7 +104,6 @@ log = logging.getLogger("bench_pipeline")
 
 REPO = BENCH_DIR.parent
 OUT_DIR = BENCH_DIR / "out"
-RESULTS_FILE = BENCH_DIR / "RESULTS.md"
 RECORDED_PLOT = BENCH_DIR / "bench_pipeline.png"
 #: The built-in simulator with its own clock readings (``std-daq simulate`` prints only a summary):
 #: argv = config, rate, images; prints one JSON line when done.
@@ -141,6 +145,7 @@ class Plan:
     multi_max_steps: int
     work_root: Path
     vm_memory: str = "backed"
+    sender_probe_s: float = 1.0
     touch_gib: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -479,6 +484,14 @@ class PipelineBenchmark:
                 "steps": [], "best": None, "stopped_because": "all steps lossless",
             }
             self.multi.append(entry)
+            try:
+                ceiling = measure_sender(base, "unread", None, plan.sender_probe_s)
+                entry["sender_ceiling_hz"] = ceiling["images_per_s"]
+                entry["sender_ceiling"] = ceiling
+                log.info("   simulator ceiling for %s: %.0f images/s", name, ceiling["images_per_s"])
+            except Exception as exc:  # noqa: BLE001 - the steps are still worth running
+                log.exception("measuring the simulator ceiling failed")
+                entry["sender_ceiling_error"] = f"{type(exc).__name__}: {exc}"
             for rate in rates[: plan.multi_max_steps]:
                 frames = int(max(plan.multi_min_frames,
                                  min(rate * plan.multi_step_s, plan.multi_max_bytes // base.image_nbytes)))
@@ -669,9 +682,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm"), help="where output files go")
     p.add_argument("--out", type=Path, default=None,
                    help="output base path (default benchmarks/out/<timestamp>); .md/.json/.png are added")
+    p.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
     p.add_argument("--record", action="store_true",
-                   help="also put the report into benchmarks/RESULTS.md and the plot into "
-                        "benchmarks/bench_pipeline.png")
+                   help="also write benchmarks/records/bench_pipeline.json and the plot "
+                        "benchmarks/bench_pipeline.png, then regenerate RESULTS.md and the README table")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -700,6 +714,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"bench_pipeline.py: --rcvbuf must be 1..{MAX_SOCKET_RCVBUF}, got {plan.rcvbuf}")
     if quick:
         plan.notes.append("--quick: too few frames for stable numbers; for development only")
+    plan.notes += list(getattr(args, "note", []) or [])
     return plan
 
 
@@ -723,8 +738,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results: {md_path}\n         {json_path}\n         {png_path}")
         if args.record:
             shutil.copyfile(png_path, RECORDED_PLOT)
-            update_results_file(RESULTS_FILE, markdown, RECORDED_PLOT.name)
-            print(f"recorded in {RESULTS_FILE} and {RECORDED_PLOT}")
+            record = Record("bench_pipeline", doc["command"], raw=doc)  # its notes are in doc
+            print(f"recorded in {write_record(record)} and {RECORDED_PLOT}")
+            import report
+
+            report.main([])
     return 130 if bench.interrupted else 0
 
 
