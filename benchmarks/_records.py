@@ -114,8 +114,11 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, kernel, Python and the load average now."""
+    """CPU model, cores, kernel, Python and the load average now, and the commit that runs
+    (under ``"commit"``/``"dirty"``; :func:`finish` moves them into the record)."""
+    commit, dirty = git_commit()
     return {
+        "commit": commit, "dirty": dirty,
         "cpu_model": cpu_model(), "cores": os.cpu_count(), "kernel": platform.release(),
         "python": sys.version.split()[0], "loadavg_start": [round(v, 2) for v in os.getloadavg()],
     }
@@ -128,11 +131,13 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
 
 
 def finish(record: Record, machine: dict[str, Any] | None = None) -> Record:
-    """Fill in commit, date and machine (``machine`` from the start of the run, else now) and the
-    load average at the end."""
-    record.commit, record.dirty = git_commit()
+    """Fill in commit (unless the script took it when it started), date and machine (``machine``
+    from the start of the run, else now) and the load average at the end."""
     record.date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     record.machine = dict(machine or machine_info())
+    commit, dirty = record.machine.pop("commit", None), record.machine.pop("dirty", False)
+    if not record.commit:
+        record.commit, record.dirty = commit or "unknown", bool(dirty)
     record.machine["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     return record
 

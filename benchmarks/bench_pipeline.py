@@ -65,7 +65,7 @@ from _drain import UdpDrain  # noqa: E402
 from _net import free_udp_base, udp_socket_stats  # noqa: E402
 from _ours import OurPipeline, read_h5_counts  # noqa: E402
 from _procmon import ProcessMonitor  # noqa: E402
-from _records import Record, write_record  # noqa: E402
+from _records import Record, machine_info, write_record  # noqa: E402
 from _report import (  # noqa: E402
     SCHEMA,
     VARIANTS,
@@ -726,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_base = args.out or OUT_DIR / stamp
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    started = machine_info()  # the commit that runs and the load, taken before the run
     with signals_raise():
         bench = PipelineBenchmark(plan, command.strip(), logs_dir=out_base.with_name(out_base.name + "-logs"))
         doc = bench.run()
@@ -739,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.record:
             shutil.copyfile(png_path, RECORDED_PLOT)
             record = Record("bench_pipeline", doc["command"], raw=doc)  # its notes are in doc
-            print(f"recorded in {write_record(record)} and {RECORDED_PLOT}")
+            print(f"recorded in {write_record(record, started)} and {RECORDED_PLOT}")
             import report
 
             report.main([])
