@@ -90,6 +90,14 @@ class Record:
         )
 
 
+def table_from_markdown(title: str, header: str, rows: Sequence[str], caption: str = "") -> Table:
+    """A :class:`Table` from a script's Markdown header line and row lines (cells as it wrote them)."""
+    def cells(line: str) -> list[Cell]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    return Table(title, [str(c) for c in cells(header.splitlines()[0])], [cells(r) for r in rows], caption)
+
+
 def git_commit(repo: Path = REPO) -> tuple[str, bool]:
     """(HEAD's short hash, whether tracked files differ from it); ("unknown", False) outside git."""
     try:
@@ -152,6 +160,16 @@ def write_record(record: Record, machine: dict[str, Any] | None = None,
     return path
 
 
+def record_and_report(record: Record, machine: dict[str, Any] | None = None) -> Path:
+    """:func:`write_record`, then regenerate RESULTS.md and the README table (``report.py``)."""
+    path = write_record(record, machine)
+    print(f"recorded in {path}")
+    import report
+
+    report.main([])
+    return path
+
+
 def load_records(directory: Path = RECORDS_DIR) -> dict[str, Record]:
     """Every record in ``directory`` by bench name."""
     out: dict[str, Record] = {}
@@ -159,6 +177,20 @@ def load_records(directory: Path = RECORDS_DIR) -> dict[str, Record]:
         record = Record.from_dict(json.loads(path.read_text()))
         out[record.bench] = record
     return out
+
+
+def compact(value: Any, max_items: int = 256) -> Any:
+    """``value`` without its long lists (per-image or per-sample series, > ``max_items``): they stay
+    in ``benchmarks/out/``; a record keeps the figures computed from them."""
+    if isinstance(value, dict):
+        return {k: compact(v, max_items) for k, v in value.items()
+                if not (isinstance(v, list | tuple) and len(v) > max_items)}
+    if isinstance(value, list | tuple):
+        return [compact(v, max_items) for v in value]
+    if hasattr(value, "tolist"):
+        listed = value.tolist()
+        return None if isinstance(listed, list) and len(listed) > max_items else listed
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -118,8 +118,19 @@ def _dashboard_section(record: Record) -> list[str]:
     return [*body.rstrip("\n").splitlines(), ""]
 
 
+def _latency_section(record: Record) -> list[str]:
+    from bench_latency import render_markdown
+
+    assert record.raw is not None, "bench_latency records carry the run document"
+    body = render_markdown(record.raw)
+    body = re.sub(r"^# Latency and memory benchmark.*\n\nCommand: `[^`]*`\n\n", "", body)
+    body = re.sub(r"^(#+) ", lambda mo: "#" * (len(mo.group(1)) + 1) + " ", body, flags=re.MULTILINE)
+    return [*body.rstrip("\n").splitlines(), ""]
+
+
 SECTIONS: dict[str, Callable[[Record], list[str]]] = {
     "bench_pipeline": _pipeline_section,
+    "bench_latency": _latency_section,
     "bench_dashboard": _dashboard_section,
 }
 
