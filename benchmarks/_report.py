@@ -22,6 +22,9 @@ from typing import Any
 
 SCHEMA = "std-daq-bench-pipeline/1"
 VARIANTS = ("drain", "slsReceiver", "ours")
+#: ``--baseline REV``: our pipeline at another revision, run by that revision's own benchmark
+BASELINE = "baseline"
+ALL_VARIANTS = (*VARIANTS, BASELINE)
 #: Processes counted as "receive + write" per variant (the sender is reported on its own).
 SENDER_PROCS = ("vserver", "simulator")
 NON_PIPELINE_PROCS = (*SENDER_PROCS, "vserver-stop", "harness")
@@ -227,13 +230,15 @@ def fmt_ratio(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def ratios(summary: dict[tuple[str, float, bool, str, str], dict[str, Spread]]) -> list[dict[str, Any]]:
-    """Ours / slsReceiver at each point where both ran: lost frames and CPU per frame (medians)."""
+def ratios(summary: dict[tuple[str, float, bool, str, str], dict[str, Spread]],
+           peer_variant: str = "slsReceiver") -> list[dict[str, Any]]:
+    """Ours / ``peer_variant`` (slsReceiver, or the baseline revision) at each point where both ran:
+    lost frames and CPU per frame (medians); the keys say ``sls_*`` for the peer either way."""
     rows = []
     for (case, rate, sustained, buffer, variant), stats in sorted(summary.items(), key=_order):
         if variant != "ours":
             continue
-        peer = summary.get((case, rate, sustained, buffer, "slsReceiver"))
+        peer = summary.get((case, rate, sustained, buffer, peer_variant))
         if peer is None:
             continue
         rows.append({
@@ -251,7 +256,7 @@ def ratios(summary: dict[tuple[str, float, bool, str, str], dict[str, Spread]]) 
 def _order(item: tuple[tuple[str, float, bool, str, str], Any]) -> tuple[Any, ...]:
     case, rate, sustained, buffer, variant = item[0]
     rate_order = float("inf") if rate == 0 else rate
-    variant_order = VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS)
+    variant_order = ALL_VARIANTS.index(variant) if variant in ALL_VARIANTS else len(ALL_VARIANTS)
     return (case != "jungfrau", case, sustained, rate_order, buffer != "default", variant_order)
 
 
@@ -385,6 +390,21 @@ def render_markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {label} | {r['buffer']} | {sent} | {r['ours_lost']:g} / {r['sls_lost']:g} | "
                          f"{fmt_ratio(r['lost_ratio'])} | {r['ours_cpu_ms']:.3f} / {r['sls_cpu_ms']:.3f} | "
                          f"{fmt_ratio(r['cpu_ratio'])} | {fmt_ratio(r.get('whole_cpu_ratio'))} |")
+    baseline_rows = [r for r in ratios(summary, BASELINE) if r["case"] == "jungfrau"]
+    if baseline_rows:
+        base = doc.get("baseline", {})
+        lines += ["", f"## Ours / baseline {base.get('rev', '')} (`{base.get('commit', '?')}`) (medians)", "",
+                  "The baseline is our pipeline at that revision, run by that revision's own benchmark right "
+                  "after this one's runs, against the same virtual server.", "",
+                  "| run | buffer | sent/s ours / baseline | lost frames ours / baseline | "
+                  "CPU ms/frame ours / baseline | ratio | whole-process ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in baseline_rows:
+            label = rate_label(r["requested_rate_hz"], r["sustained"])
+            lines.append(f"| {label} | {r['buffer']} | {r['ours_sent_hz']:.0f} / {r['sls_sent_hz']:.0f} | "
+                         f"{r['ours_lost']:g} / {r['sls_lost']:g} | {r['ours_cpu_ms']:.3f} / "
+                         f"{r['sls_cpu_ms']:.3f} | {fmt_ratio(r['cpu_ratio'])} | "
+                         f"{fmt_ratio(r.get('whole_cpu_ratio'))} |")
     lines += _process_table(runs)
     lines += _multi_table(doc.get("multi", []))
     errors = [r for r in runs if r.error]
@@ -412,7 +432,7 @@ def _process_table(runs: list[RunResult]) -> list[str]:
              "RSS max MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (buffer, variant), run in sorted(chosen.items(), key=lambda kv: (kv[0][0] != "default",
-                                                                          VARIANTS.index(kv[0][1]))):
+                                                                          ALL_VARIANTS.index(kv[0][1]))):
         label = rate_label(run.requested_rate_hz, run.sustained, run.frames)
         for name, usage in run.procs.items():
             per = run.frames if name in SENDER_PROCS or not run.caught else run.caught

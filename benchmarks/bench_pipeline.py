@@ -67,6 +67,7 @@ from _ours import OurPipeline, read_h5_counts  # noqa: E402
 from _procmon import ProcessMonitor  # noqa: E402
 from _records import Record, machine_info, write_record  # noqa: E402
 from _report import (  # noqa: E402
+    BASELINE,
     SCHEMA,
     VARIANTS,
     RunResult,
@@ -682,6 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm"), help="where output files go")
     p.add_argument("--out", type=Path, default=None,
                    help="output base path (default benchmarks/out/<timestamp>); .md/.json/.png are added")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="also run our pipeline at git revision REV (its own bench_pipeline.py from a "
+                        "temporary worktree, same points, after this run) and compare CPU per frame")
     p.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
     p.add_argument("--record", action="store_true",
                    help="also write benchmarks/records/bench_pipeline.json and the plot "
@@ -718,6 +722,55 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return plan
 
 
+def baseline_argv(args: argparse.Namespace, out: Path) -> list[str]:
+    """The points of this run for the baseline's benchmark: our pipeline only, no multi-module."""
+    argv = ["--variants", "ours", "--no-multi", "--buffers", ",".join(args.buffers),
+            "--vm-memory", "as-is", "--workdir", str(args.workdir), "--out", str(out),
+            "--settle", str(args.settle), "--sustained-period", str(args.sustained_period)]
+    for flag, value in (("--periods", args.periods), ("--frames", args.frames),
+                        ("--sustained", args.sustained), ("--repeats", args.repeats)):
+        if value is not None:
+            argv += [flag, ",".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)]
+    return ["--quick", *argv] if args.quick else argv
+
+
+def add_baseline(doc: dict[str, Any], args: argparse.Namespace, out_base: Path) -> None:
+    """Run revision ``args.baseline``'s own benchmark for our pipeline from a temporary git worktree
+    (its code on PYTHONPATH ahead of this tree's), and add its runs to ``doc`` as variant
+    ``baseline``. A failure is a note, not fatal: this run's results stand."""
+    rev = args.baseline
+    work = Path(tempfile.mkdtemp(prefix="std-daq-baseline-"))
+    tree = work / "tree"
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", f"{rev}^{{commit}}"],
+                                check=True, capture_output=True, text=True).stdout.strip()
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True,
+                       capture_output=True, text=True)
+        out = work / "baseline"
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        log.info("== baseline %s (%s): %s", rev, commit, " ".join(baseline_argv(args, out)))
+        proc = subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_pipeline.py"),
+                               *baseline_argv(args, out)], cwd=tree, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit {proc.returncode}: {proc.stdout[-1500:]}")
+        base_doc = json.loads(out.with_suffix(".json").read_text())
+        for run in base_doc.get("runs", []):
+            if run.get("variant") == "ours":
+                run["variant"] = BASELINE
+                doc["runs"].append(run)
+        doc["baseline"] = {"rev": rev, "commit": commit, "command": base_doc.get("command", "")}
+    except (OSError, subprocess.SubprocessError, RuntimeError, ValueError) as exc:
+        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
+        log.error("baseline %s failed: %s", rev, detail)
+        doc["notes"].append(f"baseline {rev} failed: {str(detail)[:1500]}")
+    finally:
+        if tree.exists():
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                           capture_output=True, text=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan = make_plan(args)
@@ -730,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     with signals_raise():
         bench = PipelineBenchmark(plan, command.strip(), logs_dir=out_base.with_name(out_base.name + "-logs"))
         doc = bench.run()
+        if args.baseline and not bench.interrupted:
+            add_baseline(doc, args, out_base)
         json_path, md_path, markdown = write_outputs(doc, out_base)
         png_path = out_base.with_suffix(".png")
         from plot import render_plot

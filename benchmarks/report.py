@@ -196,6 +196,17 @@ def _pipeline_rows(record: Record) -> list[Row]:
             f"{r['ours_cpu_ms']:.3f}, ratio {_ratio(r['cpu_ratio'])} (whole-process "
             f"{_ratio(r.get('whole_cpu_ratio'))})",
             f"slsReceiver {r['sls_cpu_ms']:.3f}", "bench_pipeline"))
+    base = doc.get("baseline", {})
+    for r in ratios(summarize(runs), "baseline"):
+        if r["case"] != "jungfrau":
+            continue
+        label = rate_label(r["requested_rate_hz"], r["sustained"])
+        rows.append((
+            f"CPU ms/frame, {label}, {r['buffer']} buffer, against our pipeline at {base.get('rev', '?')} "
+            f"(`{base.get('commit', '?')}`)",
+            f"{r['ours_cpu_ms']:.3f}, ratio {_ratio(r['cpu_ratio'])}",
+            f"baseline {r['sls_cpu_ms']:.3f} (sent/s {r['ours_sent_hz']:.0f} / {r['sls_sent_hz']:.0f})",
+            "bench_pipeline"))
     for m in doc.get("multi", []):
         best = m.get("best")
         ceiling = m.get("sender_ceiling_hz")

@@ -484,3 +484,19 @@ def test_pipeline_benchmark_runs_end_to_end_on_the_builtin_simulator(tmp_path: P
     (run,) = doc["runs"]
     assert run["written"] is not None and run["good"] + run["lost"] == run["frames"]
     assert "sender ceiling/s" in out.with_suffix(".md").read_text()
+
+
+def test_baseline_runs_render_beside_ours_and_its_argv_repeats_the_points(tmp_path: Path) -> None:
+    runs = [_run("slsReceiver", 0, 1.0), _run("ours", 0, 0.8), _run("baseline", 0, 1.6)]
+    doc = _doc(runs)
+    doc["baseline"] = {"rev": "main", "commit": "cafb3d4", "command": "python benchmarks/bench_pipeline.py"}
+    text = render_markdown(doc)
+    assert "## Ours / baseline main (`cafb3d4`) (medians)" in text
+    assert "| 1 kHz | default | 1000 / 1000 | 0 / 0 | 0.800 / 1.600 | 0.50 |" in text
+    rows = report.headline_rows({"bench_pipeline": _records.Record("bench_pipeline", "c", raw=doc)})
+    assert any("against our pipeline at main" in r[0] and "ratio 0.50" in r[1] for r in rows)
+    args = bench_pipeline.build_parser().parse_args(["--periods", "10,0", "--frames", "300",
+                                                     "--baseline", "main"])
+    argv = bench_pipeline.baseline_argv(args, tmp_path / "b")
+    assert argv[:3] == ["--variants", "ours", "--no-multi"] and "--baseline" not in argv
+    assert argv[argv.index("--periods") + 1] == "10,0" and argv[argv.index("--frames") + 1] == "300"
