@@ -176,13 +176,15 @@ def _pipeline_rows(record: Record) -> list[Row]:
     doc = record.raw or {}
     runs = [RunResult.from_dict(r) for r in doc.get("runs", [])]
     rows: list[Row] = []
+    vm = str(doc.get("machine", {}).get("vm_memory", ""))
+    memory = ", VM memory as-is" if vm.startswith("as the machine") else ", VM memory backed" if vm else ""
     jf = [r for r in runs if r.case == "jungfrau" and r.error is None]
     ours = [r for r in jf if r.variant == "ours"]
     sls = [r for r in jf if r.variant == "slsReceiver"]
     if ours or sls:
         points = len({(r.requested_rate_hz, r.sustained, r.buffer) for r in jf})
         rows.append((
-            f"lost frames, virtual Jungfrau, {points} points × repeats",
+            f"lost frames, virtual Jungfrau, {points} points × repeats{memory}",
             f"{sum(r.lost for r in ours)} of {sum(r.frames for r in ours)} in {len(ours)} runs",
             f"slsReceiver {sum(r.lost for r in sls)} of {sum(r.frames for r in sls)} in {len(sls)} runs",
             "bench_pipeline"))
@@ -191,7 +193,7 @@ def _pipeline_rows(record: Record) -> list[Row]:
             continue
         label = rate_label(r["requested_rate_hz"], r["sustained"])
         rows.append((
-            f"CPU ms/frame, {label}, {r['buffer']} buffer (sent/s ours / sls: "
+            f"CPU ms/frame, {label}, {r['buffer']} buffer{memory} (sent/s ours / sls: "
             f"{r.get('ours_sent_hz', 0):.0f} / {r.get('sls_sent_hz', 0):.0f})",
             f"{r['ours_cpu_ms']:.3f}, ratio {_ratio(r['cpu_ratio'])} (whole-process "
             f"{_ratio(r.get('whole_cpu_ratio'))})",
