@@ -236,6 +236,10 @@ def test_frame_addresses_point_at_frame_bytes(name: str) -> None:
     for m in config.required_modules:
         expected = [source.frame_bytes(m, int(i)).__array_interface__["data"][0] for i in ids]
         assert source.frame_addresses(m, ids).tolist() == expected
+    modules = tuple(config.required_modules)
+    table = source.address_table(modules, ids)
+    assert table.shape == (len(ids), len(modules))
+    assert all(table[:, k].tolist() == source.frame_addresses(m, ids).tolist() for k, m in enumerate(modules))
 
 
 @pytest.mark.parametrize("max_batch", [1, 2, None])

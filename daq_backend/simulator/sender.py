@@ -142,7 +142,8 @@ class DetectorSimulator:
         if template.dtype.itemsize != hs:
             raise ValueError(f"header dtype is {template.dtype.itemsize} bytes, header_size {hs}")
         self._template = template
-        self._headers = np.zeros((n_slots, n_valid), dtype=template.dtype)
+        self._headers = np.empty((n_slots, n_valid), dtype=template.dtype)
+        self._headers[...] = template
         self._frame_fields, self._pulse_fields = _id_fields(layout, self.modules[0])
         offsets = np.array([layout.packet_slice(i)[0] for i in range(ppf)], dtype=np.uint64)
         self._offsets = offsets[None, :, None]  # broadcast over (image, packet, module)
@@ -323,13 +324,12 @@ class DetectorSimulator:
         """Headers and payload pointers of images ``first_id ..`` into the first ``n`` slots."""
         ids = np.arange(first_id, first_id + n, dtype=np.uint64)
         frame_numbers, pulse_ids = header_id_arrays(self.config, ids)
-        headers = self._headers[:n]
-        headers[...] = self._template
+        headers = self._headers[:n]  # every other field keeps the template's value
         for name in self._frame_fields:
             headers[name] = frame_numbers[:, None]
         for name in self._pulse_fields:
             headers[name] = pulse_ids[:, None]
-        addresses = np.stack([self.source.frame_addresses(m, ids) for m in self.modules], axis=1)
+        addresses = self.source.address_table(self.modules, ids)
         payload = addresses[:, None, :] + self._offsets  # (image, packet, module): table order
         self._table.iov_base[: n * self._n_valid, 1] = payload.reshape(-1)
 
