@@ -55,6 +55,7 @@ class RunResult:
     wall_s: float = 0.0  # sender start -> last frame written (drain: last packet)
     procs: dict[str, dict[str, float | int]] = field(default_factory=dict)
     foreign_cpu_s: float = 0.0  # CPU used by other programs on the machine during the run
+    sender_slips: int = 0  # built-in simulator: schedule restarts (it fell behind, e.g. descheduled)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -133,6 +134,8 @@ class SenderReport:
     sent: int
     start: float
     end: float
+    #: times the simulator fell behind its schedule by more than its catch-up window and restarted it
+    slips: int = 0
 
     @property
     def seconds(self) -> float:
@@ -146,7 +149,8 @@ def parse_sender_report(text: str) -> SenderReport:
         if line.startswith("{"):
             try:
                 data = json.loads(line)
-                return SenderReport(int(data["sent"]), float(data["start"]), float(data["end"]))
+                return SenderReport(int(data["sent"]), float(data["start"]), float(data["end"]),
+                                    int(data.get("slips", 0)))
             except (ValueError, KeyError, TypeError):
                 continue
     raise ValueError(f"no sender report in the simulator output: {text.strip()[-300:]!r}")
@@ -450,13 +454,15 @@ def _multi_table(multi: list[dict[str, Any]]) -> list[str]:
              "frames (requested, and what the simulator achieved). *sender ceiling* = the simulator's own "
              "free-running rate measured in the same run with nothing receiving (`bench_sender.py`'s "
              "*unread* sink): a step whose achieved rate is near it, or below its request, measured the "
-             "sender, not the pipeline.", "",
+             "sender, not the pipeline. *sender slips*: times the simulator, sharing the cores with the "
+             "pipeline, fell more than max(period, 2 ms) behind and restarted its schedule.", "",
              "| detector | image | modules | buffer | sender ceiling/s | steps: requested → sent/s (lost) | "
              "highest lossless requested | achieved/s | GB/s | CPU ms/frame | cores per GB/s | "
              "stopped because |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in multi:
-        steps = "; ".join(f"{s['requested_rate_hz']:g}→{s['send_rate_hz']:.0f} ({s['lost']} lost)"
+        steps = "; ".join(f"{s['requested_rate_hz']:g}→{s['send_rate_hz']:.0f} ({s['lost']} lost"
+                          + (f", {s['sender_slips']} sender slips" if s.get("sender_slips") else "") + ")"
                           if not s.get("error") else f"{s['requested_rate_hz']:g}: failed"
                           for s in m["steps"])
         best = m.get("best")

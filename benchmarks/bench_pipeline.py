@@ -117,7 +117,8 @@ with DetectorSimulator(config, rate_hz=float(sys.argv[2]), n_images=int(sys.argv
     start = time.monotonic()
     sim.run()
     end = time.monotonic()
-print(json.dumps({"sent": sim.n_sent_images, "start": start, "end": end, "summary": sim.summary()}))
+print(json.dumps({"sent": sim.n_sent_images, "start": start, "end": end, "slips": sim.n_schedule_slips,
+                  "summary": sim.summary()}))
 """
 #: The multi-module detectors and the rates (Hz) each is stepped through.
 MULTI_DETECTORS: dict[str, tuple[str, tuple[float, ...]]] = {
@@ -501,7 +502,8 @@ class PipelineBenchmark:
                                    frame_bytes=base.image_nbytes)
                 self._attempt(result, lambda r=result, b=base: self._run_multi_step(r, b, cap))  # type: ignore[misc]
                 step = {"requested_rate_hz": float(rate), "frames": frames,
-                        "send_rate_hz": result.send_rate_hz, "lost": result.lost, "error": result.error}
+                        "send_rate_hz": result.send_rate_hz, "lost": result.lost, "error": result.error,
+                        "sender_slips": result.sender_slips}
                 entry["steps"].append(step)
                 if result.error is not None:
                     entry["stopped_because"] = f"step {rate:g} Hz failed"
@@ -549,6 +551,7 @@ class PipelineBenchmark:
             result.notes += [f"{name} was restarted {n} times: {pipeline.log_tail(500)}"
                              for name, n in pipeline.restarts().items()]
             result.send_wall_s = seconds
+            result.sender_slips = report.slips
             self._finish(result, [*names, "simulator"], t0, outcome.t_end, t0 + seconds)
         finally:
             if sim is not None and sim.poll() is None:
