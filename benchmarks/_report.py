@@ -399,7 +399,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         base = doc.get("baseline", {})
         lines += ["", f"## Ours / baseline {base.get('rev', '')} (`{base.get('commit', '?')}`) (medians)", "",
                   "The baseline is our pipeline at that revision, run by that revision's own benchmark right "
-                  "after this one's runs, against the same virtual server.", "",
+                  "after this one's runs, with its own virtual server (the same binary) and the same points.",
+                  "",
                   "| run | buffer | sent/s ours / baseline | lost frames ours / baseline | "
                   "CPU ms/frame ours / baseline | ratio | whole-process ratio |",
                   "|---|---|---|---|---|---|---|"]

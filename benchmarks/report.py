@@ -16,6 +16,7 @@ import argparse
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,16 @@ def bench_section(record: Record) -> list[str]:
 # -- headline rows (README table and RESULTS summary) ------------------------------------------------
 
 
-Row = tuple[str, str, str, str]  # what, ours, peer / reference, record
+@dataclass(frozen=True)
+class Row:
+    """One headline figure: what, ours, the peer or reference, the record it comes from; ``readme``
+    False keeps it out of the README's shorter table (RESULTS.md's summary has every row)."""
+
+    what: str
+    ours: str
+    peer: str
+    bench: str
+    readme: bool = True
 
 
 def _sender_rows(record: Record) -> list[Row]:
@@ -165,8 +175,8 @@ def _sender_rows(record: Record) -> list[Row]:
                 f"({p['cpu_us_per_image']:.0f} CPU µs/image)")
         peer = (f"one image per call: {one['images_per_s']:.0f} images/s ({one['cpu_us_per_image']:.0f} CPU "
                 f"µs/image)" if one else "–")
-        rows.append((f"simulator ceiling, {p['detector']} ({p['modules']} ports), free-running, nothing "
-                     "receiving", ours, peer, "bench_sender"))
+        rows.append(Row(f"simulator ceiling, {p['detector']} ({p['modules']} ports), free-running, nothing "
+                        "receiving", ours, peer, "bench_sender"))
     return rows
 
 
@@ -183,8 +193,9 @@ def _pipeline_rows(record: Record) -> list[Row]:
     sls = [r for r in jf if r.variant == "slsReceiver"]
     if ours or sls:
         points = len({(r.requested_rate_hz, r.sustained, r.buffer) for r in jf})
-        rows.append((
-            f"lost frames, virtual Jungfrau, {points} points × repeats{memory}",
+        repeats = max(r.repeat for r in jf) + 1
+        rows.append(Row(
+            f"lost frames, virtual Jungfrau, {points} points × {repeats} repeat(s){memory}",
             f"{sum(r.lost for r in ours)} of {sum(r.frames for r in ours)} in {len(ours)} runs",
             f"slsReceiver {sum(r.lost for r in sls)} of {sum(r.frames for r in sls)} in {len(sls)} runs",
             "bench_pipeline"))
@@ -192,7 +203,7 @@ def _pipeline_rows(record: Record) -> list[Row]:
         if r["case"] != "jungfrau":
             continue
         label = rate_label(r["requested_rate_hz"], r["sustained"])
-        rows.append((
+        rows.append(Row(
             f"CPU ms/frame, {label}, {r['buffer']} buffer{memory} (sent/s ours / sls: "
             f"{r.get('ours_sent_hz', 0):.0f} / {r.get('sls_sent_hz', 0):.0f})",
             f"{r['ours_cpu_ms']:.3f}, ratio {_ratio(r['cpu_ratio'])} (whole-process "
@@ -203,21 +214,21 @@ def _pipeline_rows(record: Record) -> list[Row]:
         if r["case"] != "jungfrau":
             continue
         label = rate_label(r["requested_rate_hz"], r["sustained"])
-        rows.append((
+        rows.append(Row(
             f"CPU ms/frame, {label}, {r['buffer']} buffer, against our pipeline at {base.get('rev', '?')} "
             f"(`{base.get('commit', '?')}`)",
             f"{r['ours_cpu_ms']:.3f}, ratio {_ratio(r['cpu_ratio'])}",
             f"baseline {r['sls_cpu_ms']:.3f} (sent/s {r['ours_sent_hz']:.0f} / {r['sls_sent_hz']:.0f})",
-            "bench_pipeline"))
+            "bench_pipeline", readme=False))
     for m in doc.get("multi", []):
         best = m.get("best")
         ceiling = m.get("sender_ceiling_hz")
         ceiling_text = f"sender ceiling {ceiling:.0f}/s" if ceiling else "sender ceiling not measured"
         ours_text = (f"lossless to {best['send_rate_hz']:.0f} images/s ({best['gbps']:.2f} GB/s, "
                      f"{best['cpu_ms_per_frame']:.2f} CPU ms/image)" if best else "no lossless step")
-        rows.append((f"{m['detector']} ({m['modules']} modules, {m['image']}), built-in simulator, "
-                     f"{m['buffer']} buffer", f"{ours_text}; {m.get('stopped_because', '')}", ceiling_text,
-                     "bench_pipeline"))
+        rows.append(Row(f"{m['detector']} ({m['modules']} modules, {m['image']}), built-in simulator, "
+                        f"{m['buffer']} buffer", f"{ours_text}; {m.get('stopped_because', '')}", ceiling_text,
+                        "bench_pipeline"))
     return rows
 
 
@@ -229,7 +240,7 @@ def _ratio(value: float | None) -> str:
 
 def _table_rows(record: Record) -> list[Row]:
     """A record's own ``headline`` figures: ``figures["headline"]`` = [[what, ours, peer], ...]."""
-    return [(str(w), str(o), str(p), record.bench) for w, o, p in record.figures.get("headline", [])]
+    return [Row(str(w), str(o), str(p), record.bench) for w, o, p in record.figures.get("headline", [])]
 
 
 HEADLINES: dict[str, Callable[[Record], list[Row]]] = {
@@ -246,12 +257,14 @@ def headline_rows(records: dict[str, Record]) -> list[Row]:
     return rows
 
 
-def headline_table(records: dict[str, Record], link: str) -> list[str]:
+def headline_table(records: dict[str, Record], link: str, readme: bool = False) -> list[str]:
     lines = ["| what | ours | peer / reference | record |", "|---|---|---|---|"]
-    for what, ours, peer, bench in headline_rows(records):
-        r = records[bench]
-        lines.append(f"| {_cell(what)} | {_cell(ours)} | {_cell(peer)} | "
-                     f"[{bench}]({link}{bench}.json) `{r.commit}` {r.date[:10]} |")
+    for row in headline_rows(records):
+        if readme and not row.readme:
+            continue
+        r = records[row.bench]
+        lines.append(f"| {_cell(row.what)} | {_cell(row.ours)} | {_cell(row.peer)} | "
+                     f"[{row.bench}]({link}{row.bench}.json) `{r.commit}` {r.date[:10]} |")
     missing = [b for b in BENCHES if b not in records]
     if missing:
         lines += ["", "Not re-measured since the records were introduced: "
@@ -294,7 +307,9 @@ def render_results(records: dict[str, Record]) -> str:
 
 
 def render_readme_table(records: dict[str, Record]) -> str:
-    return "\n".join([TABLE_START, *headline_table(records, "benchmarks/records/"), TABLE_END])
+    return "\n".join([TABLE_START, *headline_table(records, "benchmarks/records/", readme=True),
+                      "", "More rows (e.g. against a baseline revision) and every table: "
+                      "[benchmarks/RESULTS.md](benchmarks/RESULTS.md).", TABLE_END])
 
 
 def replace_readme_table(readme: str, table: str) -> str:

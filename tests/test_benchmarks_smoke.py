@@ -443,10 +443,10 @@ def test_pipeline_record_renders_with_ratios_and_sender_ceiling() -> None:
     record = _records.Record("bench_pipeline", "python benchmarks/bench_pipeline.py --quick",
                              raw=_doc(runs), commit="abc", date="2026-01-01T00:00:00+00:00")
     rows = report.headline_rows({"bench_pipeline": record})
-    assert any(r[0].startswith("CPU ms/frame, 1 kHz, default buffer") and "(sent/s ours / sls: 1000 / 1000)"
-               in r[0]
-               and "ratio 0.80" in r[1] for r in rows)
-    assert any("gigafrost_128x480" in r[0] and r[2] == "sender ceiling 21000/s" for r in rows)
+    assert any(r.what.startswith("CPU ms/frame, 1 kHz, default buffer") and "(sent/s ours / sls: 1000 / 1000)"
+               in r.what
+               and "ratio 0.80" in r.ours for r in rows)
+    assert any("gigafrost_128x480" in r.what and r.peer == "sender ceiling 21000/s" for r in rows)
     text = report.render_results({"bench_pipeline": record})
     assert "free-running (sender-paced)" in text and "#### Ours / slsReceiver (medians)" in text
 
@@ -467,7 +467,7 @@ def test_sender_benchmark_measures_and_records(tmp_path: Path) -> None:
     record = bench_sender.to_record(doc, "python benchmarks/bench_sender.py", [])
     assert record.tables[0].rows[0][:4] == ["gigafrost_128x480", 8, "unread", "default (64)"]
     (row,) = report.headline_rows({"bench_sender": record})
-    assert row[0].startswith("simulator ceiling, gigafrost_128x480") and "images/s" in row[1]
+    assert row.what.startswith("simulator ceiling, gigafrost_128x480") and "images/s" in row.ours
 
 
 def test_pipeline_benchmark_runs_end_to_end_on_the_builtin_simulator(tmp_path: Path) -> None:
@@ -495,7 +495,8 @@ def test_baseline_runs_render_beside_ours_and_its_argv_repeats_the_points(tmp_pa
     assert "## Ours / baseline main (`cafb3d4`) (medians)" in text
     assert "| 1 kHz | default | 1000 / 1000 | 0 / 0 | 0.800 / 1.600 | 0.50 |" in text
     rows = report.headline_rows({"bench_pipeline": _records.Record("bench_pipeline", "c", raw=doc)})
-    assert any("against our pipeline at main" in r[0] and "ratio 0.50" in r[1] for r in rows)
+    assert any("against our pipeline at main" in r.what and "ratio 0.50" in r.ours and not r.readme
+               for r in rows)
     args = bench_pipeline.build_parser().parse_args(["--periods", "10,0", "--frames", "300",
                                                      "--baseline", "main"])
     argv = bench_pipeline.baseline_argv(args, tmp_path / "b")
