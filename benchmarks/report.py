@@ -103,7 +103,7 @@ def _pipeline_section(record: Record) -> list[str]:
     assert record.raw is not None, "bench_pipeline records carry the run document"
     body = render_markdown(record.raw)
     body = re.sub(r"^# Pipeline benchmark.*\n\nCommand: `[^`]*`\n\n", "", body)
-    body = re.sub(r"^(#+) ", lambda mo: "#" * (len(mo.group(1)) + 2) + " ", body, flags=re.MULTILINE)
+    body = re.sub(r"^(#+) ", lambda mo: "#" * (len(mo.group(1)) + 1) + " ", body, flags=re.MULTILINE)
     lines = body.rstrip("\n").splitlines()
     if (BENCH_DIR / PIPELINE_PLOT).exists():
         lines += ["", f"![rate and loss versus requested rate]({PIPELINE_PLOT})"]

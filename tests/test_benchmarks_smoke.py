@@ -448,7 +448,7 @@ def test_pipeline_record_renders_with_ratios_and_sender_ceiling() -> None:
                and "ratio 0.80" in r.ours for r in rows)
     assert any("gigafrost_128x480" in r.what and r.peer == "sender ceiling 21000/s" for r in rows)
     text = report.render_results({"bench_pipeline": record})
-    assert "free-running (sender-paced)" in text and "#### Ours / slsReceiver (medians)" in text
+    assert "free-running (sender-paced)" in text and "### Ours / slsReceiver (medians)" in text
 
 
 def test_sender_benchmark_measures_and_records(tmp_path: Path) -> None:

@@ -284,7 +284,8 @@ class DetectorSimulator:
         self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop sending (after the image in flight) and wait for the thread."""
+        """Stop sending (after the batch in flight: one image when paced at rates a wake-up per image
+        keeps up with, at most ``max_batch`` free-running) and wait for the thread."""
         self._stop.set()
         self.wait(timeout)
 
