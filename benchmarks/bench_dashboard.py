@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 1 or args.rate <= 0 or args.repeats < 1 or args.viewers < 1:
         print("bench_dashboard: --images, --rate, --repeats and --viewers must be positive", file=sys.stderr)
         return 2
+    from _records import Record, machine_info, record_and_report
+
+    started = machine_info()
     command = "python benchmarks/bench_dashboard.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     doc: dict[str, Any] = {"schema": "std-daq-bench-dashboard/1", "command": command.strip(),
                            "machine": machine(), "runs": []}
@@ -388,13 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench_dashboard.md").write_text(markdown)
     print(markdown)
     if args.record:
-        from _records import Record, write_record
-
-        path = write_record(Record("bench_dashboard", doc["command"], notes=args.note, raw=doc))
-        print(f"recorded in {path}")
-        import report
-
-        report.main([])
+        record_and_report(Record("bench_dashboard", doc["command"], notes=args.note, raw=doc), started)
     return 0
 
 

@@ -175,8 +175,9 @@ def _sender_rows(record: Record) -> list[Row]:
                 f"({p['cpu_us_per_image']:.0f} CPU µs/image)")
         peer = (f"one image per call: {one['images_per_s']:.0f} images/s ({one['cpu_us_per_image']:.0f} CPU "
                 f"µs/image)" if one else "–")
-        rows.append(Row(f"simulator ceiling, {p['detector']} ({p['modules']} ports), free-running, nothing "
-                        "receiving", ours, peer, "bench_sender"))
+        ports = f"{p['modules']} port" + ("s" if p["modules"] != 1 else "")
+        rows.append(Row(f"simulator ceiling, {p['detector']} ({ports}), free-running, nothing receiving",
+                        ours, peer, "bench_sender"))
     return rows
 
 
