@@ -98,12 +98,18 @@ def table_from_markdown(title: str, header: str, rows: Sequence[str], caption: s
     return Table(title, [str(c) for c in cells(header.splitlines()[0])], [cells(r) for r in rows], caption)
 
 
+#: what ``--record`` itself writes: a difference there does not make the measured code "dirty"
+GENERATED = ("benchmarks/records", "benchmarks/RESULTS.md", "README.md", "benchmarks/bench_pipeline.png")
+
+
 def git_commit(repo: Path = REPO) -> tuple[str, bool]:
-    """(HEAD's short hash, whether tracked files differ from it); ("unknown", False) outside git."""
+    """(HEAD's short hash, whether tracked files other than :data:`GENERATED` differ from it);
+    ("unknown", False) outside git."""
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], check=True,
                               capture_output=True, text=True, timeout=30).stdout.strip()
-        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no",
+                                 "--", ".", *(f":!{p}" for p in GENERATED)],
                                 check=True, capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown", False
