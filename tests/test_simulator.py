@@ -498,3 +498,43 @@ def test_simulated_control_acquisitions_continue_ids() -> None:
         control.close()  # idempotent
         with pytest.raises(DetectorStateError, match="closed"):
             control.start()
+
+
+def test_parallel_processes_send_every_module_once_on_one_schedule() -> None:
+    from daq_backend.simulator.sender import ParallelSimulator
+
+    base = load_config(CONFIGS / "gigafrost_128x480.json")
+    with Collector(base.n_modules) as collector:
+        config = with_port(base, collector.base)
+        sim = ParallelSimulator(config, 3, rate_hz=0, n_images=5, start_id=40, drop_frames={(42, 5)})
+        assert [list(g) for g in sim.groups] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+        with sim:
+            sim.run()
+        n_expected = 5 * 8 * 2 - 2
+        assert (sim.n_sent_images, sim.n_sent_packets, sim.n_dropped_packets) == (5, n_expected, 2)
+        assert sim.last_sent_id == 44 and "from 3 processes" in sim.summary()
+        received = collector.wait_for(n_expected)
+    expected = Counter(
+        (m, d) for image_id in range(40, 45) for m in config.required_modules
+        if (image_id, m) != (42, 5) for d in module_datagrams(config, m, image_id)
+    )
+    assert Counter(received) == expected
+
+
+def test_a_module_subset_is_checked() -> None:
+    with pytest.raises(ValueError, match="subset"):
+        DetectorSimulator(jf(2), modules=[2])
+    with pytest.raises(ValueError, match="processes"):
+        from daq_backend.simulator.sender import ParallelSimulator
+
+        ParallelSimulator(jf(2), 0)
+
+
+def test_cli_sends_from_several_processes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with Collector(2) as collector:
+        path = tmp_path / "jf2.json"
+        path.write_text(json.dumps(with_port(jf(2), collector.base).to_json_dict()))
+        assert main([str(path), "--rate", "0", "--n-images", "3", "--processes", "2", "--no-progress"]) == 0
+        assert "sent 3 images (768 packets)" in capsys.readouterr().out
+        seq = packet_sequence(load_config(path), collector.wait_for(768))
+    assert sorted(seq) == [(i, m) for i in (1, 2, 3) for m in (0, 1)]

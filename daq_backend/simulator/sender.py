@@ -28,7 +28,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,7 +61,9 @@ class DetectorSimulator:
     invalid header (packet index out of range / wrong GigaFRoST protocol id).
 
     ``max_batch`` images at most go out per ``sendmmsg`` batch (default: as many as fit into 1024
-    datagrams, at most :data:`MAX_IMAGES_PER_BATCH`); ``max_batch=1`` sends one image per call."""
+    datagrams, at most :data:`MAX_IMAGES_PER_BATCH`); ``max_batch=1`` sends one image per call.
+    ``modules`` sends only these modules (default all; :class:`ParallelSimulator` splits them
+    over processes)."""
 
     def __init__(
         self,
@@ -79,6 +81,7 @@ class DetectorSimulator:
         progress: bool = False,
         use_sendmmsg: bool = True,
         max_batch: int | None = None,
+        modules: Sequence[int] | None = None,
     ) -> None:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -115,7 +118,14 @@ class DetectorSimulator:
 
         self.source = pattern_source(config)
         self.layout = layout = self.source.layout
-        self.modules = tuple(config.required_modules)
+        self.modules = tuple(config.required_modules) if modules is None else tuple(modules)
+        unknown = set(self.modules) - set(config.required_modules)
+        if unknown or not self.modules:
+            raise ValueError(f"modules must be a non-empty subset of {list(config.required_modules)}, "
+                             f"got {list(self.modules)}")
+        #: monotonic time of image 0's deadline (None: when run() starts); several processes that
+        #: each send some modules share one schedule this way
+        self.start_at: float | None = None
         if config.detector_type is DetectorType.GIGAFROST and n_images is not None:
             # frame_index is 32 bit: fail now rather than in the middle of a run
             last = start_id + n_images - 1
@@ -218,9 +228,9 @@ class DetectorSimulator:
         period = 1.0 / self.rate_hz if self.rate_hz > 0 else 0.0
         catch_up = max(period, CATCH_UP_S)
         try:
-            t0 = time.monotonic()
+            t0 = time.monotonic() if self.start_at is None else self.start_at
             if self._t_first is None:
-                self._t_first = t0
+                self._t_first = max(t0, time.monotonic())
             k = 0
             while total is None or k < total:
                 n = self.max_batch if total is None else min(self.max_batch, total - k)
@@ -370,6 +380,121 @@ class DetectorSimulator:
         self.n_sent_packets += n_valid
 
 
+class ParallelSimulator:
+    """The modules of one detector sent by ``processes`` :class:`DetectorSimulator` processes (module
+    *k* by process ``k % processes``) on one shared schedule: every child builds its tables, then all
+    start at the same monotonic deadline (CLOCK_MONOTONIC is system-wide). For detectors with several
+    modules on machines where one process' sending is the limit. ``kwargs`` are DetectorSimulator's
+    (faults apply to the modules of the process that sends them). ``run()`` blocks until every
+    child is done; the counters are summed (images: those every process sent)."""
+
+    def __init__(self, config: DetectorConfig, processes: int, **kwargs: Any) -> None:
+        modules = tuple(config.required_modules)
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        self.processes = min(processes, len(modules))
+        self.config = config
+        self.kwargs = {k: v for k, v in kwargs.items() if k != "progress"}
+        if callable(self.kwargs.get("drop_packets")):
+            raise ValueError("a drop_packets function cannot be sent to other processes; give a set")
+        for key in ("drop_packets", "drop_frames", "duplicate", "out_of_order"):
+            if self.kwargs.get(key) is not None:
+                self.kwargs[key] = [tuple(k) for k in self.kwargs[key]]
+        self.groups = [modules[i :: self.processes] for i in range(self.processes)]
+        self.start_id = int(kwargs.get("start_id", 1))
+        self.n_sent_images = self.n_sent_packets = self.n_dropped_packets = 0
+        self.n_duplicated_packets = self.n_garbage = self.n_schedule_slips = 0
+        self.elapsed = 0.0
+        import multiprocessing
+
+        self._ctx = multiprocessing.get_context("spawn")
+        self._last = self._ctx.Value("q", -1, lock=False)  # newest image id any child sent
+
+    @property
+    def last_sent_id(self) -> int | None:
+        return None if self._last.value < 0 else int(self._last.value)
+
+    @property
+    def achieved_rate(self) -> float:
+        return self.n_sent_images / self.elapsed if self.n_sent_images >= 2 and self.elapsed > 0 else 0.0
+
+    def run(self) -> None:
+        ready = self._ctx.Barrier(self.processes + 1)
+        start = self._ctx.Queue()
+        results = self._ctx.Queue()
+        children = [
+            self._ctx.Process(target=_parallel_child, name=f"simulator-{i}", daemon=True,
+                              args=(self.config.model_dump_json(), group, self.kwargs, ready, start, results,
+                                    self._last))
+            for i, group in enumerate(self.groups)
+        ]
+        for child in children:
+            child.start()
+        try:
+            ready.wait(timeout=120)
+            start_at = time.monotonic() + 0.05
+            for _ in children:
+                start.put(start_at)
+            reports = [results.get(timeout=None) for _ in children]
+        finally:
+            for child in children:
+                child.join(timeout=30)
+                if child.is_alive():
+                    child.kill()
+                    child.join()
+        errors = [r["error"] for r in reports if r.get("error")]
+        if errors:
+            raise RuntimeError(f"a simulator process failed: {errors[0]}")
+        self.n_sent_images = min(r["images"] for r in reports)
+        self.n_sent_packets = sum(r["packets"] for r in reports)
+        self.n_dropped_packets = sum(r["dropped"] for r in reports)
+        self.n_duplicated_packets = sum(r["duplicated"] for r in reports)
+        self.n_garbage = sum(r["garbage"] for r in reports)
+        self.n_schedule_slips = sum(r["slips"] for r in reports)
+        self.elapsed = max(r["t_last"] for r in reports) - min(r["t_first"] for r in reports)
+
+    def summary(self) -> str:
+        return (
+            f"sent {self.n_sent_images} images ({self.n_sent_packets} packets) in {self.elapsed:.3f} s, "
+            f"{self.achieved_rate:.1f} images/s from {self.processes} processes; dropped "
+            f"{self.n_dropped_packets} packets, duplicated {self.n_duplicated_packets}, "
+            f"garbage {self.n_garbage}"
+        )
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> ParallelSimulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parallel_child(config_json: str, modules: tuple[int, ...], kwargs: dict[str, Any], ready: Any,
+                    start: Any, results: Any, last: Any) -> None:
+    """One process of :class:`ParallelSimulator`: build, wait for the common start, send, report."""
+    report: dict[str, Any] = {"images": 0, "packets": 0, "dropped": 0, "duplicated": 0, "garbage": 0,
+                              "slips": 0, "t_first": 0.0, "t_last": 0.0}
+    try:
+        class Shared(DetectorSimulator):
+            def send_images(self, first_id: int, count: int) -> None:
+                super().send_images(first_id, count)
+                if first_id + count - 1 > last.value:
+                    last.value = first_id + count - 1
+
+        with Shared(DetectorConfig.model_validate_json(config_json), modules=modules, **kwargs) as sim:
+            ready.wait(timeout=120)
+            sim.start_at = start.get(timeout=120)
+            sim.run()
+            report.update(images=sim.n_sent_images, packets=sim.n_sent_packets, dropped=sim.n_dropped_packets,
+                          duplicated=sim.n_duplicated_packets, garbage=sim.n_garbage,
+                          slips=sim.n_schedule_slips, t_first=sim._t_first or 0.0, t_last=sim._t_last or 0.0)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        report["error"] = f"{type(exc).__name__}: {exc}"
+    results.put(report)
+
+
 def _key(value: Any, n: int, what: str) -> tuple[int, ...]:
     try:
         key = tuple(int(v) for v in value)
@@ -463,6 +588,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=None, metavar="N",
                         help="at most N images per sendmmsg batch (default: up to 1024 datagrams, at most "
                              f"{MAX_IMAGES_PER_BATCH} images; 1 = one image per call)")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="send the modules from N processes on one schedule (module k from process "
+                             "k %% N; at most one per module; default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -470,12 +598,17 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the simulator as ``args`` (from :func:`add_arguments`) say; returns the exit code."""
     try:
         config = load_config(args.config)
-        sim = DetectorSimulator(
-            config, rate_hz=args.rate, n_images=args.n_images, start_id=args.start_id, dst_host=args.host,
+        options: dict[str, Any] = dict(
+            rate_hz=args.rate, n_images=args.n_images, start_id=args.start_id, dst_host=args.host,
             start_udp_port=args.port, drop_packets=args.drop_packet, drop_frames=args.drop_frame,
             duplicate=args.duplicate, garbage_every=args.garbage_every, out_of_order=args.out_of_order,
             progress=not args.no_progress, max_batch=args.max_batch,
         )
+        sim: DetectorSimulator | ParallelSimulator
+        if args.processes > 1:
+            sim = ParallelSimulator(config, args.processes, **options)
+        else:
+            sim = DetectorSimulator(config, **options)
         spoofer = None
         if args.spoof:
             from daq_backend.simulator.spoof import Spoofer, parse_kinds
