@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import socket
 import sys
 import threading
@@ -42,7 +43,7 @@ from _net import free_udp_base  # noqa: E402
 from _records import Record, Table, command_line, machine_info, write_record  # noqa: E402
 
 from daq_backend.config import DetectorConfig, load_config, parse_config  # noqa: E402
-from daq_backend.simulator.sender import DetectorSimulator  # noqa: E402
+from daq_backend.simulator.sender import DetectorSimulator, ParallelSimulator  # noqa: E402
 
 REPO = BENCH_DIR.parent
 DETECTORS: dict[str, str] = {
@@ -76,8 +77,13 @@ def unread_sink(base: int, n: int) -> Iterator[None]:
             s.close()
 
 
-def measure(config: DetectorConfig, sink: str, max_batch: int | None, seconds: float) -> dict[str, Any]:
-    """Send free-running for ``seconds`` into ``sink``; the figures of that run."""
+def measure(config: DetectorConfig, sink: str, max_batch: int | None, seconds: float, processes: int = 1,
+            n_images: int | None = None) -> dict[str, Any]:
+    """Send free-running for ``seconds`` into ``sink``; the figures of that run. With ``processes``
+    > 1 the modules are sent by that many processes (:class:`ParallelSimulator`), ``n_images``
+    images in all (they run to a count, not a time)."""
+    if processes > 1:
+        return _measure_parallel(config, sink, max_batch, processes, n_images or 1000)
     n_ports = config.n_modules
     base = free_udp_base(n_ports)
     data = config.to_json_dict()
@@ -119,7 +125,52 @@ def measure(config: DetectorConfig, sink: str, max_batch: int | None, seconds: f
     return result
 
 
-def run(detectors: list[str], sinks: list[str], batches: list[str], seconds: float) -> dict[str, Any]:
+@contextlib.contextmanager
+def _sink(sink: str, base: int, n_ports: int) -> Iterator[list[UdpDrain]]:
+    drains: list[UdpDrain] = []
+    with contextlib.ExitStack() as stack:
+        if sink == "unread":
+            stack.enter_context(unread_sink(base, n_ports))
+        else:
+            for port in range(base, base + n_ports):
+                drain = UdpDrain(port, DRAIN_BUFFER, 1)
+                stack.callback(drain.kill)
+                drains.append(drain.start())
+        yield drains
+
+
+def _measure_parallel(config: DetectorConfig, sink: str, max_batch: int | None, processes: int,
+                      n_images: int) -> dict[str, Any]:
+    base = free_udp_base(config.n_modules)
+    data = config.to_json_dict()
+    data.update(start_udp_port=base, detector_name=f"bsend{base}")
+    cfg = parse_config(data)
+    counted = None
+    with _sink(sink, base, config.n_modules) as drains:
+        sim = ParallelSimulator(cfg, processes, rate_hz=0, n_images=n_images, max_batch=max_batch)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sim.run()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if drains:
+            time.sleep(0.2)
+            counted = sum(d.finish().packets for d in drains)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    elapsed = max(sim.elapsed, 1e-9)
+    images, packets = sim.n_sent_images, sim.n_sent_packets
+    result: dict[str, Any] = {
+        "images": images, "packets": packets, "seconds": round(elapsed, 3), "processes": sim.processes,
+        "max_batch": max_batch or "default",
+        "images_per_s": round(images / elapsed, 1), "packets_per_s": round(packets / elapsed),
+        "gbps": round(images * config.image_nbytes / elapsed / 1e9, 3),
+        "cpu_cores": round(cpu / elapsed, 3), "cpu_us_per_image": round(cpu / max(images, 1) * 1e6, 2),
+    }
+    if counted is not None:
+        result["received_pct"] = round(100.0 * counted / max(packets, 1), 2)
+    return result
+
+
+def run(detectors: list[str], sinks: list[str], batches: list[str], seconds: float,
+        processes: list[int] | None = None) -> dict[str, Any]:
     points: list[dict[str, Any]] = []
     for name in detectors:
         config = load_config(REPO / DETECTORS[name])
@@ -128,9 +179,18 @@ def run(detectors: list[str], sinks: list[str], batches: list[str], seconds: flo
                 max_batch = None if batch == "default" else int(batch)
                 figures = measure(config, sink, max_batch, seconds)
                 point = {"detector": name, "sink": sink, "batch": batch, "modules": config.n_modules,
-                         "image_bytes": config.image_nbytes, **figures}
+                         "image_bytes": config.image_nbytes, "processes": 1, **figures}
                 print(json.dumps(point), flush=True)
                 points.append(point)
+                for n in processes or []:
+                    if n <= 1 or config.n_modules < 2:
+                        continue
+                    count = max(100, int(figures["images_per_s"] * seconds * min(n, config.n_modules)))
+                    more = measure(config, sink, max_batch, seconds, n, count)
+                    extra = {"detector": name, "sink": sink, "batch": batch, "modules": config.n_modules,
+                             "image_bytes": config.image_nbytes, **more}
+                    print(json.dumps(extra), flush=True)
+                    points.append(extra)
     return {"points": points}
 
 
@@ -142,19 +202,26 @@ def to_record(doc: dict[str, Any], command: str, notes: list[str]) -> Record:
     rows = []
     figures: dict[str, Any] = {}
     for p in doc["points"]:
-        rows.append([p["detector"], p["modules"], p["sink"], p["batch"] if p["batch"] != "default"
-                     else f"default ({p['max_batch']})", p["images_per_s"], p["packets_per_s"], p["gbps"],
-                     p["cpu_cores"], p["cpu_us_per_image"], p.get("received_pct", "–")])
+        batch = p["batch"]
+        if batch == "default" and isinstance(p["max_batch"], int):
+            batch = f"default ({p['max_batch']})"
+        rows.append([p["detector"], p["modules"], p["sink"], batch, p.get("processes", 1), p["images_per_s"],
+                     p["packets_per_s"], p["gbps"], p["cpu_cores"], p["cpu_us_per_image"],
+                     p.get("received_pct", "–")])
         key = ceiling_key(p["detector"], p["sink"], p["batch"])
+        if p.get("processes", 1) > 1:
+            key += f".{p['processes']}proc"
         for name in ("images_per_s", "packets_per_s", "gbps", "cpu_us_per_image"):
             figures[f"{key}.{name}"] = p[name]
     table = Table(
         "Simulator ceiling (free-running)",
-        ["detector", "modules", "sink", "images per sendmmsg batch", "images/s", "packets/s", "GB/s",
-         "sender CPU cores", "CPU µs/image", "received %"],
+        ["detector", "modules", "sink", "images per sendmmsg batch", "processes", "images/s", "packets/s",
+         "GB/s", "sender CPU cores", "CPU µs/image", "received %"],
         rows,
         "*unread*: bound sockets nobody reads (the sender alone); *drained*: a C recvmmsg drain per port "
-        "on the same cores. *images per sendmmsg batch* `1` is one image per system call.",
+        "on the same cores. *images per sendmmsg batch* `1` is one image per system call; *processes* > 1: "
+        "the modules split over that many sender processes (`std-daq simulate --processes`), run to a count "
+        "of images; their CPU includes each child's start-up (interpreter, pattern).",
     )
     return Record("bench_sender", command, figures=figures, tables=[table], notes=notes, raw=doc)
 
@@ -167,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="default,1",
                    help="images per sendmmsg batch: default and/or numbers (default 'default,1')")
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per point (default 3)")
+    p.add_argument("--processes", default="2",
+                   help="also send from this many processes (comma-separated; 1 or '' = none; default 2)")
     p.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
     p.add_argument("--record", action="store_true", help="write benchmarks/records/bench_sender.json")
     return p
@@ -182,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad or args.seconds <= 0:
         raise SystemExit(f"bench_sender.py: unknown or bad {', '.join(bad) or '--seconds'}")
     machine = machine_info()
-    doc = run(detectors, sinks, batches, args.seconds)
+    processes = [int(n) for n in args.processes.split(",") if n.strip()]
+    doc = run(detectors, sinks, batches, args.seconds, processes)
     record = to_record(doc, command_line("bench_sender.py", argv), args.note)
     if args.record:
         print(f"recorded in {write_record(record, machine)}")

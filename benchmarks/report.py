@@ -167,15 +167,20 @@ def _sender_rows(record: Record) -> list[Row]:
     rows: list[Row] = []
     points = (record.raw or {}).get("points", [])
     for p in points:
-        if p["sink"] != "unread" or p["batch"] != "default":
+        if p["sink"] != "unread" or p["batch"] != "default" or p.get("processes", 1) != 1:
             continue
         one = next((q for q in points if q["detector"] == p["detector"] and q["sink"] == "unread"
-                    and q["batch"] == "1"), None)
+                    and q["batch"] == "1" and q.get("processes", 1) == 1), None)
+        several = next((q for q in points if q["detector"] == p["detector"] and q["sink"] == "unread"
+                        and q["batch"] == "default" and q.get("processes", 1) > 1), None)
         ours = (f"{p['cpu_us_per_image']:.0f} CPU µs/image = {1e6 / p['cpu_us_per_image']:.0f} images/s per "
                 f"busy core; achieved {p['images_per_s']:.0f} images/s, {p['packets_per_s']:.0f} packets/s, "
                 f"{p['gbps']:.2f} GB/s")
         peer = (f"one image per call: {one['cpu_us_per_image']:.0f} CPU µs/image, achieved "
                 f"{one['images_per_s']:.0f} images/s" if one else "–")
+        if several:
+            peer += (f"; {several['processes']} processes: achieved {several['images_per_s']:.0f} images/s "
+                     f"({several['cpu_us_per_image']:.0f} CPU µs/image)")
         ports = f"{p['modules']} port" + ("s" if p["modules"] != 1 else "")
         rows.append(Row(f"simulator ceiling, {p['detector']} ({ports}), free-running, nothing receiving",
                         ours, peer, "bench_sender"))

@@ -464,10 +464,16 @@ def test_sender_benchmark_measures_and_records(tmp_path: Path) -> None:
             assert 0 < figures["received_pct"] <= 100
         doc["points"].append({"detector": "gigafrost_128x480", "sink": sink, "batch": "default",
                               "modules": 8, "image_bytes": config.image_nbytes, **figures})
+    figures = bench_sender.measure(config, "unread", None, 0.2, processes=2, n_images=200)
+    assert figures["images"] == 200 and figures["processes"] == 2 and figures["packets"] == 3200
+    doc["points"].append({"detector": "gigafrost_128x480", "sink": "unread", "batch": "default",
+                          "modules": 8, "image_bytes": config.image_nbytes, **figures})
     record = bench_sender.to_record(doc, "python benchmarks/bench_sender.py", [])
+    assert record.tables[0].rows[-1][3:5] == ["default", 2]
     assert record.tables[0].rows[0][:4] == ["gigafrost_128x480", 8, "unread", "default (64)"]
     (row,) = report.headline_rows({"bench_sender": record})
     assert row.what.startswith("simulator ceiling, gigafrost_128x480") and "images/s" in row.ours
+    assert "2 processes: achieved" in row.peer
 
 
 def test_pipeline_benchmark_runs_end_to_end_on_the_builtin_simulator(tmp_path: Path) -> None:
