@@ -99,7 +99,7 @@ def table_from_markdown(title: str, header: str, rows: Sequence[str], caption: s
 
 
 #: what ``--record`` itself writes: a difference there does not make the measured code "dirty"
-GENERATED = ("benchmarks/records", "benchmarks/RESULTS.md", "README.md", "benchmarks/bench_pipeline.png")
+GENERATED = ("benchmarks/records", "benchmarks/RESULTS.md", "README.md", "benchmarks/bench_pipeline*.png")
 
 
 def git_commit(repo: Path = REPO) -> tuple[str, bool]:

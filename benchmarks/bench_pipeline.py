@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -105,7 +106,6 @@ log = logging.getLogger("bench_pipeline")
 
 REPO = BENCH_DIR.parent
 OUT_DIR = BENCH_DIR / "out"
-RECORDED_PLOT = BENCH_DIR / "bench_pipeline.png"
 #: The built-in simulator with its own clock readings (``std-daq simulate`` prints only a summary):
 #: argv = config, rate, images; prints one JSON line when done.
 SIMULATOR_CODE = """
@@ -689,6 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, metavar="REV",
                    help="also run our pipeline at git revision REV (its own bench_pipeline.py from a "
                         "temporary worktree, same points, after this run) and compare CPU per frame")
+    p.add_argument("--record-as", default="bench_pipeline", metavar="NAME",
+                   help="record name (benchmarks/records/NAME.json; default bench_pipeline), e.g. "
+                        "bench_pipeline_asis for a --vm-memory as-is run reported beside the backed one")
     p.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
     p.add_argument("--record", action="store_true",
                    help="also write benchmarks/records/bench_pipeline.json and the plot "
@@ -776,6 +779,9 @@ def add_baseline(doc: dict[str, Any], args: argparse.Namespace, out_base: Path) 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not re.fullmatch(r"bench_pipeline(_[A-Za-z0-9]+)*", args.record_as):
+        raise SystemExit(f"bench_pipeline.py: --record-as must be bench_pipeline or bench_pipeline_<suffix>, "
+                         f"got {args.record_as!r}")
     plan = make_plan(args)
     command = "python benchmarks/bench_pipeline.py " + " ".join(shlex.quote(a) for a in
                                                                  (sys.argv[1:] if argv is None else argv))
@@ -796,9 +802,10 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown)
         print(f"results: {md_path}\n         {json_path}\n         {png_path}")
         if args.record:
-            shutil.copyfile(png_path, RECORDED_PLOT)
-            record = Record("bench_pipeline", doc["command"], raw=doc)  # its notes are in doc
-            print(f"recorded in {write_record(record, started)} and {RECORDED_PLOT}")
+            plot_path = BENCH_DIR / f"{args.record_as}.png"
+            shutil.copyfile(png_path, plot_path)
+            record = Record(args.record_as, doc["command"], raw=doc)  # its notes are in doc
+            print(f"recorded in {write_record(record, started)} and {plot_path}")
             import report
 
             report.main([])

@@ -31,7 +31,6 @@ RESULTS_FILE = BENCH_DIR / "RESULTS.md"
 README_FILE = REPO / "README.md"
 TABLE_START = "<!-- bench-table:start -->"
 TABLE_END = "<!-- bench-table:end -->"
-PIPELINE_PLOT = "bench_pipeline.png"
 
 #: Every benchmark script, in report order: (title, what it measures). A script without a record
 #: appears under "Not re-measured".
@@ -105,8 +104,9 @@ def _pipeline_section(record: Record) -> list[str]:
     body = re.sub(r"^# Pipeline benchmark.*\n\nCommand: `[^`]*`\n\n", "", body)
     body = re.sub(r"^(#+) ", lambda mo: "#" * (len(mo.group(1)) + 1) + " ", body, flags=re.MULTILINE)
     lines = body.rstrip("\n").splitlines()
-    if (BENCH_DIR / PIPELINE_PLOT).exists():
-        lines += ["", f"![rate and loss versus requested rate]({PIPELINE_PLOT})"]
+    plot = f"{record.bench}.png"
+    if (BENCH_DIR / plot).exists():
+        lines += ["", f"![rate and loss versus requested rate]({plot})"]
     return [*lines, ""]
 
 
@@ -136,13 +136,21 @@ SECTIONS: dict[str, Callable[[Record], list[str]]] = {
 }
 
 
+def script_of(bench: str) -> str:
+    """The script a record name belongs to: ``bench_pipeline_asis`` (``--record-as``) -> bench_pipeline."""
+    return max((b for b in BENCHES if bench == b or bench.startswith(b + "_")), key=len, default=bench)
+
+
 def bench_section(record: Record) -> list[str]:
-    title, what = BENCHES.get(record.bench, (record.bench, ""))
+    script = script_of(record.bench)
+    title, what = BENCHES.get(script, (record.bench, ""))
+    if script != record.bench:
+        title = f"{title}: record `{record.bench}`"
     lines = [f"## {title}", "", what, "", *provenance(record)]
     if record.notes:
         lines += [f"- {n}" for n in record.notes] + [""]
-    if record.bench in SECTIONS:
-        lines += SECTIONS[record.bench](record)
+    if script in SECTIONS:
+        lines += SECTIONS[script](record)
     for table in record.tables:
         lines += render_table(table)
     return lines
@@ -261,6 +269,8 @@ def headline_rows(records: dict[str, Record]) -> list[Row]:
     for bench in BENCHES:
         if bench in records:
             rows += HEADLINES.get(bench, _table_rows)(records[bench])
+    for bench in sorted(set(records) - set(BENCHES)):
+        rows += HEADLINES.get(script_of(bench), _table_rows)(records[bench])
     return rows
 
 

@@ -508,3 +508,22 @@ def test_baseline_runs_render_beside_ours_and_its_argv_repeats_the_points(tmp_pa
     argv = bench_pipeline.baseline_argv(args, tmp_path / "b")
     assert argv[:3] == ["--variants", "ours", "--no-multi"] and "--baseline" not in argv
     assert argv[argv.index("--periods") + 1] == "10,0" and argv[argv.index("--frames") + 1] == "300"
+
+
+def test_a_second_pipeline_record_renders_beside_the_first() -> None:
+    """``--record-as bench_pipeline_asis``: e.g. the VM memory as-is run next to the backed one."""
+    backed = _doc([_run("slsReceiver", 0, 1.0), _run("ours", 0, 0.8)])
+    backed["machine"]["vm_memory"] = "free page reporting off, touched 8 GiB"
+    asis = _doc([_run("slsReceiver", 0, 1.0), _run("ours", 300, 2.0)])
+    asis["machine"]["vm_memory"] = "as the machine has it (no change)"
+    records = {name: _records.Record(name, "python benchmarks/bench_pipeline.py", raw=doc, commit="abc",
+                                     date="2026-01-01T00:00:00+00:00")
+               for name, doc in (("bench_pipeline", backed), ("bench_pipeline_asis", asis))}
+    assert report.script_of("bench_pipeline_asis") == "bench_pipeline"
+    text = report.render_results(records)
+    assert "## Pipeline: ours vs slsReceiver (`bench_pipeline.py`): record `bench_pipeline_asis`" in text
+    rows = report.headline_rows(records)
+    assert any("VM memory backed" in r.what and "0 of 1000" in r.ours for r in rows)
+    assert any("VM memory as-is" in r.what and "300 of 1000" in r.ours for r in rows)
+    with pytest.raises(SystemExit, match="--record-as"):
+        bench_pipeline.main(["--record-as", "other"])
