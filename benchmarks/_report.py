@@ -13,7 +13,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
@@ -23,11 +22,12 @@ from typing import Any
 
 SCHEMA = "std-daq-bench-pipeline/1"
 VARIANTS = ("drain", "slsReceiver", "ours")
+#: ``--baseline REV``: our pipeline at another revision, run by that revision's own benchmark
+BASELINE = "baseline"
+ALL_VARIANTS = (*VARIANTS, BASELINE)
 #: Processes counted as "receive + write" per variant (the sender is reported on its own).
 SENDER_PROCS = ("vserver", "simulator")
 NON_PIPELINE_PROCS = (*SENDER_PROCS, "vserver-stop", "harness")
-RESULTS_BEGIN = "<!-- bench_pipeline:begin -->"
-RESULTS_END = "<!-- bench_pipeline:end -->"
 
 
 @dataclass
@@ -55,6 +55,7 @@ class RunResult:
     wall_s: float = 0.0  # sender start -> last frame written (drain: last packet)
     procs: dict[str, dict[str, float | int]] = field(default_factory=dict)
     foreign_cpu_s: float = 0.0  # CPU used by other programs on the machine during the run
+    sender_slips: int = 0  # built-in simulator: schedule restarts (it fell behind, e.g. descheduled)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -84,6 +85,14 @@ class RunResult:
         return 1000.0 * self.cpu_s(self.pipeline_procs) / per if per else 0.0
 
     @property
+    def whole_cpu_ms_per_frame(self) -> float:
+        """Like :attr:`cpu_ms_per_frame` plus the harness process: for ours it hosts the supervisor
+        and the embedded broker hub (part of the pipeline), for both it also runs the benchmark's
+        process monitor, so this is an upper bound on "every process and thread" of each variant."""
+        per = self.caught if self.caught else self.frames
+        return 1000.0 * self.cpu_s([*self.pipeline_procs, "harness"]) / per if per else 0.0
+
+    @property
     def sender_cpu_ms_per_frame(self) -> float:
         return 1000.0 * self.cpu_s(SENDER_PROCS) / self.frames if self.frames else 0.0
 
@@ -106,6 +115,7 @@ class RunResult:
         data.update(lost=self.lost, lost_pct=round(self.lost_pct, 4),
                     wall_rate_hz=round(self.wall_rate_hz, 2),
                     cpu_ms_per_frame=round(self.cpu_ms_per_frame, 4),
+                    whole_cpu_ms_per_frame=round(self.whole_cpu_ms_per_frame, 4),
                     sender_cpu_ms_per_frame=round(self.sender_cpu_ms_per_frame, 4),
                     cores_per_gbps=round(self.cores_per_gbps, 4))
         return data
@@ -124,6 +134,8 @@ class SenderReport:
     sent: int
     start: float
     end: float
+    #: times the simulator fell behind its schedule by more than its catch-up window and restarted it
+    slips: int = 0
 
     @property
     def seconds(self) -> float:
@@ -137,7 +149,8 @@ def parse_sender_report(text: str) -> SenderReport:
         if line.startswith("{"):
             try:
                 data = json.loads(line)
-                return SenderReport(int(data["sent"]), float(data["start"]), float(data["end"]))
+                return SenderReport(int(data["sent"]), float(data["start"]), float(data["end"]),
+                                    int(data.get("slips", 0)))
             except (ValueError, KeyError, TypeError):
                 continue
     raise ValueError(f"no sender report in the simulator output: {text.strip()[-300:]!r}")
@@ -180,6 +193,7 @@ METRICS: dict[str, str] = {
     "good": "good",
     "wall_rate_hz": "wall_rate_hz",
     "cpu_ms_per_frame": "cpu_ms_per_frame",
+    "whole_cpu_ms_per_frame": "whole_cpu_ms_per_frame",
     "sender_cpu_ms_per_frame": "sender_cpu_ms_per_frame",
     "cores_per_gbps": "cores_per_gbps",
     "rss_max_mb": "rss_max_mb",
@@ -220,21 +234,25 @@ def fmt_ratio(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def ratios(summary: dict[tuple[str, float, bool, str, str], dict[str, Spread]]) -> list[dict[str, Any]]:
-    """Ours / slsReceiver at each point where both ran: lost frames and CPU per frame (medians)."""
+def ratios(summary: dict[tuple[str, float, bool, str, str], dict[str, Spread]],
+           peer_variant: str = "slsReceiver") -> list[dict[str, Any]]:
+    """Ours / ``peer_variant`` (slsReceiver, or the baseline revision) at each point where both ran:
+    lost frames and CPU per frame (medians); the keys say ``sls_*`` for the peer either way."""
     rows = []
     for (case, rate, sustained, buffer, variant), stats in sorted(summary.items(), key=_order):
         if variant != "ours":
             continue
-        peer = summary.get((case, rate, sustained, buffer, "slsReceiver"))
+        peer = summary.get((case, rate, sustained, buffer, peer_variant))
         if peer is None:
             continue
         rows.append({
             "case": case, "requested_rate_hz": rate, "sustained": sustained, "buffer": buffer,
             "lost_ratio": ratio(stats["lost"].med, peer["lost"].med),
             "cpu_ratio": ratio(stats["cpu_ms_per_frame"].med, peer["cpu_ms_per_frame"].med),
+            "whole_cpu_ratio": ratio(stats["whole_cpu_ms_per_frame"].med, peer["whole_cpu_ms_per_frame"].med),
             "ours_lost": stats["lost"].med, "sls_lost": peer["lost"].med,
             "ours_cpu_ms": stats["cpu_ms_per_frame"].med, "sls_cpu_ms": peer["cpu_ms_per_frame"].med,
+            "ours_sent_hz": stats["send_rate_hz"].med, "sls_sent_hz": peer["send_rate_hz"].med,
         })
     return rows
 
@@ -242,13 +260,13 @@ def ratios(summary: dict[tuple[str, float, bool, str, str], dict[str, Spread]]) 
 def _order(item: tuple[tuple[str, float, bool, str, str], Any]) -> tuple[Any, ...]:
     case, rate, sustained, buffer, variant = item[0]
     rate_order = float("inf") if rate == 0 else rate
-    variant_order = VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS)
+    variant_order = ALL_VARIANTS.index(variant) if variant in ALL_VARIANTS else len(ALL_VARIANTS)
     return (case != "jungfrau", case, sustained, rate_order, buffer != "default", variant_order)
 
 
 def rate_label(rate_hz: float, sustained: bool = False, frames: int | None = None) -> str:
     if rate_hz == 0:
-        label = "free-running"
+        label = "free-running (sender-paced)"
     else:
         label = f"{rate_hz / 1000:g} kHz" if rate_hz >= 1000 else f"{rate_hz:g} Hz"
     if sustained:
@@ -329,19 +347,27 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines += ["## Machine", "", "| fact | value |", "|---|---|"]
     for key, value in facts.items():
         lines.append(f"| {key} | {value} |")
-    lines += ["", "## Virtual Jungfrau (1 module, 1 MiB frames): loopback limit, slsReceiver, ours", "",
+    jungfrau_lines = ["", "## Virtual Jungfrau (1 module, 1 MiB frames): loopback limit, slsReceiver, ours",
+              "",
               "Each cell: median (min–max) over the repeats. *sent/s* = frames the virtual server sent per "
               "second of its acquisition; *lost* = frames not delivered complete (drain: not received "
               "complete; slsReceiver: not in its files with all packets; ours: not in the HDF5 file with "
-              "status 0); *written/s* = complete frames / (start → last frame written); *CPU ms/frame* = "
-              "receive + write processes per frame caught; *cores per GB/s* = their CPU seconds per GB "
+              "status 0); *written/s* = complete frames / (start → last frame written): at a requested rate "
+              "it is that rate; free-running it is how fast the shared virtual server sent beside that "
+              "receiver on the same cores (sender-paced), **not** the receiver's capacity (compare CPU "
+              "per frame instead); *CPU ms/frame* = "
+              "receive + write processes per frame caught; *whole ms/frame* = the same plus the harness "
+              "process (ours: supervisor and broker hub; both: the benchmark's monitor), an upper bound; "
+              "*cores per GB/s* = their CPU seconds per GB "
               "delivered (the original system's sizing rule asks <= 1); *sender* = virtual server CPU per "
               "frame sent; "
               "*rcvbuf* = kernel sk_rcvbuf of the receiving socket (`ss` rb, twice the usable size); "
               "*other CPU* = CPU seconds other programs used during the run (noise).", "",
-              "| run | buffer | variant | sent/s | lost % | written/s | CPU ms/frame | cores per GB/s | "
-              "sender ms/frame | kernel drops | rcvbuf | RSS max MB | other CPU s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| run | buffer | variant | sent/s | lost % | written/s | CPU ms/frame | whole ms/frame | "
+              "cores per GB/s | sender ms/frame | kernel drops | rcvbuf | RSS max MB | other CPU s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if any(r.case == "jungfrau" for r in runs):
+        lines += jungfrau_lines
     frames_of = {r.key(): r.frames for r in runs}
     for key, s in sorted(summary.items(), key=_order):
         case, rate, sustained, buffer, variant = key
@@ -350,19 +376,40 @@ def render_markdown(doc: dict[str, Any]) -> str:
         label = rate_label(rate, sustained, frames_of.get(key))
         lines.append(
             f"| {label} | {buffer} | {variant} | {s['send_rate_hz'].fmt(0)} | {s['lost_pct'].fmt(2)} | "
-            f"{s['wall_rate_hz'].fmt(0)} | {s['cpu_ms_per_frame'].fmt(3)} | {s['cores_per_gbps'].fmt(2)} | "
+            f"{s['wall_rate_hz'].fmt(0)} | {s['cpu_ms_per_frame'].fmt(3)} | "
+            f"{s['whole_cpu_ms_per_frame'].fmt(3)} | {s['cores_per_gbps'].fmt(2)} | "
             f"{s['sender_cpu_ms_per_frame'].fmt(3)} | {s['kernel_drops'].fmt(0)} | {_mib(s['rcvbuf'].med)} | "
             f"{s['rss_max_mb'].fmt(0)} | {s['foreign_cpu_s'].fmt(1)} |")
     rows = [r for r in ratios(summary) if r["case"] == "jungfrau"]
     if rows:
         lines += ["", "## Ours / slsReceiver (medians)", "",
-                  "| run | buffer | lost frames ours / sls | ratio | CPU ms/frame ours / sls | ratio |",
-                  "|---|---|---|---|---|---|"]
+                  "CPU per frame compared where both ran at the same achieved rate (*sent/s ours / sls*; "
+                  "free-running rows are sender-paced and the rates can differ).", "",
+                  "| run | buffer | sent/s ours / sls | lost frames ours / sls | ratio | "
+                  "CPU ms/frame ours / sls | ratio | whole-process ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             label = rate_label(r["requested_rate_hz"], r["sustained"])
-            lines.append(f"| {label} | {r['buffer']} | {r['ours_lost']:g} / {r['sls_lost']:g} | "
+            sent = (f"{r['ours_sent_hz']:.0f} / {r['sls_sent_hz']:.0f}" if "ours_sent_hz" in r else "–")
+            lines.append(f"| {label} | {r['buffer']} | {sent} | {r['ours_lost']:g} / {r['sls_lost']:g} | "
                          f"{fmt_ratio(r['lost_ratio'])} | {r['ours_cpu_ms']:.3f} / {r['sls_cpu_ms']:.3f} | "
-                         f"{fmt_ratio(r['cpu_ratio'])} |")
+                         f"{fmt_ratio(r['cpu_ratio'])} | {fmt_ratio(r.get('whole_cpu_ratio'))} |")
+    baseline_rows = [r for r in ratios(summary, BASELINE) if r["case"] == "jungfrau"]
+    if baseline_rows:
+        base = doc.get("baseline", {})
+        lines += ["", f"## Ours / baseline {base.get('rev', '')} (`{base.get('commit', '?')}`) (medians)", "",
+                  "The baseline is our pipeline at that revision, run by that revision's own benchmark right "
+                  "after this one's runs, with its own virtual server (the same binary) and the same points.",
+                  "",
+                  "| run | buffer | sent/s ours / baseline | lost frames ours / baseline | "
+                  "CPU ms/frame ours / baseline | ratio | whole-process ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in baseline_rows:
+            label = rate_label(r["requested_rate_hz"], r["sustained"])
+            lines.append(f"| {label} | {r['buffer']} | {r['ours_sent_hz']:.0f} / {r['sls_sent_hz']:.0f} | "
+                         f"{r['ours_lost']:g} / {r['sls_lost']:g} | {r['ours_cpu_ms']:.3f} / "
+                         f"{r['sls_cpu_ms']:.3f} | {fmt_ratio(r['cpu_ratio'])} | "
+                         f"{fmt_ratio(r.get('whole_cpu_ratio'))} |")
     lines += _process_table(runs)
     lines += _multi_table(doc.get("multi", []))
     errors = [r for r in runs if r.error]
@@ -390,7 +437,7 @@ def _process_table(runs: list[RunResult]) -> list[str]:
              "RSS max MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (buffer, variant), run in sorted(chosen.items(), key=lambda kv: (kv[0][0] != "default",
-                                                                          VARIANTS.index(kv[0][1]))):
+                                                                          ALL_VARIANTS.index(kv[0][1]))):
         label = rate_label(run.requested_rate_hz, run.sustained, run.frames)
         for name, usage in run.procs.items():
             per = run.frames if name in SENDER_PROCS or not run.caught else run.caught
@@ -405,23 +452,33 @@ def _multi_table(multi: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["", "## Multi-module (built-in simulator -> our pipeline -> HDF5)", "",
              "Rate stepped up until frames were lost; *highest lossless* is the last step with zero lost "
-             "frames (requested, and what the simulator achieved).", "",
-             "| detector | image | modules | buffer | steps: requested → sent/s (lost) | highest lossless "
-             "requested | achieved/s | GB/s | CPU ms/frame | cores per GB/s | stopped because |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "frames (requested, and what the simulator achieved). *sender ceiling* = the simulator's own "
+             "free-running rate measured in the same run with nothing receiving (`bench_sender.py`'s "
+             "*unread* sink): a step whose achieved rate is near it, or below its request, measured the "
+             "sender, not the pipeline. *sender slips*: times the simulator, sharing the cores with the "
+             "pipeline, fell more than max(period, 2 ms) behind and restarted its schedule.", "",
+             "| detector | image | modules | buffer | sender ceiling/s | steps: requested → sent/s (lost) | "
+             "highest lossless requested | achieved/s | GB/s | CPU ms/frame | cores per GB/s | "
+             "stopped because |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in multi:
-        steps = "; ".join(f"{s['requested_rate_hz']:g}→{s['send_rate_hz']:.0f} ({s['lost']} lost)"
+        steps = "; ".join(f"{s['requested_rate_hz']:g}→{s['send_rate_hz']:.0f} ({s['lost']} lost"
+                          + (f", {s['sender_slips']} sender slips" if s.get("sender_slips") else "") + ")"
                           if not s.get("error") else f"{s['requested_rate_hz']:g}: failed"
                           for s in m["steps"])
         best = m.get("best")
+        ceiling = m.get("sender_ceiling_hz")
+        ceiling_text = f"{ceiling:.0f}" if ceiling else "not measured"
         if best:
-            lines.append(f"| {m['detector']} | {m['image']} | {m['modules']} | {m['buffer']} | {steps} | "
+            lines.append(f"| {m['detector']} | {m['image']} | {m['modules']} | {m['buffer']} | "
+                         f"{ceiling_text} | {steps} | "
                          f"{best['requested_rate_hz']:g} Hz | {best['send_rate_hz']:.0f} | "
                          f"{best['gbps']:.2f} | {best['cpu_ms_per_frame']:.3f} | "
                          f"{best['cores_per_gbps']:.2f} | {m.get('stopped_because', '')} |")
         else:
-            lines.append(f"| {m['detector']} | {m['image']} | {m['modules']} | {m['buffer']} | {steps} | "
-                         f"none lossless | – | – | – | – | {m.get('stopped_because', '')} |")
+            lines.append(f"| {m['detector']} | {m['image']} | {m['modules']} | {m['buffer']} | "
+                         f"{ceiling_text} | {steps} | none lossless | – | – | – | – | "
+                         f"{m.get('stopped_because', '')} |")
     return lines
 
 
@@ -450,21 +507,3 @@ def load_doc(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a bench_pipeline result "
                          f"(schema {doc.get('schema')!r}, want {SCHEMA!r})")
     return doc
-
-
-def update_results_file(path: Path, markdown: str, plot_name: str | None) -> None:
-    """Put ``markdown`` (and the plot) between this benchmark's markers in ``path``, keeping the rest."""
-    body = markdown.replace("# Pipeline benchmark", "## Pipeline benchmark", 1)
-    body = re.sub(r"^## ", "### ", body, flags=re.MULTILINE).replace("### Pipeline benchmark",
-                                                                      "## Pipeline benchmark", 1)
-    if plot_name:
-        body += f"\n![rate and loss versus requested rate]({plot_name})\n"
-    section = f"{RESULTS_BEGIN}\n{body}{RESULTS_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        head, rest = text.split(RESULTS_BEGIN, 1)
-        _, tail = rest.split(RESULTS_END, 1)
-        text = head + section + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)

@@ -74,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--g2", type=float, default=0.01, help="fraction of pixels in G2")
     parser.add_argument("--repeat", type=int, default=60)
     parser.add_argument("--quick", action="store_true", help="3 repeats: check that the script works")
+    parser.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
+    parser.add_argument("--record", action="store_true",
+                        help="also write benchmarks/records/bench_conversion.json and regenerate RESULTS.md")
     args = parser.parse_args(argv)
+    from _records import Record, Table, command_line, machine_info, record_and_report
+
+    started = machine_info()
+    rows: list[list[str | int | float | None]] = []
     repeat = 3 if args.quick else args.repeat
     rng = np.random.default_rng(1)
     raw = frame(rng, args.g1, args.g2).reshape(-1).view(np.uint8)
@@ -89,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
             image = np.zeros(config.image_shape, config.image_dtype)
             best, median = timed(partial(layout.assemble, 0, raw, image), repeat)
             print(f"{name:28s} min {best:6.2f}  median {median:6.2f}")
+            rows.append([name, round(best, 3), round(median, 3)])
+    if args.record:
+        table = Table(f"Jungfrau conversion, ms per 0.5 Mpixel module, {repeat} runs",
+                      ["case", "min ms", "median ms"], rows,
+                      f"G1 {args.g1:.0%}, G2 {args.g2:.0%} of the pixels.")
+        record_and_report(Record("bench_conversion", command_line("bench_conversion.py", argv),
+                                 tables=[table], notes=list(args.note)), started)
     return 0
 
 

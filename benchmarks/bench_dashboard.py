@@ -21,8 +21,8 @@ Per run, from the first image sent to the request's end:
 
 The machine-wide busy CPU is recorded too: on a shared machine the difference between the two modes
 is only meaningful when it exceeds the spread between repeats of the same mode.
-Output: ``benchmarks/out/bench_dashboard.{json,md}``; ``--record`` also puts the table into
-``benchmarks/RESULTS.md``.
+Output: ``benchmarks/out/bench_dashboard.{json,md}``; ``--record`` also writes
+``benchmarks/records/bench_dashboard.json`` and regenerates ``RESULTS.md`` and the README table.
 
     python benchmarks/bench_dashboard.py                    # 2 x (0 and 2 viewers), 2000 images @ 100 Hz
     python benchmarks/bench_dashboard.py --quick            # a smoke run: 1 x, 60 images @ 30 Hz
@@ -65,8 +65,6 @@ from daq_backend.writer import layout
 
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"
-RESULTS = BENCH_DIR / "RESULTS.md"
-BEGIN, END = "<!-- bench_dashboard:begin -->", "<!-- bench_dashboard:end -->"
 CLI = (sys.executable, "-m", "daq_backend.cli")
 PIPELINE = ("receiver", "assembler", "h5-writer", "writer-agent")
 WAIT_S = 120.0
@@ -342,17 +340,6 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def record(markdown: str) -> None:
-    section = f"{BEGIN}\n{markdown}{END}\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_dashboard.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -364,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ring-slots", type=int, default=256, help="frame and image ring slots (default 256)")
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm"), help="where the HDF5 file goes")
     p.add_argument("--out", type=Path, default=OUT_DIR, help="output directory (default benchmarks/out)")
-    p.add_argument("--record", action="store_true", help="also write the table into benchmarks/RESULTS.md")
+    p.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
+    p.add_argument("--record", action="store_true",
+                   help="also write benchmarks/records/bench_dashboard.json and regenerate RESULTS.md")
     return p
 
 
@@ -375,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 1 or args.rate <= 0 or args.repeats < 1 or args.viewers < 1:
         print("bench_dashboard: --images, --rate, --repeats and --viewers must be positive", file=sys.stderr)
         return 2
+    from _records import Record, machine_info, record_and_report
+
+    started = machine_info()
     command = "python benchmarks/bench_dashboard.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     doc: dict[str, Any] = {"schema": "std-daq-bench-dashboard/1", "command": command.strip(),
                            "machine": machine(), "runs": []}
@@ -400,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench_dashboard.md").write_text(markdown)
     print(markdown)
     if args.record:
-        record(markdown)
+        record_and_report(Record("bench_dashboard", doc["command"], notes=args.note, raw=doc), started)
     return 0
 
 

@@ -103,10 +103,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-pvs", type=int, default=100)
     parser.add_argument("--pulse-rate", type=float, default=100.0)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="or 'embedded'")
+    parser.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
+    parser.add_argument("--record", action="store_true",
+                        help="also write benchmarks/records/bench_epics_buffer.json, regenerate RESULTS.md")
     args = parser.parse_args(argv)
+    from _records import Record, command_line, machine_info, record_and_report, table_from_markdown
+
+    started = machine_info()
     row = run(args.seconds, args.n_pvs, args.pulse_rate, args.redis_url)
     print(HEADER)
     print(row)
+    if args.record:
+        table = table_from_markdown("EPICS buffer into Redis", HEADER, [row])
+        record_and_report(Record("bench_epics_buffer", command_line("bench_epics_buffer.py", argv),
+                                 tables=[table], notes=list(args.note)), started)
 
 
 if __name__ == "__main__":

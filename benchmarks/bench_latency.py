@@ -104,12 +104,13 @@ def _sender_child(config_json: str, conn: Connection) -> None:
         stamps: list[float] = []
 
         class StampedSimulator(DetectorSimulator):
-            def send_image(self, image_id: int) -> None:
-                super().send_image(image_id)  # returns when sendmmsg took the last packet
-                stamps.append(time.monotonic())
+            def send_images(self, first_id: int, count: int) -> None:
+                super().send_images(first_id, count)  # returns when sendmmsg took the last packet
+                stamps.extend([time.monotonic()] * count)
 
         config = DetectorConfig.model_validate_json(config_json)
-        with StampedSimulator(config, rate_hz=0.0, n_images=0) as sim:
+        # one image per sendmmsg: every image gets its own send time
+        with StampedSimulator(config, rate_hz=0.0, n_images=0, max_batch=1) as sim:
             conn.send({"ready": True})
             while True:
                 command = conn.recv()
@@ -846,6 +847,28 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(doc: dict[str, Any]) -> list[list[str]]:
+    """The README rows of a run: latency percentiles at its rate, RSS verdict."""
+    rows: list[list[str]] = []
+    lat, rss, params = doc.get("latency"), doc.get("rss"), doc["params"]
+    if isinstance(lat, dict) and "latency_ms" in lat:
+        f = lat["latency_ms"]
+        rows.append([f"latency, last packet -> readable in the HDF5 file, {params['latency_rate']:g} Hz, "
+                     f"{lat['images']} images", f"p50 {_num(f['p50'], 2)} ms, p99 {_num(f['p99'], 2)} ms, "
+                     f"max {_num(f['max'], 2)} ms; {lat['lost']} lost",
+                     f"target p99 <= {lat['target_ms']:g} ms: {'met' if lat['target_met'] else 'NOT met'}"])
+    if isinstance(rss, dict) and "processes" in rss:
+        slopes = [p["private"]["slope_per_10k"] for p in rss["processes"].values() if p["pipeline"]]
+        worst = max(slopes) if slopes else float("nan")
+        rows.append([f"RSS of every pipeline process over {rss['totals']['sent']} images at "
+                     f"{_num(rss['achieved_rate_hz'])} Hz",
+                     f"{'flat' if rss['all_flat'] else 'NOT flat'} (largest private slope "
+                     f"{_num(worst, 2)} MiB per 10k images); "
+                     f"{rss['totals']['sent'] - rss['totals']['good']} lost or not good",
+                     f"flat = private slope < {params['flat_threshold']:g} MiB per 10k images"])
+    return rows
+
+
 def _partial(result: dict[str, Any]) -> list[str]:
     if result.get("status") == "done":
         return []
@@ -1017,6 +1040,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=OUT_DIR, help="output directory (default benchmarks/out)")
     p.add_argument("--keep-logs", action="store_true", help="copy the pipeline's log into --out")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
+    p.add_argument("--record", action="store_true",
+                   help="also write benchmarks/records/bench_latency.json and regenerate RESULTS.md and "
+                        "the README table")
     return p
 
 
@@ -1031,12 +1058,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     command = "python benchmarks/bench_latency.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    from _records import Record, compact, machine_info, write_record
+
+    started = machine_info()
     with signals_raise():
         bench = LatencyBenchmark(args, command.strip())
         doc = bench.run()
         json_path, md_path, png_path, markdown = write_outputs(doc, args.out)
     print(markdown)
     print(f"results: {md_path}\n         {json_path}\n         {png_path}")
+    if args.record:
+        record = Record("bench_latency", command.strip(), figures={"headline": headline(doc)},
+                        notes=list(args.note), raw=compact(_no_nan(doc)))
+        print(f"recorded in {write_record(record, started)}")
+        import report
+
+        report.main([])
     failed = any(isinstance(r, dict) and r.get("status") == "failed" for r in (doc["latency"], doc["rss"]))
     return 130 if bench.interrupted else (1 if failed else 0)
 

@@ -19,8 +19,12 @@ the rate is stepped up until frames are lost, and the highest lossless rate is r
 For every run: the sender's achieved rate, frames caught / written / lost (counted from the output
 files), wall rate, CPU seconds per frame and RSS of every process (the virtual server included), the
 kernel's socket drops and buffer size, and the CPU other programs used meanwhile (noise). Each point is
-repeated ``--repeats`` times (variant order rotated) and reported as median (min–max). Output:
-``benchmarks/out/<timestamp>.{md,json,png}``; ``--record`` also updates ``benchmarks/RESULTS.md``.
+repeated ``--repeats`` times (variant order rotated) and reported as median (min–max). Before each
+multi-module detector's steps the simulator's own ceiling is measured (free-running, nothing
+receiving, 1 s) and reported beside its steps. Output: ``benchmarks/out/<timestamp>.{md,json,png}``;
+``--record`` also writes ``benchmarks/records/bench_pipeline.json`` and the plot
+``benchmarks/bench_pipeline.png``, then regenerates ``RESULTS.md`` and the README table
+(``report.py``).
 
     python benchmarks/bench_pipeline.py --repeats 2        # the recorded run (about 18 min on 2 cores)
     python benchmarks/bench_pipeline.py --quick            # a few hundred frames per point
@@ -40,6 +44,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -61,13 +66,14 @@ from _drain import UdpDrain  # noqa: E402
 from _net import free_udp_base, udp_socket_stats  # noqa: E402
 from _ours import OurPipeline, read_h5_counts  # noqa: E402
 from _procmon import ProcessMonitor  # noqa: E402
+from _records import Record, machine_info, write_record  # noqa: E402
 from _report import (  # noqa: E402
+    BASELINE,
     SCHEMA,
     VARIANTS,
     RunResult,
     machine_facts,
     parse_sender_report,
-    update_results_file,
     write_outputs,
 )
 from _rmem import (  # noqa: E402
@@ -89,6 +95,7 @@ from _sls import (  # noqa: E402
     sls_frames_on_disk,
 )
 from _vmmem import backed_memory  # noqa: E402
+from bench_sender import measure as measure_sender  # noqa: E402
 
 from daq_backend.broker import EmbeddedBrokerHub  # noqa: E402
 from daq_backend.config import DetectorConfig, load_config, parse_config  # noqa: E402
@@ -99,8 +106,6 @@ log = logging.getLogger("bench_pipeline")
 
 REPO = BENCH_DIR.parent
 OUT_DIR = BENCH_DIR / "out"
-RESULTS_FILE = BENCH_DIR / "RESULTS.md"
-RECORDED_PLOT = BENCH_DIR / "bench_pipeline.png"
 #: The built-in simulator with its own clock readings (``std-daq simulate`` prints only a summary):
 #: argv = config, rate, images; prints one JSON line when done.
 SIMULATOR_CODE = """
@@ -112,7 +117,8 @@ with DetectorSimulator(config, rate_hz=float(sys.argv[2]), n_images=int(sys.argv
     start = time.monotonic()
     sim.run()
     end = time.monotonic()
-print(json.dumps({"sent": sim.n_sent_images, "start": start, "end": end, "summary": sim.summary()}))
+print(json.dumps({"sent": sim.n_sent_images, "start": start, "end": end, "slips": sim.n_schedule_slips,
+                  "summary": sim.summary()}))
 """
 #: The multi-module detectors and the rates (Hz) each is stepped through.
 MULTI_DETECTORS: dict[str, tuple[str, tuple[float, ...]]] = {
@@ -141,6 +147,7 @@ class Plan:
     multi_max_steps: int
     work_root: Path
     vm_memory: str = "backed"
+    sender_probe_s: float = 1.0
     touch_gib: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -480,6 +487,14 @@ class PipelineBenchmark:
                 "steps": [], "best": None, "stopped_because": "all steps lossless",
             }
             self.multi.append(entry)
+            try:
+                ceiling = measure_sender(base, "unread", None, plan.sender_probe_s)
+                entry["sender_ceiling_hz"] = ceiling["images_per_s"]
+                entry["sender_ceiling"] = ceiling
+                log.info("   simulator ceiling for %s: %.0f images/s", name, ceiling["images_per_s"])
+            except Exception as exc:  # noqa: BLE001 - the steps are still worth running
+                log.exception("measuring the simulator ceiling failed")
+                entry["sender_ceiling_error"] = f"{type(exc).__name__}: {exc}"
             for rate in rates[: plan.multi_max_steps]:
                 frames = int(max(plan.multi_min_frames,
                                  min(rate * plan.multi_step_s, plan.multi_max_bytes // base.image_nbytes)))
@@ -488,7 +503,8 @@ class PipelineBenchmark:
                                    frame_bytes=base.image_nbytes)
                 self._attempt(result, lambda r=result, b=base: self._run_multi_step(r, b, cap))  # type: ignore[misc]
                 step = {"requested_rate_hz": float(rate), "frames": frames,
-                        "send_rate_hz": result.send_rate_hz, "lost": result.lost, "error": result.error}
+                        "send_rate_hz": result.send_rate_hz, "lost": result.lost, "error": result.error,
+                        "sender_slips": result.sender_slips}
                 entry["steps"].append(step)
                 if result.error is not None:
                     entry["stopped_because"] = f"step {rate:g} Hz failed"
@@ -536,6 +552,7 @@ class PipelineBenchmark:
             result.notes += [f"{name} was restarted {n} times: {pipeline.log_tail(500)}"
                              for name, n in pipeline.restarts().items()]
             result.send_wall_s = seconds
+            result.sender_slips = report.slips
             self._finish(result, [*names, "simulator"], t0, outcome.t_end, t0 + seconds)
         finally:
             if sim is not None and sim.poll() is None:
@@ -670,9 +687,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm"), help="where output files go")
     p.add_argument("--out", type=Path, default=None,
                    help="output base path (default benchmarks/out/<timestamp>); .md/.json/.png are added")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="also run our pipeline at git revision REV (its own bench_pipeline.py from a "
+                        "temporary worktree, same points, after this run) and compare CPU per frame")
+    p.add_argument("--record-as", default="bench_pipeline", metavar="NAME",
+                   help="record name (benchmarks/records/NAME.json; default bench_pipeline), e.g. "
+                        "bench_pipeline_asis for a --vm-memory as-is run reported beside the backed one")
+    p.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
     p.add_argument("--record", action="store_true",
-                   help="also put the report into benchmarks/RESULTS.md and the plot into "
-                        "benchmarks/bench_pipeline.png")
+                   help="also write benchmarks/records/bench_pipeline.json and the plot "
+                        "benchmarks/bench_pipeline.png, then regenerate RESULTS.md and the README table")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -701,20 +725,76 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise SystemExit(f"bench_pipeline.py: --rcvbuf must be 1..{MAX_SOCKET_RCVBUF}, got {plan.rcvbuf}")
     if quick:
         plan.notes.append("--quick: too few frames for stable numbers; for development only")
+    plan.notes += list(getattr(args, "note", []) or [])
     return plan
+
+
+def baseline_argv(args: argparse.Namespace, out: Path) -> list[str]:
+    """The points of this run for the baseline's benchmark: our pipeline only, no multi-module."""
+    argv = ["--variants", "ours", "--no-multi", "--buffers", ",".join(args.buffers),
+            "--vm-memory", "as-is", "--workdir", str(args.workdir), "--out", str(out),
+            "--settle", str(args.settle), "--sustained-period", str(args.sustained_period)]
+    for flag, value in (("--periods", args.periods), ("--frames", args.frames),
+                        ("--sustained", args.sustained), ("--repeats", args.repeats)):
+        if value is not None:
+            argv += [flag, ",".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)]
+    return ["--quick", *argv] if args.quick else argv
+
+
+def add_baseline(doc: dict[str, Any], args: argparse.Namespace, out_base: Path) -> None:
+    """Run revision ``args.baseline``'s own benchmark for our pipeline from a temporary git worktree
+    (its code on PYTHONPATH ahead of this tree's), and add its runs to ``doc`` as variant
+    ``baseline``. A failure is a note, not fatal: this run's results stand."""
+    rev = args.baseline
+    work = Path(tempfile.mkdtemp(prefix="std-daq-baseline-"))
+    tree = work / "tree"
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", f"{rev}^{{commit}}"],
+                                check=True, capture_output=True, text=True).stdout.strip()
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True,
+                       capture_output=True, text=True)
+        out = work / "baseline"
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        log.info("== baseline %s (%s): %s", rev, commit, " ".join(baseline_argv(args, out)))
+        proc = subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_pipeline.py"),
+                               *baseline_argv(args, out)], cwd=tree, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit {proc.returncode}: {proc.stdout[-1500:]}")
+        base_doc = json.loads(out.with_suffix(".json").read_text())
+        for run in base_doc.get("runs", []):
+            if run.get("variant") == "ours":
+                run["variant"] = BASELINE
+                doc["runs"].append(run)
+        doc["baseline"] = {"rev": rev, "commit": commit, "command": base_doc.get("command", "")}
+    except (OSError, subprocess.SubprocessError, RuntimeError, ValueError) as exc:
+        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
+        log.error("baseline %s failed: %s", rev, detail)
+        doc["notes"].append(f"baseline {rev} failed: {str(detail)[:1500]}")
+    finally:
+        if tree.exists():
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                           capture_output=True, text=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not re.fullmatch(r"bench_pipeline(_[A-Za-z0-9]+)*", args.record_as):
+        raise SystemExit(f"bench_pipeline.py: --record-as must be bench_pipeline or bench_pipeline_<suffix>, "
+                         f"got {args.record_as!r}")
     plan = make_plan(args)
     command = "python benchmarks/bench_pipeline.py " + " ".join(shlex.quote(a) for a in
                                                                  (sys.argv[1:] if argv is None else argv))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_base = args.out or OUT_DIR / stamp
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    started = machine_info()  # the commit that runs and the load, taken before the run
     with signals_raise():
         bench = PipelineBenchmark(plan, command.strip(), logs_dir=out_base.with_name(out_base.name + "-logs"))
         doc = bench.run()
+        if args.baseline and not bench.interrupted:
+            add_baseline(doc, args, out_base)
         json_path, md_path, markdown = write_outputs(doc, out_base)
         png_path = out_base.with_suffix(".png")
         from plot import render_plot
@@ -723,9 +803,13 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown)
         print(f"results: {md_path}\n         {json_path}\n         {png_path}")
         if args.record:
-            shutil.copyfile(png_path, RECORDED_PLOT)
-            update_results_file(RESULTS_FILE, markdown, RECORDED_PLOT.name)
-            print(f"recorded in {RESULTS_FILE} and {RECORDED_PLOT}")
+            plot_path = BENCH_DIR / f"{args.record_as}.png"
+            shutil.copyfile(png_path, plot_path)
+            record = Record(args.record_as, doc["command"], raw=doc)  # its notes are in doc
+            print(f"recorded in {write_record(record, started)} and {plot_path}")
+            import report
+
+            report.main([])
     return 130 if bench.interrupted else 0
 
 

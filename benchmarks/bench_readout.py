@@ -263,7 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refine", type=int, default=2, help="bisection steps after the first loss")
     parser.add_argument("--max-rate", type=float, default=20000.0)
     parser.add_argument("--out", type=Path, default=OUT_DIR / "bench_readout.json")
+    parser.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
+    parser.add_argument("--record", action="store_true",
+                        help="also write benchmarks/records/bench_readout.json and regenerate RESULTS.md")
     args = parser.parse_args(argv)
+    from _records import Record, Table, command_line, machine_info, record_and_report
+
+    started = machine_info()
 
     os.environ["STD_DAQ_IPC_DIR"] = tempfile.mkdtemp(prefix="sdqb", dir="/tmp")
     port = free_udp_port()
@@ -333,6 +339,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("no rate without loss")
     print(f"written {args.out}")
+    if args.record:
+        rows = [[f"{st['rate_hz']:.0f}", f"{st['sent_rate_hz']:.0f}", f"{st['good']}/{st['images']}",
+                 st["flagged"], st["missing"], st["kernel_drops"],
+                 ", ".join(f"{k} {v:.2f}" for k, v in st["cpu_s_per_gb"].items()),
+                 "yes" if st["sender_limited"] else "no"] for st in steps]
+        table = Table("Readout rate steps (Jungfrau, 1 module, 1 MiB frames)",
+                      ["requested Hz", "sent/s", "good", "flagged", "missing", "kernel drops", "CPU s/GB",
+                       "sender-limited"], rows,
+                      f"Loopback limit (simulator into an unread socket): {limit['images_per_s']:.0f} "
+                      f"frames/s = {limit['gb_per_s']:.2f} GB/s.")
+        ours = "no lossless step"
+        if best:
+            ours = (f"{best['sent_rate_hz']:.0f} frames/s = {best['gb_per_s']:.2f} GB/s"
+                    + (" (sender-limited)" if best["sender_limited"] else ""))
+        headline = [["readout (UDP -> sync -> assembled ring), 1 Jungfrau module, zero loss", ours,
+                     f"simulator alone {limit['images_per_s']:.0f} frames/s"]]
+        record_and_report(Record("bench_readout", command_line("bench_readout.py", argv), tables=[table],
+                                 figures={"headline": headline}, notes=list(args.note), raw=result),
+                          started)
     return 0
 
 

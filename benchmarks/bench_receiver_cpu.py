@@ -138,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds the batch path lets datagrams queue up (default: the receiver's)")
     parser.add_argument("--rcvbuf", type=int, default=None,
                         help="socket buffer to ask for (default: the receiver's, 100 frames)")
+    parser.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
+    parser.add_argument("--record", action="store_true",
+                        help="also write benchmarks/records/bench_receiver_cpu.json, regenerate RESULTS.md")
     args = parser.parse_args(argv)
+    from _records import Record, Table, command_line, machine_info, record_and_report
+
+    started = machine_info()
+    results: list[dict[str, object]] = []
     print(f"{'rate':>8} {'batch':>5} {'sent/s':>8} {'frames':>6} {'lost':>5} {'drops':>6} {'fast%':>6} "
           f"{'user':>6} {'sys':>6} {'cpu us/pkt':>10} {'ms/frame':>8} {'coalesce':>8}")
     for rate in args.rate:
@@ -149,6 +156,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['drops']:6d} {100 * r['fast'] / max(r['packets'], 1):6.1f} {r['user_us']:6.2f} "
                       f"{r['sys_us']:6.2f} {r['cpu_us']:10.2f} {r['cpu_ms_frame']:8.3f} {coalesce}",
                       flush=True)
+                results.append({"requested_rate": rate, "coalesce": coalesce, **r})
+    if args.record:
+        rows = [[f"{r['requested_rate']:.0f}", r["batch"], f"{r['rate']:.0f}", r["frames"], r["lost_frames"],
+                 r["drops"], round(r["cpu_us"], 2), round(r["cpu_ms_frame"], 3)] for r in results]
+        table = Table("Receiver CPU per packet (one Jungfrau ModuleReceiver process)",
+                      ["requested/s", "batch", "sent/s", "frames", "lost", "kernel drops", "CPU µs/packet",
+                       "CPU ms/frame"], rows,
+                      "batch 0 = one recv_into per datagram; batch N = recvmmsg of N.")
+        record_and_report(Record("bench_receiver_cpu", command_line("bench_receiver_cpu.py", argv),
+                                 tables=[table], notes=list(args.note), raw={"results": results}), started)
     return 0
 
 

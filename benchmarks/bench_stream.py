@@ -305,7 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=16, help="images in flight (replication)")
     parser.add_argument("--rcvhwm", type=int, default=32, help="stream-recv --hwm")
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; the median run is shown")
+    parser.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
+    parser.add_argument("--record", action="store_true",
+                        help="also write benchmarks/records/bench_stream.json and regenerate RESULTS.md")
     args = parser.parse_args(argv)
+    from _records import Record, command_line, machine_info, record_and_report, table_from_markdown
+
+    started = machine_info()
     if len(args.images) != len(args.sizes):
         parser.error("--images needs one count per --sizes entry")
     date = datetime.date.today().isoformat()
@@ -336,6 +342,21 @@ def main(argv: list[str] | None = None) -> int:
     (OUT / "bench_stream.json").write_text(json.dumps(results, indent=2))
     (OUT / "bench_stream.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.record:
+        table = table_from_markdown("Buffer replication and raw pyzmq (median of the runs)", HEADER,
+                                    lines[1:])
+        headline = []
+        for size in args.sizes:
+            of_size = [r for r in results if r["image_mib"] == size]
+            ours = next((r for r in of_size if r["test"].startswith("replication")), None)
+            peer = next((r for r in of_size if r["test"].endswith("into a ring")), None)
+            if ours and peer:
+                headline.append([f"buffer replication, loopback TCP, {size} MiB images",
+                                 f"{ours['bytes'] / ours['elapsed'] / 1e9:.2f} GB/s",
+                                 f"raw pyzmq into a ring {peer['bytes'] / peer['elapsed'] / 1e9:.2f} GB/s"])
+        record_and_report(Record("bench_stream", command_line("bench_stream.py", argv), tables=[table],
+                                 figures={"headline": headline}, notes=list(args.note),
+                                 raw={"results": results}), started)
     return 0
 
 

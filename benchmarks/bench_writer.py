@@ -187,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=256, help="images per run (each 1 MiB)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--disk", default="/tmp", help="folder on a disk")
+    parser.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
+    parser.add_argument("--record", action="store_true",
+                        help="also write benchmarks/records/bench_writer.json and regenerate RESULTS.md")
     args = parser.parse_args(argv)
+    from _records import Record, Table, command_line, machine_info, record_and_report
+
+    started = machine_info()
     config = parse_config({
         "detector_name": f"bench-writer-{uuid.uuid4().hex[:8]}", "detector_type": "jungfrau", "n_modules": 1,
         "bit_depth": 16, "image_pixel_height": 512, "image_pixel_width": 1024, "start_udp_port": 50000,
@@ -247,6 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     (OUT / "bench_writer.md").write_text(table + "\n")
     (OUT / "bench_writer.json").write_text(json.dumps({"date": date, "machine": machine, "results": results},
                                                       indent=1))
+    if args.record:
+        rows = [[r["target"], r["compression"], r["case"], round(r["gb_per_s"], 2), round(r["images_per_s"]),
+                 round(r["gb_per_s_median"], 2), round(r["gb_per_s_with_fsync"], 2),
+                 round(r["compression_ratio"], 2)] for r in results]
+        table = Table(f"Writer throughput, {args.images} x 1 MiB Jungfrau images, best of {args.repeat}",
+                      ["target", "compression", "writer", "GB/s", "images/s", "median GB/s",
+                       "GB/s incl. fsync", "ratio"], rows)
+        by = {(r["target"], r["compression"], r["case"]): r for r in results}
+        headline = []
+        for compression in ("none", "bitshuffle-lz4"):
+            ours = by.get(("/dev/shm", compression, "h5 writer (StoreStream -> file)"))
+            peer = by.get(("/dev/shm", compression, "h5py dset[i] = img"))
+            if ours and peer:
+                headline.append([f"HDF5 writer alone, 1 MiB images, /dev/shm, {compression}",
+                                 f"{ours['gb_per_s']:.2f} GB/s", f"h5py loop {peer['gb_per_s']:.2f} GB/s"])
+        record_and_report(Record("bench_writer", command_line("bench_writer.py", argv), tables=[table],
+                                 figures={"headline": headline}, notes=list(args.note),
+                                 raw={"results": results}), started)
     return 0
 
 

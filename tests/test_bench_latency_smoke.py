@@ -130,6 +130,14 @@ def test_tiny_run_writes_its_report_and_cleans_up(tmp_path: Path) -> None:
     assert "| h5-writer |" in markdown and "p99 ms" in markdown
     assert (out / "bench_latency.png").stat().st_size > 10_000
 
+    # what --record keeps: the document without its long series still renders, and the headline rows
+    from _records import compact
+
+    assert "| h5-writer |" in bench_latency.render_markdown(compact(doc, max_items=10))
+    rows = bench_latency.headline(doc)
+    assert len(rows) == 2 and rows[0][0].startswith("latency, last packet")
+    assert rows[1][0].startswith("RSS of every pipeline process over 80 images")
+
     # nothing left behind: files, rings
     assert list(work.iterdir()) == []
     for detector in (lat["detector"], rss["detector"]):

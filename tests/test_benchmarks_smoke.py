@@ -1,6 +1,8 @@
-"""The pure pieces of benchmarks/bench_pipeline.py, fast and without any detector: the rmem_max
-save/restore (on a stand-in sysctl file), result parsing, the report, the plot, the process monitor and
-the C drain over real loopback UDP."""
+"""The benchmarks' machinery, fast and without the virtual detectors: the rmem_max save/restore (on a
+stand-in sysctl file), result parsing, the report, the plot, the process monitor, the C drain over real
+loopback UDP, the simulator-ceiling benchmark and the pipeline benchmark's orchestration end to end on
+the built-in simulator, and that RESULTS.md and the README's benchmark table are exactly what
+``benchmarks/report.py`` writes from the committed records (a hand edit fails here)."""
 
 from __future__ import annotations
 
@@ -21,10 +23,13 @@ BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
+import _records  # noqa: E402
 import _report  # noqa: E402
 import _vmmem  # noqa: E402
 import bench_pipeline  # noqa: E402
+import bench_sender  # noqa: E402
 import plot  # noqa: E402
+import report  # noqa: E402
 from _drain import DrainResult, UdpDrain  # noqa: E402
 from _net import bound_udp_ports, free_udp_base, parse_ss  # noqa: E402
 from _ours import H5Count  # noqa: E402
@@ -248,7 +253,7 @@ def _doc(runs: list[RunResult]) -> dict:
                               "error": None}],
                    "best": {"requested_rate_hz": 500.0, "send_rate_hz": 499.0, "gbps": 0.06,
                             "cpu_ms_per_frame": 0.5, "cores_per_gbps": 4.0},
-                   "stopped_because": "7 frames lost at 1000 Hz"}],
+                   "stopped_because": "7 frames lost at 1000 Hz", "sender_ceiling_hz": 21000.0}],
     }
 
 
@@ -280,28 +285,14 @@ def test_markdown_has_every_table(tmp_path: Path) -> None:
     doc = _doc([*runs, failed])
     text = render_markdown(doc)
     assert "| 1 kHz | default | ours | 1000 | 0.20 |" in text
-    assert "| free-running | large | ours |" in text
-    assert "| 1 kHz | default | 2 / 290 | 0.01 |" in text
+    assert "| free-running (sender-paced) | large | ours |" in text
+    assert "| 1 kHz | default | 1000 / 1000 | 2 / 290 | 0.01 |" in text
     assert "FAILED 1 kHz default slsReceiver repeat 1: RuntimeError: boom" in text
-    assert ("| gigafrost_128x480 | 128x480x16bit | 8 | default | 500→499 (0 lost); 1000→990 (7 lost) | "
-            "500 Hz |") in text
+    assert ("| gigafrost_128x480 | 128x480x16bit | 8 | default | 21000 | 500→499 (0 lost); 1000→990 (7 lost) "
+            "| 500 Hz |") in text
     json_path, md_path, markdown = _report.write_outputs(doc, tmp_path / "out" / "stamp")
     assert md_path.read_text() == markdown
     assert _report.load_doc(json_path)["runs"][0]["variant"] == "drain"
-
-
-def test_results_file_section_is_replaced_and_the_rest_kept(tmp_path: Path) -> None:
-    results = tmp_path / "RESULTS.md"
-    results.write_text("# Benchmark results\n\n## Writer\n\nwriter numbers\n")
-    for name, body in (("A", "first"), ("B", "second")):
-        _report.update_results_file(results, f"# Pipeline benchmark {name}\n\n## Machine\n{body}\n",
-                                    "bench_pipeline.png")
-    text = results.read_text()
-    assert "writer numbers" in text
-    assert "second" in text and "first" not in text
-    assert text.count(_report.RESULTS_BEGIN) == 1
-    assert "## Pipeline benchmark B" in text and "### Machine" in text
-    assert "![rate and loss versus requested rate](bench_pipeline.png)" in text
 
 
 def test_plot_renders_from_a_result_file(tmp_path: Path) -> None:
@@ -402,3 +393,137 @@ def test_c_drain_counts_frames_over_loopback() -> None:
     assert (result.packets, result.frames_seen, result.frames_complete) == (5, 3, 2)
     assert result.bytes == 5 * 116
     assert result.last >= result.first > 0
+
+
+# -- records and the generated report --------------------------------------------------------------------
+
+
+def test_results_and_readme_table_are_what_report_writes_from_the_committed_records() -> None:
+    records = _records.load_records()
+    assert records, "benchmarks/records/ holds no record"
+    for record in records.values():
+        assert record.commit and record.command.startswith("python benchmarks/")
+        assert {"cpu_model", "cores", "kernel", "python"} <= set(record.machine)
+    for path, expected in report.outputs().items():
+        assert path.read_text() == expected, (
+            f"{path.name} is not what benchmarks/report.py writes from benchmarks/records/: run "
+            "`python benchmarks/report.py` (and never edit its figures by hand)")
+
+
+def test_records_are_committed_not_ignored() -> None:
+    proc = subprocess.run(["git", "-C", str(BENCH_DIR), "check-ignore", "-q", "records/bench_sender.json"],
+                          capture_output=True)
+    assert proc.returncode == 1  # 1 = not ignored
+
+
+def test_a_record_round_trips_and_report_shows_it_and_what_is_missing(tmp_path: Path) -> None:
+    table = _records.Table("T", ["a", "b"], [["x", 1.5], ["y|z", None]], caption="what a and b are")
+    record = _records.Record("bench_writer", "python benchmarks/bench_writer.py --images 5", tables=[table],
+                             figures={"headline": [["writer alone", "1.9 GB/s", "h5py 3.1 GB/s"]]},
+                             notes=["the machine was shared"])
+    path = _records.write_record(record, directory=tmp_path)
+    assert path == tmp_path / "bench_writer.json"
+    loaded = _records.load_records(tmp_path)["bench_writer"]
+    assert loaded.commit and loaded.date and "loadavg_end" in loaded.machine
+    text = report.render_results({"bench_writer": loaded})
+    assert "| writer alone | 1.9 GB/s | h5py 3.1 GB/s | [bench_writer](records/bench_writer.json)" in text
+    assert "| y\\|z | – |" in text and "- the machine was shared" in text
+    assert "Command: `python benchmarks/bench_writer.py --images 5`" in text
+    assert "## Not re-measured" in text and "`bench_pipeline.py`" in text
+    readme = "intro\n<!-- bench-table:start -->\nold hand-typed row\n<!-- bench-table:end -->\nrest\n"
+    new = report.replace_readme_table(readme, report.render_readme_table({"bench_writer": loaded}))
+    assert "old hand-typed row" not in new and new.startswith("intro\n") and new.endswith("\nrest\n")
+    assert "(benchmarks/records/bench_writer.json)" in new
+    with pytest.raises(ValueError, match="markers"):
+        report.replace_readme_table("no markers", "table")
+
+
+def test_pipeline_record_renders_with_ratios_and_sender_ceiling() -> None:
+    runs = [_run("slsReceiver", 0, 1.0), _run("ours", 0, 0.8), _run("ours", 0, 0.5, rate=0.0)]
+    record = _records.Record("bench_pipeline", "python benchmarks/bench_pipeline.py --quick",
+                             raw=_doc(runs), commit="abc", date="2026-01-01T00:00:00+00:00")
+    rows = report.headline_rows({"bench_pipeline": record})
+    assert any(r.what.startswith("CPU ms/frame, 1 kHz, default buffer") and "(sent/s ours / sls: 1000 / 1000)"
+               in r.what
+               and "ratio 0.80" in r.ours for r in rows)
+    assert any("gigafrost_128x480" in r.what and r.peer == "sender ceiling 21000/s" for r in rows)
+    text = report.render_results({"bench_pipeline": record})
+    assert "free-running (sender-paced)" in text and "### Ours / slsReceiver (medians)" in text
+
+
+def test_sender_benchmark_measures_and_records(tmp_path: Path) -> None:
+    from daq_backend.config import load_config
+
+    config = load_config(BENCH_DIR.parent / "configs" / "gigafrost_128x480.json")
+    doc = {"points": []}
+    for sink in bench_sender.SINKS:
+        figures = bench_sender.measure(config, sink, None, 0.2)
+        assert figures["images"] > 0 and figures["packets"] == 16 * figures["images"]
+        assert figures["max_batch"] == 64
+        if sink == "drained":
+            assert 0 < figures["received_pct"] <= 100
+        doc["points"].append({"detector": "gigafrost_128x480", "sink": sink, "batch": "default",
+                              "modules": 8, "image_bytes": config.image_nbytes, **figures})
+    figures = bench_sender.measure(config, "unread", None, 0.2, processes=2, n_images=200)
+    assert figures["images"] == 200 and figures["processes"] == 2 and figures["packets"] == 3200
+    doc["points"].append({"detector": "gigafrost_128x480", "sink": "unread", "batch": "default",
+                          "modules": 8, "image_bytes": config.image_nbytes, **figures})
+    record = bench_sender.to_record(doc, "python benchmarks/bench_sender.py", [])
+    assert record.tables[0].rows[-1][3:5] == ["default", 2]
+    assert record.tables[0].rows[0][:4] == ["gigafrost_128x480", 8, "unread", "default (64)"]
+    (row,) = report.headline_rows({"bench_sender": record})
+    assert row.what.startswith("simulator ceiling, gigafrost_128x480") and "images/s" in row.ours
+    assert "2 processes: achieved" in row.peer
+
+
+def test_pipeline_benchmark_runs_end_to_end_on_the_builtin_simulator(tmp_path: Path) -> None:
+    """``--quick`` orchestration with our pipeline and the built-in simulator (no virtual detector)."""
+    out = tmp_path / "out" / "run"
+    code = bench_pipeline.main(["--quick", "--variants", "", "--multi", "gigafrost_128x480", "--multi-steps",
+                                "1", "--buffers", "default", "--vm-memory", "as-is", "--workdir",
+                                str(tmp_path), "--out", str(out)])
+    assert code == 0
+    doc = _report.load_doc(out.with_suffix(".json"))
+    (entry,) = doc["multi"]
+    assert entry["sender_ceiling_hz"] > 0
+    (step,) = entry["steps"]
+    assert step["error"] is None and step["frames"] >= 100
+    (run,) = doc["runs"]
+    assert run["written"] is not None and run["good"] + run["lost"] == run["frames"]
+    assert "sender ceiling/s" in out.with_suffix(".md").read_text()
+
+
+def test_baseline_runs_render_beside_ours_and_its_argv_repeats_the_points(tmp_path: Path) -> None:
+    runs = [_run("slsReceiver", 0, 1.0), _run("ours", 0, 0.8), _run("baseline", 0, 1.6)]
+    doc = _doc(runs)
+    doc["baseline"] = {"rev": "main", "commit": "cafb3d4", "command": "python benchmarks/bench_pipeline.py"}
+    text = render_markdown(doc)
+    assert "## Ours / baseline main (`cafb3d4`) (medians)" in text
+    assert "| 1 kHz | default | 1000 / 1000 | 0 / 0 | 0.800 / 1.600 | 0.50 |" in text
+    rows = report.headline_rows({"bench_pipeline": _records.Record("bench_pipeline", "c", raw=doc)})
+    assert any("against our pipeline at main" in r.what and "ratio 0.50" in r.ours and not r.readme
+               for r in rows)
+    args = bench_pipeline.build_parser().parse_args(["--periods", "10,0", "--frames", "300",
+                                                     "--baseline", "main"])
+    argv = bench_pipeline.baseline_argv(args, tmp_path / "b")
+    assert argv[:3] == ["--variants", "ours", "--no-multi"] and "--baseline" not in argv
+    assert argv[argv.index("--periods") + 1] == "10,0" and argv[argv.index("--frames") + 1] == "300"
+
+
+def test_a_second_pipeline_record_renders_beside_the_first() -> None:
+    """``--record-as bench_pipeline_asis``: e.g. the VM memory as-is run next to the backed one."""
+    backed = _doc([_run("slsReceiver", 0, 1.0), _run("ours", 0, 0.8)])
+    backed["machine"]["vm_memory"] = "free page reporting off, touched 8 GiB"
+    asis = _doc([_run("slsReceiver", 0, 1.0), _run("ours", 300, 2.0)])
+    asis["machine"]["vm_memory"] = "as the machine has it (no change)"
+    records = {name: _records.Record(name, "python benchmarks/bench_pipeline.py", raw=doc, commit="abc",
+                                     date="2026-01-01T00:00:00+00:00")
+               for name, doc in (("bench_pipeline", backed), ("bench_pipeline_asis", asis))}
+    assert report.script_of("bench_pipeline_asis") == "bench_pipeline"
+    text = report.render_results(records)
+    assert "## Pipeline: ours vs slsReceiver (`bench_pipeline.py`): record `bench_pipeline_asis`" in text
+    rows = report.headline_rows(records)
+    assert any("VM memory backed" in r.what and "0 of 1000" in r.ours for r in rows)
+    assert any("VM memory as-is" in r.what and "300 of 1000" in r.ours for r in rows)
+    with pytest.raises(SystemExit, match="--record-as"):
+        bench_pipeline.main(["--record-as", "other"])

@@ -228,6 +228,52 @@ def test_simulator_sends_exact_datagrams_to_module_ports(name: str, use_sendmmsg
     )
 
 
+@pytest.mark.parametrize("name", ["jungfrau_1m", "eiger_500k_32", "gigafrost_128x480"])
+def test_frame_addresses_point_at_frame_bytes(name: str) -> None:
+    config = load_config(CONFIGS / f"{name}.json")
+    source = pattern_source(config)
+    ids = np.array([0, 1, 2, 7, 12345, 2**31 + 3])
+    for m in config.required_modules:
+        expected = [source.frame_bytes(m, int(i)).__array_interface__["data"][0] for i in ids]
+        assert source.frame_addresses(m, ids).tolist() == expected
+    modules = tuple(config.required_modules)
+    table = source.address_table(modules, ids)
+    assert table.shape == (len(ids), len(modules))
+    assert all(table[:, k].tolist() == source.frame_addresses(m, ids).tolist() for k, m in enumerate(modules))
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, None])
+def test_batches_send_the_same_datagrams_around_a_faulty_image(max_batch: int | None) -> None:
+    """Images batched into one sendmmsg, split around an image with a fault, with pulse ids."""
+    data = jf(2).to_json_dict()
+    data["image_id_source"] = "pulse_id"
+    base = parse_config(data)
+    with Collector(2) as collector:
+        config = with_port(base, collector.base)
+        with DetectorSimulator(config, n_images=7, start_id=20, drop_frames={(23, 1)},
+                               max_batch=max_batch) as sim:
+            assert sim.max_batch == (max_batch or 4)  # 1024 datagrams // 256 per image
+            sim.run()
+        n_expected = 7 * 2 * 128 - 128
+        assert (sim.n_sent_images, sim.n_sent_packets, sim.last_sent_id) == (7, n_expected, 26)
+        received = collector.wait_for(n_expected)
+    expected = Counter(
+        (m, d) for image_id in range(20, 27) for m in config.required_modules
+        if (image_id, m) != (23, 1) for d in module_datagrams(config, m, image_id)
+    )
+    assert Counter(received) == expected
+
+
+def test_high_rates_send_the_images_due_together_and_never_run_ahead() -> None:
+    with Collector(8) as collector:
+        config = with_port(load_config(CONFIGS / "gigafrost_128x480.json"), collector.base)
+        with DetectorSimulator(config, rate_hz=20000, n_images=400, start_id=1) as sim:
+            sim.run()
+            assert sim.n_sent_images == 400
+            assert sim.elapsed >= 399 / 20000  # deadlines only move later, never earlier
+        collector.wait_for(400 * 16)
+
+
 def test_drop_duplicate_and_reorder() -> None:
     with Collector(2) as collector:
         config = with_port(jf(2), collector.base)
@@ -325,6 +371,8 @@ def test_thread_mode_start_stop() -> None:
 def test_simulator_validates_arguments() -> None:
     with pytest.raises(ValueError, match="rate_hz"):
         DetectorSimulator(jf(), rate_hz=-1)
+    with pytest.raises(ValueError, match="max_batch"):
+        DetectorSimulator(jf(), max_batch=0)
     with pytest.raises(ValueError, match="drop_packets"):
         DetectorSimulator(jf(), drop_packets=[(1, 2)])
     gf = load_config(CONFIGS / "gigafrost_128x480.json")
@@ -450,3 +498,43 @@ def test_simulated_control_acquisitions_continue_ids() -> None:
         control.close()  # idempotent
         with pytest.raises(DetectorStateError, match="closed"):
             control.start()
+
+
+def test_parallel_processes_send_every_module_once_on_one_schedule() -> None:
+    from daq_backend.simulator.sender import ParallelSimulator
+
+    base = load_config(CONFIGS / "gigafrost_128x480.json")
+    with Collector(base.n_modules) as collector:
+        config = with_port(base, collector.base)
+        sim = ParallelSimulator(config, 3, rate_hz=0, n_images=5, start_id=40, drop_frames={(42, 5)})
+        assert [list(g) for g in sim.groups] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+        with sim:
+            sim.run()
+        n_expected = 5 * 8 * 2 - 2
+        assert (sim.n_sent_images, sim.n_sent_packets, sim.n_dropped_packets) == (5, n_expected, 2)
+        assert sim.last_sent_id == 44 and "from 3 processes" in sim.summary()
+        received = collector.wait_for(n_expected)
+    expected = Counter(
+        (m, d) for image_id in range(40, 45) for m in config.required_modules
+        if (image_id, m) != (42, 5) for d in module_datagrams(config, m, image_id)
+    )
+    assert Counter(received) == expected
+
+
+def test_a_module_subset_is_checked() -> None:
+    with pytest.raises(ValueError, match="subset"):
+        DetectorSimulator(jf(2), modules=[2])
+    with pytest.raises(ValueError, match="processes"):
+        from daq_backend.simulator.sender import ParallelSimulator
+
+        ParallelSimulator(jf(2), 0)
+
+
+def test_cli_sends_from_several_processes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with Collector(2) as collector:
+        path = tmp_path / "jf2.json"
+        path.write_text(json.dumps(with_port(jf(2), collector.base).to_json_dict()))
+        assert main([str(path), "--rate", "0", "--n-images", "3", "--processes", "2", "--no-progress"]) == 0
+        assert "sent 3 images (768 packets)" in capsys.readouterr().out
+        seq = packet_sequence(load_config(path), collector.wait_for(768))
+    assert sorted(seq) == [(i, m) for i in (1, 2, 3) for m in (0, 1)]

@@ -48,6 +48,7 @@ class PatternSource:
         self.n_pixels = self.layout.module_shape[0] * self.layout.module_shape[1]
         self._sequences: dict[int, np.ndarray] = {}
         self._packed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._bases: dict[tuple[int, ...], np.ndarray] = {}
 
     def _offset(self, module_id: int, image_id: int) -> int:
         if image_id < 0:
@@ -85,6 +86,44 @@ class PatternSource:
         start = off // 2 * 3
         return packed[off % 2][start : start + self.layout.frame_nbytes]
 
+    def address_table(self, module_ids: tuple[int, ...], image_ids: np.ndarray) -> np.ndarray:
+        """``frame_addresses`` of every module for every image at once: shape (images, modules).
+        The image's offset into the pattern does not depend on the module, so this is one
+        broadcast over per-module base addresses (cached per module tuple)."""
+        ids = np.asarray(image_ids, dtype=np.int64)
+        if ids.size and int(ids.min()) < 0:
+            raise ValueError(f"image ids must be >= 0, got {int(ids.min())}")
+        bases = self._bases.get(module_ids)
+        if bases is None:
+            bases = self._bases[module_ids] = np.stack(
+                [self.frame_addresses(m, np.array([0, 1])) for m in module_ids], axis=1)
+        off = (IMAGE_STEP * ids) % self.modulus
+        if self.config.detector_type is not DetectorType.GIGAFROST:
+            step = np.uint64(self.layout.raw_dtype.itemsize)
+            return bases[0][None, :] + (off.astype(np.uint64) * step)[:, None]
+        # bases[0]: offset 0 (even sequence), bases[1]: offset 7 (odd sequence, start 7 // 2 * 3)
+        odd_base = bases[1] - np.uint64(IMAGE_STEP // 2 * 3)
+        parity = (off % 2 == 1)[:, None]
+        starts = (off // 2 * 3).astype(np.uint64)[:, None]
+        return np.where(parity, odd_base[None, :], bases[0][None, :]) + starts
+
+    def frame_addresses(self, module_id: int, image_ids: np.ndarray) -> np.ndarray:
+        """Memory address of ``frame_bytes(module_id, i)``'s first byte for every ``i`` of
+        ``image_ids`` (uint64), computed for all of them at once. The memory belongs to this
+        source: it stays valid as long as the source lives."""
+        ids = np.asarray(image_ids, dtype=np.int64)
+        if ids.size and int(ids.min()) < 0:
+            raise ValueError(f"image ids must be >= 0, got {int(ids.min())}")
+        off = (IMAGE_STEP * ids) % self.modulus
+        if self.config.detector_type is not DetectorType.GIGAFROST:
+            seq = self._sequence(module_id)
+            base = np.uint64(seq.__array_interface__["data"][0])
+            return base + off.astype(np.uint64) * np.uint64(seq.itemsize)
+        self.frame_bytes(module_id, 0)  # builds the packed sequences
+        even, odd = (np.uint64(p.__array_interface__["data"][0]) for p in self._packed[module_id])
+        bases = np.where(off % 2 == 0, even, odd)
+        return bases + (off // 2 * 3).astype(np.uint64)
+
 
 def encode_raw(config: DetectorConfig, v: np.ndarray) -> np.ndarray:
     """Pattern value -> raw wire word (see the module docstring)."""
@@ -115,6 +154,13 @@ def header_ids(config: DetectorConfig, image_id: int) -> tuple[int, int]:
     number always equals the image id; the pulse id too when the config reads ids from pulse ids."""
     pulse_id = image_id if config.image_id_source is ImageIdSource.PULSE_ID else 0
     return image_id, pulse_id
+
+
+def header_id_arrays(config: DetectorConfig, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`header_ids` of many images at once: (frame numbers, pulse ids), uint64."""
+    ids = np.asarray(image_ids, dtype=np.uint64)
+    pulse = ids if config.image_id_source is ImageIdSource.PULSE_ID else np.zeros_like(ids)
+    return ids, pulse
 
 
 def module_datagrams(
