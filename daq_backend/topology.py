@@ -4,7 +4,8 @@ A :class:`Topology` lists the processes of one detector as :class:`ServiceSpec` 
 what the process owns in ``/dev/shm`` and as ipc socket files):
 
 * ``receiver-<m>`` for every required module (UDP in, frame ring out);
-* ``assembler`` (frame rings in, image ring + ``ImageMetadata`` out);
+* ``assembler`` (frame rings in, followed through their commit logs; image ring + ``ImageMetadata``
+  out);
 * ``writer-agent`` (write requests from the broker in, ``StoreStream`` out) and ``h5-writer``
   (``StoreStream`` in, HDF5 files out), two processes;
 * ``rest`` (the REST API; it also drives the detector control);
@@ -153,7 +154,7 @@ class Topology:
             "assembler",
             argv=(*self.launcher, self.python, "-m", "daq_backend.readout.assembler", path, *self._log()),
             shm_names=(ipc.image_ring_name(det),),
-            ipc_addresses=(ipc.module_frames_address(det), ipc.image_metadata_address(det)),
+            ipc_addresses=(ipc.image_metadata_address(det),),
             role=Role.ASSEMBLER, reports_stats=True,
         ))
         return specs

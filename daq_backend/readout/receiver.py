@@ -16,7 +16,8 @@ per-packet buffers are allocated. Two ways to place them, with the same rules an
 measured: 2.4 us/packet against 2.0 for ``recv_into`` + an 8 KiB copy, because of the tuples it
 returns.)
 
-A frame is flushed (slot committed, ``ModuleFrame`` PUSHed to the synchroniser) when it is complete,
+A frame is flushed (slot committed with its ``ModuleFrame`` as slot metadata: the assembler follows the
+ring's commit log, no message per frame) when it is complete,
 when the first packet of another frame arrives (it lost packets), or after ``idle_flush`` seconds
 without packets of its stream (so the last frame of an acquisition is not held back by a lost last
 packet, however much else arrives). Before flushing an incomplete frame the byte ranges of its
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import select
 import socket
 import sys
@@ -72,8 +74,8 @@ BUFFERED_FRAMES = 100
 MAX_DEFAULT_RCVBUF = 512 * 1024 * 1024
 #: How many recently flushed ids a receiver remembers to recognise late or duplicate packets.
 RECENT_FRAMES = 16
-#: Module frame announcements queued for a busy assembler before they are dropped (and counted).
-ANNOUNCE_HWM = 100_000
+#: Longest sleep of an idle receiver (the stats reporter's pace): datagrams and ``stop()`` wake it.
+IDLE_WAIT = 1.0
 #: Largest image id a ring slot can hold (its seqlock stores id + 1 in 64 bits).
 MAX_IMAGE_ID = 2**64 - 2
 #: Datagrams one ``recvmmsg`` call may return (rows of the staging buffer).
@@ -110,7 +112,6 @@ class ReceiverStats(Counters):
     duplicate_packets: int = 0
     out_of_order_packets: int = 0
     late_packets: int = 0
-    frames_unannounced: int = 0
     frames_skipped: int = 0
     rejected_module_id: int = 0
     rejected_out_of_range: int = 0
@@ -276,12 +277,8 @@ class ModuleReceiver:
             self.sock.close()
             raise
         self._ctx = context or zmq.Context.instance()
-        self._push = self._ctx.socket(zmq.PUSH)
-        # Queue announcements rather than drop them while the assembler is busy: a frame whose slot
-        # is lapped by then is detected (and counted) by the assembler's seqlock check.
-        self._push.setsockopt(zmq.SNDHWM, ANNOUNCE_HWM)
-        self._push.setsockopt(zmq.LINGER, 500)
-        self._push.connect(ipc.module_frames_address(config.detector_name))
+        #: written by ``stop()`` so that an idle receiver wakes at once (it sleeps up to ``IDLE_WAIT``)
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._reporter = StatsReporter(
             config.detector_name, service_name(f"receiver-{module_id}"), self.stats.snapshot,
             interval=stats_interval, context=self._ctx,
@@ -312,6 +309,7 @@ class ModuleReceiver:
         stopped = self._stop.is_set
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self._wake_fd, select.POLLIN)
         readable = True
         while not stopped():
             if readable:
@@ -347,7 +345,7 @@ class ModuleReceiver:
 
     def _wait(self, now: float) -> float:
         """Seconds the idle loop may sleep before ``_housekeeping`` has something to do."""
-        wait = 0.1
+        wait = IDLE_WAIT
         if self._cur_id is not None:
             wait = min(wait, self._stream_touched + self.idle_flush - now)
         deadline = self.window.next_deadline(now)
@@ -784,10 +782,6 @@ class ModuleReceiver:
             self.ring.commit(image_id, packed)
         st.frames += 1
         st.last_frame_id = image_id
-        try:
-            self._push.send(packed, zmq.NOBLOCK)
-        except zmq.Again:
-            st.frames_unannounced += 1
         self._recent[image_id] = time.monotonic()
         self._recent.move_to_end(image_id)
         if len(self._recent) > RECENT_FRAMES:
@@ -803,6 +797,8 @@ class ModuleReceiver:
     # -- lifetime ----------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
+        if self._wake_fd >= 0:
+            os.eventfd_write(self._wake_fd, 1)
 
     def start(self) -> threading.Thread:
         """Run in a daemon thread (tests, in-process pipelines)."""
@@ -811,15 +807,16 @@ class ModuleReceiver:
         return thread
 
     def close(self) -> None:
-        """Release socket, ZMQ socket and ring (unlinked: this process owns it)."""
+        """Release the sockets and the ring (unlinked: this process owns it)."""
         if self._closed:
             return
         self._closed = True
         self._slot = None
         self._slot_rows = None
         self._reporter.close()
-        self._push.close()
         self.sock.close()
+        os.close(self._wake_fd)
+        self._wake_fd = -1
         self.ring.close()
 
 
