@@ -554,6 +554,7 @@ class FollowerGroup(Generic[K]):
         }
         self._by_name = {f.name: f for f in self.followers.values()}
         self._bell = futex.private_word()
+        self._woken = False
         self._appeared: set[str] = set()
         self._lock = threading.Lock()
         self._watcher = ShmWatcher(self._by_name, self._on_appear)
@@ -592,7 +593,8 @@ class FollowerGroup(Generic[K]):
         return False
 
     def wait(self, timeout: float) -> bool:
-        """Sleep until there is something to take, or ``timeout`` s; True if there is."""
+        """Sleep until there is something to take (True), ``timeout`` s passed or :meth:`wake` was
+        called (False)."""
         deadline = time.monotonic() + timeout
         while True:
             bell_seen = self._bell.value
@@ -604,6 +606,9 @@ class FollowerGroup(Generic[K]):
                     seen.append(follower.ring.doorbell.value)
             if self.pending():
                 return True
+            if self._woken:  # set before the bell is bumped: a wake is never slept through
+                self._woken = False
+                return False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -624,7 +629,8 @@ class FollowerGroup(Generic[K]):
         return out
 
     def wake(self) -> None:
-        """Make a ``wait`` in another thread return at once (it re-checks and may sleep again)."""
+        """Make a ``wait`` in another thread return at once."""
+        self._woken = True
         self._bell.bump()
 
     def close(self) -> None:
