@@ -1,0 +1,147 @@
+"""CPU per frame of the readout processes (receiver, assembler) from their own /proc times.
+
+Starts one receiver and one assembler as separate processes (``python -m daq_backend.readout...``,
+as the supervisor does), feeds them ``--frames`` 1-module Jungfrau frames at each ``--rates`` with the
+built-in simulator (in a process of its own), waits until the assembler's image ring holds the last
+image, and reads each process's ``utime + stime`` from ``/proc/<pid>/stat`` before and after: a figure
+that other programs on a shared machine move far less than wall-clock rates (it is this process's own
+CPU, not the machine's). ``--subscriber`` adds a SUB to the ``ImageMetadata`` stream (what the writer
+agent, stream-send or live-stream would be), so the cost of publishing is measured too.
+
+``--tree DIR`` runs another checkout's ``daq_backend`` (put first on ``PYTHONPATH``): before/after
+comparisons in one run, alternating, so that the machine's load hits both alike.
+
+    python benchmarks/bench_readout_cpu.py --rates 100,1000 --frames 2000 --tree /tmp/base --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+from _net import free_udp_port  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def run_point(tree: Path, rate: float, frames: int, subscriber: bool) -> dict[str, Any]:
+    """One receiver + assembler of ``tree`` at ``rate`` Hz; CPU ms per frame of each."""
+    import zmq
+
+    from daq_backend import ipc
+    from daq_backend.config import parse_config
+    from daq_backend.formats import ImageMetadata
+    from daq_backend.ram_buffer import RingBuffer
+    from daq_backend.simulator.sender import DetectorSimulator
+
+    ipc_dir = tempfile.mkdtemp(prefix="sdqc", dir="/tmp")
+    env = {**os.environ, "STD_DAQ_IPC_DIR": ipc_dir, "PYTHONPATH": str(tree)}
+    os.environ["STD_DAQ_IPC_DIR"] = ipc_dir
+    config = parse_config({
+        "detector_name": f"c{uuid.uuid4().hex[:8]}", "detector_type": "jungfrau", "n_modules": 1,
+        "bit_depth": 16, "image_pixel_height": 512, "image_pixel_width": 1024,
+        "start_udp_port": free_udp_port(), "frame_ring_slots": 1000, "image_ring_slots": 1000,
+    })
+    path = Path(ipc_dir) / "config.json"
+    path.write_text(config.model_dump_json())
+    logs = open(Path(ipc_dir) / "log", "w")  # noqa: SIM115
+    procs = {
+        "receiver": subprocess.Popen([sys.executable, "-m", "daq_backend.readout.receiver", str(path), "0",
+                                      "--log-level", "WARNING"], env=env, stdout=logs, stderr=logs),
+        "assembler": subprocess.Popen([sys.executable, "-m", "daq_backend.readout.assembler", str(path),
+                                       "--log-level", "WARNING"], env=env, stdout=logs, stderr=logs),
+    }
+    sub = None
+    try:
+        ring = RingBuffer.attach(ipc.image_ring_name(config.detector_name), timeout=60, populate=False)
+        seen = [0]
+        if subscriber:
+            sub = zmq.Context.instance().socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(ipc.image_metadata_address(config.detector_name))
+        time.sleep(3.0)  # both processes mapped their rings (pages populated) and settled
+        with DetectorSimulator(config, rate_hz=50, n_images=20, start_id=1) as sim:  # warm-up
+            sim.run()
+        deadline = time.monotonic() + 60
+        while not ring.holds(20) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cpu0 = {name: proc_cpu(p.pid) for name, p in procs.items()}
+        t0 = time.monotonic()
+        with DetectorSimulator(config, rate_hz=rate, n_images=frames, start_id=21) as sim:
+            sim.run()
+            achieved = sim.achieved_rate
+        last = 20 + frames
+        deadline = time.monotonic() + 60
+        while not ring.holds(last) and time.monotonic() < deadline:
+            if sub is not None:
+                while sub.poll(0):
+                    ImageMetadata.unpack(sub.recv())
+                    seen[0] += 1
+            time.sleep(0.005)
+        wall = time.monotonic() - t0
+        cpu1 = {name: proc_cpu(p.pid) for name, p in procs.items()}
+        complete = bool(ring.holds(last))
+        ring.close()
+    finally:
+        if sub is not None:
+            sub.close()
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            p.wait(30)
+        logs.close()
+        for name in (ipc.frame_ring_name(config.detector_name, 0), ipc.image_ring_name(config.detector_name)):
+            Path("/dev/shm", name).unlink(missing_ok=True)
+        subprocess.run(["rm", "-rf", ipc_dir], check=False)
+    per_frame = {name: round((cpu1[name] - cpu0[name]) * 1000 / frames, 3) for name in procs}
+    return {"rate_hz": rate, "achieved_hz": round(achieved, 1), "frames": frames, "wall_s": round(wall, 2),
+            "last_image_in_ring": complete, "cpu_ms_per_frame": per_frame,
+            "readout_ms_per_frame": round(sum(per_frame.values()), 3)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rates", default="100,1000", help="comma-separated frame rates in Hz")
+    p.add_argument("--frames", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--tree", type=Path, action="append", default=[],
+                   help="another checkout whose daq_backend to measure too (repeatable)")
+    p.add_argument("--subscriber", action="store_true", help="subscribe to the ImageMetadata stream")
+    p.add_argument("--out", type=Path, default=None, help="JSON output file")
+    args = p.parse_args()
+    trees = [ROOT, *args.tree]
+    results = []
+    for repeat in range(args.repeats):
+        for rate in (float(r) for r in args.rates.split(",")):
+            for tree in trees if repeat % 2 == 0 else trees[::-1]:
+                point = run_point(tree, rate, args.frames, args.subscriber)
+                point.update(tree=str(tree), repeat=repeat, subscriber=args.subscriber)
+                print(json.dumps(point), flush=True)
+                results.append(point)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
