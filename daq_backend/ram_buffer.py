@@ -234,6 +234,10 @@ class RingBuffer:
         if self._seq[i, 0] != image_id + 1:
             raise SlotOverwritten(self._describe(i, image_id))
 
+    def writing(self, image_id: int) -> bool:
+        """True if the slot's last ``begin_write`` was for ``image_id`` (written or being written)."""
+        return bool(self._seq[image_id % self.n_slots, 0] == image_id + 1)
+
     def holds(self, image_id: int) -> bool:
         i = image_id % self.n_slots
         return self._seq[i, 1] == image_id + 1 and self._seq[i, 0] == image_id + 1

@@ -309,7 +309,7 @@ def test_lapped_frame_ring_slot_is_zeroed_and_counted(ipc_env: str) -> None:
 
 
 def test_assembler_survives_a_failing_image(ipc_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = make_config("jungfrau")
+    config = make_config("jungfrau", n_modules=2)  # two modules: the assembler places every frame
     with InProcessReadout(config) as readout:
         layout = readout.assembler.layout
         assemble = layout.assemble

@@ -4,7 +4,9 @@ Follows the commit log of every required module's frame ring (``ram_buffer.Follo
 futex sleep for all rings per wake-up, however many frames each wake-up finds), reads each frame's
 ``ModuleFrame`` from its slot metadata, groups them with the ``Synchroniser`` and, for each released
 image id, places every required module's frame (read straight from its frame ring) into the image
-ring slot with the detector layout. There is no message per frame: a receiver only commits its slot.
+ring slot with the detector layout (a single-module detector whose frame is the image skips that
+copy: its receiver writes straight into the image ring, see ``readout.direct``). There is no
+message per frame: a receiver only commits its slot.
 A receiver that restarts re-creates its ring; the group moves to the new ring at once (inotify) and
 takes it from its first commit. Modules that did not report, or whose frame ring slot was already
 overwritten by a newer frame (a lapped slot, checked with the ring's seqlock), are zero-filled and
@@ -54,7 +56,8 @@ from daq_backend.formats import (
     received_map_nbytes,
     unpack_received,
 )
-from daq_backend.ram_buffer import Followed, FollowerGroup, RingBuffer, SlotOverwritten
+from daq_backend.ram_buffer import SLOT_META_BYTES, Followed, FollowerGroup, RingBuffer, SlotOverwritten
+from daq_backend.readout.direct import DIRECT_FLAG, DIRECT_FLAG_OFFSET, direct_possible
 from daq_backend.readout.sync import Accepted, Release, SyncedImage, Synchroniser
 from daq_backend.readout.window import MAX_FRAME_GAP
 from daq_backend.stats import Counters, StatsReporter, service_name
@@ -80,7 +83,8 @@ class AssemblerStats(Counters):
     their id; ``ignored_frames``: frames announcing another module than their ring's;
     ``frame_rings_recreated``: receivers' rings followed anew after a receiver restart;
     ``wakeups``: times the assembler woke and found frames; ``metadata_subscribers``: subscriptions
-    to the ``ImageMetadata`` stream now."""
+    to the ``ImageMetadata`` stream now; ``images_published``: images sent on it; ``images_direct``:
+    images whose pixels the receiver wrote into the image ring (``readout.direct``)."""
 
     frames: int = 0
     images: int = 0
@@ -106,6 +110,7 @@ class AssemblerStats(Counters):
     wakeups: int = 0
     metadata_subscribers: int = 0
     images_published: int = 0
+    images_direct: int = 0
     pending: int = 0
     last_image_id: int = 0
 
@@ -130,6 +135,11 @@ class ImageAssembler:
         self.dtype = np.dtype(config.image_dtype)
         self._dtype_code = DTYPE_CODES[config.image_dtype]
         layout.prepare()
+        #: a single-module detector whose frame is the image: its receiver may write straight into
+        #: the image ring (``readout.direct``); ids of such frames waiting to be committed
+        self._direct = direct_possible(config, layout)
+        self._meta_nbytes = SLOT_META_BYTES if self._direct else MODULE_FRAME_NBYTES
+        self._direct_ids: set[int] = set()
         #: converted pixel values need the receivers' packet maps to mark what never arrived
         self._marks_missing = config.converted and layout.packets_per_frame <= MAX_RECEIVED_MAP_PACKETS
         self._write_seq = 0
@@ -245,7 +255,7 @@ class ImageAssembler:
         if ring is None:
             return
         try:
-            raw = ring.meta(image_id, MODULE_FRAME_NBYTES)
+            raw = ring.meta(image_id, self._meta_nbytes)
         except SlotOverwritten:
             st.lapped_frames += 1
             return
@@ -254,7 +264,7 @@ class ImageAssembler:
             log.exception("assembler of %s: reading module %d's frame %d failed", self.config.detector_name,
                           module, image_id)
             return
-        frame = ModuleFrame.unpack(raw)
+        frame = ModuleFrame.unpack(raw[:MODULE_FRAME_NBYTES])
         if frame.id != image_id:
             st.bad_messages += 1
             return
@@ -263,6 +273,7 @@ class ImageAssembler:
             st.ignored_frames += 1
             return
         now = time.monotonic()
+        direct = self._direct and raw[DIRECT_FLAG_OFFSET] == DIRECT_FLAG
         accepted = self.sync.add(frame, now)
         if accepted is Accepted.DUPLICATE:
             st.duplicate_frames += 1
@@ -271,6 +282,8 @@ class ImageAssembler:
         elif accepted is Accepted.NOT_REQUIRED:
             st.ignored_frames += 1
         else:
+            if direct:
+                self._direct_ids.add(image_id)
             for image in self.sync.pop_ready(now):
                 self._guarded(self._emit, image)
 
@@ -278,8 +291,15 @@ class ImageAssembler:
         st = self.stats
         image_id = synced.image_id
         ppf = self.packets_per_frame
-        slot = self.ring.begin_write(image_id)
-        image = slot.view(self.dtype).reshape(self.shape)
+        direct = image_id in self._direct_ids
+        if direct:  # the receiver wrote the pixels into the slot: commit it if it still holds them
+            self._direct_ids.discard(image_id)
+            if not self.ring.writing(image_id):
+                st.lapped_frames += 1
+                return
+            image = None
+        else:
+            image = self.ring.begin_write(image_id).view(self.dtype).reshape(self.shape)
         missing = 0
         identities: set[tuple[int, int]] = set()
         for module in self.required:
@@ -289,13 +309,14 @@ class ImageAssembler:
                 st.missing_module_frames += 1
             else:
                 identities.add((frame.frame_index, frame.pulse_id))
-                placed = self._place(module, image_id, image, frame.n_recv_packets)
+                placed = image is None or self._place(module, image_id, image, frame.n_recv_packets)
                 if not placed:
                     st.lapped_frames += 1
             if placed:
                 missing += ppf - min(frame.n_recv_packets, ppf)  # type: ignore[union-attr]
             else:
-                self.layout.zero_module(module, image)
+                if image is not None:
+                    self.layout.zero_module(module, image)
                 missing += ppf
         if identities:
             frame_index = min(identities)[0]
@@ -322,6 +343,7 @@ class ImageAssembler:
             self._pub.send(packed)
             st.images_published += 1
         st.images += 1
+        st.images_direct += direct
         st.bytes += self.ring.slot_nbytes
         st.missing_packets += missing
         st.last_image_id = image_id

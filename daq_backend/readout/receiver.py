@@ -62,6 +62,7 @@ from daq_backend.formats import MAX_RECEIVED_MAP_PACKETS, ModuleFrame, pack_rece
 from daq_backend.priority import apply_rt_priority
 from daq_backend.ram_buffer import RingBuffer
 from daq_backend.readout import mmsg
+from daq_backend.readout.direct import ImageRingTarget, direct_possible, with_direct_flag
 from daq_backend.readout.window import MAX_FRAME_GAP, CandidateFrame, StreamWindow
 from daq_backend.stats import Counters, StatsReporter, service_name
 
@@ -101,7 +102,8 @@ class ReceiverStats(Counters):
     (a frame number or pulse id no detector sends), ``rejected_out_of_window`` (a numbering that never
     formed a stream); ``bad_datagrams`` are not packets of this detector at all.
     ``numbering_restarts``: new numberings adopted (a restarted frame counter, a jump beyond the
-    window); ``stream_module_id``: the header module id the stream comes from (-1: none yet)."""
+    window); ``frames_direct``: frames written straight into the image ring (``readout.direct``);
+    ``stream_module_id``: the header module id the stream comes from (-1: none yet)."""
 
     packets: int = 0
     bytes: int = 0
@@ -117,6 +119,7 @@ class ReceiverStats(Counters):
     rejected_out_of_range: int = 0
     rejected_out_of_window: int = 0
     numbering_restarts: int = 0
+    frames_direct: int = 0
     stream_module_id: int = -1
     last_frame_id: int = 0
 
@@ -276,6 +279,10 @@ class ModuleReceiver:
         except OSError:
             self.sock.close()
             raise
+        #: direct mode (``readout.direct``): where frames go while the image ring is mapped
+        self._direct = ImageRingTarget(config, layout.frame_nbytes) if direct_possible(config, layout) \
+            else None
+        self._cur_direct = False
         self._ctx = context or zmq.Context.instance()
         #: written by ``stop()`` so that an idle receiver wakes at once (it sleeps up to ``IDLE_WAIT``)
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -749,7 +756,13 @@ class ModuleReceiver:
         self._cur_id = image_id
         self._cur_fn = frame_index
         self._cur_header = (int(info.pulse_id), frame_index, int(info.daq_rec))
-        data = self.ring.begin_write(image_id)
+        target = self._direct.ring() if self._direct is not None else None
+        if target is not None:  # direct mode: the pixels go into the image ring (readout.direct)
+            self.ring.begin_write(image_id)
+            data = target.begin_write(image_id)[: self.layout.frame_nbytes]
+        else:
+            data = self.ring.begin_write(image_id)
+        self._cur_direct = target is not None
         self._slot = memoryview(data)
         if self._headers is not None:
             self._slot_rows = data[: self.layout.frame_nbytes].reshape(self.packets_per_frame, -1)
@@ -777,9 +790,11 @@ class ModuleReceiver:
         pulse_id, frame_index, daq_rec = self._cur_header
         packed = ModuleFrame(image_id, pulse_id, frame_index, daq_rec, n_recv, *self._frame_extra).pack()
         if n_recv < self.packets_per_frame and self.packets_per_frame <= MAX_RECEIVED_MAP_PACKETS:
-            self.ring.commit(image_id, packed + pack_received(self._received, self.packets_per_frame))
-        else:
-            self.ring.commit(image_id, packed)
+            packed += pack_received(self._received, self.packets_per_frame)
+        if self._cur_direct:
+            packed = with_direct_flag(packed)
+            st.frames_direct += 1
+        self.ring.commit(image_id, packed)
         st.frames += 1
         st.last_frame_id = image_id
         self._recent[image_id] = time.monotonic()
@@ -815,6 +830,8 @@ class ModuleReceiver:
         self._slot_rows = None
         self._reporter.close()
         self.sock.close()
+        if self._direct is not None:
+            self._direct.close()
         os.close(self._wake_fd)
         self._wake_fd = -1
         self.ring.close()
