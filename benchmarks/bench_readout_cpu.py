@@ -6,7 +6,9 @@ built-in simulator (in a process of its own), waits until the assembler's image 
 image, and reads each process's ``utime + stime`` from ``/proc/<pid>/stat`` before and after: a figure
 that other programs on a shared machine move far less than wall-clock rates (it is this process's own
 CPU, not the machine's). ``--subscriber`` adds a SUB to the ``ImageMetadata`` stream (what the writer
-agent, stream-send or live-stream would be), so the cost of publishing is measured too.
+agent, stream-send or live-stream would be), so the cost of publishing is measured too. Before each
+run both processes are watched idle for ``IDLE_S`` seconds: wake-ups per second (voluntary context
+switches of all their threads) and CPU per second.
 
 ``--tree DIR`` runs another checkout's ``daq_backend`` (put first on ``PYTHONPATH``): before/after
 comparisons in one run, alternating, so that the machine's load hits both alike.
@@ -35,6 +37,8 @@ if str(BENCH_DIR) not in sys.path:
 from _net import free_udp_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: seconds the processes are watched idle (no packets) before each measured run
+IDLE_S = 5.0
 
 
 def proc_cpu(pid: int) -> float:
@@ -42,6 +46,20 @@ def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wakeups(pid: int) -> int:
+    """Context switches the process's threads made of their own accord (sleeps), summed."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as fh:
+                for line in fh:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except FileNotFoundError:
+            continue
+    return total
 
 
 def run_point(tree: Path, rate: float, frames: int, subscriber: bool) -> dict[str, Any]:
@@ -85,6 +103,11 @@ def run_point(tree: Path, rate: float, frames: int, subscriber: bool) -> dict[st
         deadline = time.monotonic() + 60
         while not ring.holds(20) and time.monotonic() < deadline:
             time.sleep(0.01)
+        idle0 = {name: (wakeups(p.pid), proc_cpu(p.pid)) for name, p in procs.items()}
+        time.sleep(IDLE_S)
+        idle = {name: {"wakeups_per_s": round((wakeups(p.pid) - idle0[name][0]) / IDLE_S, 1),
+                       "cpu_ms_per_s": round((proc_cpu(p.pid) - idle0[name][1]) * 1000 / IDLE_S, 1)}
+                for name, p in procs.items()}
         cpu0 = {name: proc_cpu(p.pid) for name, p in procs.items()}
         t0 = time.monotonic()
         with DetectorSimulator(config, rate_hz=rate, n_images=frames, start_id=21) as sim:
@@ -116,7 +139,7 @@ def run_point(tree: Path, rate: float, frames: int, subscriber: bool) -> dict[st
     per_frame = {name: round((cpu1[name] - cpu0[name]) * 1000 / frames, 3) for name in procs}
     return {"rate_hz": rate, "achieved_hz": round(achieved, 1), "frames": frames, "wall_s": round(wall, 2),
             "last_image_in_ring": complete, "cpu_ms_per_frame": per_frame,
-            "readout_ms_per_frame": round(sum(per_frame.values()), 3)}
+            "readout_ms_per_frame": round(sum(per_frame.values()), 3), "idle": idle}
 
 
 def main() -> int:

@@ -176,16 +176,21 @@ class ImageAssembler:
     def run(self) -> None:
         sync = self.sync
         frames = self._frames
+        reported_frames = -1
         while not self._stop.is_set():
             deadline = sync.next_deadline()
-            wait = IDLE_WAIT if deadline is None else min(IDLE_WAIT, max(0.0, deadline - time.monotonic()))
+            now = time.monotonic()
+            wait = IDLE_WAIT if deadline is None else min(IDLE_WAIT, max(0.0, deadline - now))
+            if self.stats.frames != reported_frames:  # report the last changes once due
+                wait = min(wait, self._reporter.due_in(now))
             if frames.wait(wait) and not self._stop.is_set():
                 self.stats.wakeups += 1
                 self._read_subscriptions()
                 self._guarded(self._take_frames, None)
             for image in sync.pop_ready(time.monotonic()):
                 self._guarded(self._emit, image)
-            self._reporter.tick()
+            if self._reporter.tick():
+                reported_frames = self.stats.frames
         self._guarded(self._take_frames, None)
         for image in sync.drain(time.monotonic()):
             self._guarded(self._emit, image)

@@ -283,6 +283,8 @@ class ModuleReceiver:
         self._direct = ImageRingTarget(config, layout.frame_nbytes) if direct_possible(config, layout) \
             else None
         self._cur_direct = False
+        #: ``stats.packets`` at the last counter report (an idle receiver wakes to report changes)
+        self._reported_packets = -1
         self._ctx = context or zmq.Context.instance()
         #: written by ``stop()`` so that an idle receiver wakes at once (it sleeps up to ``IDLE_WAIT``)
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -346,13 +348,16 @@ class ModuleReceiver:
             self._count_discarded(expired)
             if adopt:
                 self._adopt(adopt, now)
-        self._reporter.tick()
+        if self._reporter.tick():
+            self._reported_packets = self.stats.packets
         if now >= self._next_rejection_log:
             self._log_rejections(now)
 
     def _wait(self, now: float) -> float:
         """Seconds the idle loop may sleep before ``_housekeeping`` has something to do."""
         wait = IDLE_WAIT
+        if self.stats.packets != self._reported_packets:  # report the last changes once due
+            wait = min(wait, self._reporter.due_in(now))
         if self._cur_id is not None:
             wait = min(wait, self._stream_touched + self.idle_flush - now)
         deadline = self.window.next_deadline(now)
@@ -807,7 +812,8 @@ class ModuleReceiver:
         self._cur_fn = -1
         self._slot = None
         self._slot_rows = None
-        self._reporter.tick()
+        if self._reporter.tick():
+            self._reported_packets = st.packets
 
     # -- lifetime ----------------------------------------------------------------------------
     def stop(self) -> None:
