@@ -73,6 +73,7 @@ def run_point(tree: Path, rate: float, frames: int, subscriber: bool) -> dict[st
     from daq_backend.simulator.sender import DetectorSimulator
 
     ipc_dir = tempfile.mkdtemp(prefix="sdqc", dir="/tmp")
+    # ``python -m`` puts the working directory first on sys.path: run in the tree measured
     env = {**os.environ, "STD_DAQ_IPC_DIR": ipc_dir, "PYTHONPATH": str(tree)}
     os.environ["STD_DAQ_IPC_DIR"] = ipc_dir
     config = parse_config({
@@ -85,11 +86,17 @@ def run_point(tree: Path, rate: float, frames: int, subscriber: bool) -> dict[st
     logs = open(Path(ipc_dir) / "log", "w")  # noqa: SIM115
     procs = {
         "receiver": subprocess.Popen([sys.executable, "-m", "daq_backend.readout.receiver", str(path), "0",
-                                      "--log-level", "WARNING"], env=env, stdout=logs, stderr=logs),
+                                      "--log-level", "WARNING"], env=env, stdout=logs, stderr=logs, cwd=tree),
         "assembler": subprocess.Popen([sys.executable, "-m", "daq_backend.readout.assembler", str(path),
-                                       "--log-level", "WARNING"], env=env, stdout=logs, stderr=logs),
+                                       "--log-level", "WARNING"], env=env, stdout=logs, stderr=logs,
+                                      cwd=tree),
     }
     sub = None
+    # a stats collector, as the supervisor binds in production: without one the processes' stats
+    # sockets would keep reconnecting (ZMQ tries every 100 ms), wake-ups the idle count would show
+    stats = zmq.Context.instance().socket(zmq.PULL)
+    stats.setsockopt(zmq.LINGER, 0)
+    stats.bind(ipc.stats_address(config.detector_name))
     try:
         ring = RingBuffer.attach(ipc.image_ring_name(config.detector_name), timeout=60, populate=False)
         seen = [0]
@@ -126,6 +133,7 @@ def run_point(tree: Path, rate: float, frames: int, subscriber: bool) -> dict[st
         complete = bool(ring.holds(last))
         ring.close()
     finally:
+        stats.close()
         if sub is not None:
             sub.close()
         for p in procs.values():
