@@ -8,7 +8,9 @@ that other programs on a shared machine move far less than wall-clock rates (it 
 CPU, not the machine's). ``--subscriber`` adds a SUB to the ``ImageMetadata`` stream (what the writer
 agent, stream-send or live-stream would be), so the cost of publishing is measured too. Before each
 run both processes are watched idle for ``IDLE_S`` seconds: wake-ups per second (voluntary context
-switches of all their threads) and CPU per second.
+switches of all their threads) and CPU per second. Latency: from the simulator's return from the
+``sendmmsg`` of an image's last packet to a follower of the image ring (a thread of this process)
+seeing the image committed, p50 / p99 / max.
 
 ``--tree DIR`` runs another checkout's ``daq_backend`` (put first on ``PYTHONPATH``): before/after
 comparisons in one run, alternating, so that the machine's load hits both alike.
@@ -24,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -69,8 +72,15 @@ def run_point(tree: Path, rate: float, frames: int, subscriber: bool) -> dict[st
     from daq_backend import ipc
     from daq_backend.config import parse_config
     from daq_backend.formats import ImageMetadata
-    from daq_backend.ram_buffer import RingBuffer
+    from daq_backend.ram_buffer import RingBuffer, RingFollower
     from daq_backend.simulator.sender import DetectorSimulator
+
+    sent: dict[int, float] = {}
+
+    class StampedSimulator(DetectorSimulator):
+        def send_image(self, image_id: int) -> None:
+            super().send_image(image_id)  # returns when sendmmsg took the last packet
+            sent[image_id] = time.monotonic()
 
     ipc_dir = tempfile.mkdtemp(prefix="sdqc", dir="/tmp")
     # ``python -m`` puts the working directory first on sys.path: run in the tree measured
@@ -115,9 +125,24 @@ def run_point(tree: Path, rate: float, frames: int, subscriber: bool) -> dict[st
         idle = {name: {"wakeups_per_s": round((wakeups(p.pid) - idle0[name][0]) / IDLE_S, 1),
                        "cpu_ms_per_s": round((proc_cpu(p.pid) - idle0[name][1]) * 1000 / IDLE_S, 1)}
                 for name, p in procs.items()}
+        committed: dict[int, float] = {}
+        following = threading.Event()
+        following.set()
+        follower = RingFollower(ipc.image_ring_name(config.detector_name), populate=False)
+        follower.attach()
+
+        def follow() -> None:
+            while following.is_set():
+                if follower.wait(0.2):
+                    now = time.monotonic()
+                    for image_id in follower.take().ids:
+                        committed.setdefault(image_id, now)
+
+        watcher = threading.Thread(target=follow, daemon=True)
+        watcher.start()
         cpu0 = {name: proc_cpu(p.pid) for name, p in procs.items()}
         t0 = time.monotonic()
-        with DetectorSimulator(config, rate_hz=rate, n_images=frames, start_id=21) as sim:
+        with StampedSimulator(config, rate_hz=rate, n_images=frames, start_id=21) as sim:
             sim.run()
             achieved = sim.achieved_rate
         last = 20 + frames
@@ -130,6 +155,9 @@ def run_point(tree: Path, rate: float, frames: int, subscriber: bool) -> dict[st
             time.sleep(0.005)
         wall = time.monotonic() - t0
         cpu1 = {name: proc_cpu(p.pid) for name, p in procs.items()}
+        following.clear()
+        watcher.join(5)
+        follower.close()
         complete = bool(ring.holds(last))
         ring.close()
     finally:
@@ -145,9 +173,15 @@ def run_point(tree: Path, rate: float, frames: int, subscriber: bool) -> dict[st
             Path("/dev/shm", name).unlink(missing_ok=True)
         subprocess.run(["rm", "-rf", ipc_dir], check=False)
     per_frame = {name: round((cpu1[name] - cpu0[name]) * 1000 / frames, 3) for name in procs}
+    lat = sorted((committed[i] - sent[i]) * 1000 for i in sent if i in committed)
+    latency: dict[str, float] = {"n": len(lat)}
+    if lat:
+        p99 = lat[min(len(lat) - 1, len(lat) * 99 // 100)]
+        latency.update(p50_ms=round(lat[len(lat) // 2], 2), p99_ms=round(p99, 2), max_ms=round(lat[-1], 2))
     return {"rate_hz": rate, "achieved_hz": round(achieved, 1), "frames": frames, "wall_s": round(wall, 2),
             "last_image_in_ring": complete, "cpu_ms_per_frame": per_frame,
-            "readout_ms_per_frame": round(sum(per_frame.values()), 3), "idle": idle}
+            "readout_ms_per_frame": round(sum(per_frame.values()), 3), "idle": idle,
+            "latency_to_image_ring": latency}
 
 
 def main() -> int:
