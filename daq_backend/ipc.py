@@ -31,7 +31,7 @@ def image_metadata_address(detector_name: str) -> str:
 
     Not the pipeline's hot path (receivers and assembler meet in the frame rings' commit logs, readers
     of images can follow the image ring's): the stream for ``stream.send``, ``stream.live``, the writer
-    agent and external services that speak the seed's protocol; the assembler publishes only while
+    agent and external services that speak std-daq's protocol; the assembler publishes only while
     somebody subscribes."""
     return ipc_address(detector_name, "assembler")
 

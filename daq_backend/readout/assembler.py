@@ -15,11 +15,11 @@ they keep the zeros of the freshly created ring. The slot is committed with the 
 ``ImageMetadata`` as slot metadata: the image ring's commit log and slot metadata are what the
 pipeline's own readers follow.
 
-The same 56 bytes are PUBlished per image on ``ipc.image_metadata_address`` (the seed's wire format)
+The same 56 bytes are PUBlished per image on ``ipc.image_metadata_address`` (std-daq's wire format)
 for the consumers that take that stream, and only while one is subscribed (an XPUB counts the
 subscriptions; with none, no message is made). Who subscribes: ``stream.send`` (replication to
 another server), ``stream.live`` (the Array-1.0 live stream), the writer agent as long as it selects
-a file's images from that stream, and any external service speaking the seed's protocol.
+a file's images from that stream, and any external service speaking std-daq's protocol.
 
 ``ImageMetadata`` fields: ``status`` = ``ID_MISMATCH`` when the modules' frames of one image id
 disagree on the other identifiers (frame index / pulse id, i.e. they are not from the same trigger),
