@@ -51,7 +51,8 @@ class Role(str, Enum):
 
 #: roles that must restart with the given role: the readers of the image ring keep the ring they
 #: mapped, so a re-created one (a restarted assembler) needs them restarted too; the assembler follows
-#: a re-created frame ring by itself (a restarted receiver alone is enough)
+#: a re-created frame ring by itself (a restarted receiver alone is enough), and a receiver writing
+#: straight into the image ring (``readout.direct``) takes over a re-created image ring by itself
 DOWNSTREAM: dict[Role, tuple[Role, ...]] = {
     Role.ASSEMBLER: (Role.WRITER_AGENT, Role.H5_WRITER, Role.STREAM_SEND, Role.LIVE_STREAM),
 }
