@@ -14,6 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+import zmq
 
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig
@@ -354,3 +355,47 @@ def test_image_a_module_never_reports_is_released_after_the_sync_timeout(ipc_env
         assert not image[512:].any()
         np.testing.assert_array_equal(image[:512], expected_image(config, 42)[:512])
         assert readout.assembler.stats.released_timeout == 1
+
+
+def test_image_metadata_is_published_only_while_somebody_subscribes(ipc_env: str) -> None:
+    """The assembler counts the subscriptions of its ImageMetadata stream (XPUB) and makes no message
+    while there are none; a subscriber gets exactly the slot metadata. Driven step by step in this
+    thread, as one wake-up of the assembler does it."""
+    config = make_config("jungfrau", n_modules=2)
+    layout = layout_for(config)
+    rings = [RingBuffer.create(ipc.frame_ring_name(config.detector_name, m), layout.frame_nbytes, 8)
+             for m in (0, 1)]
+    assembler = ImageAssembler(config)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+
+    def image(image_id: int) -> None:
+        for m in (0, 1):
+            rings[m].write(image_id, np.zeros(layout.frame_nbytes, np.uint8),
+                           ModuleFrame(image_id, 0, image_id, 0, 128, m).pack())
+        assembler._read_subscriptions()
+        assembler._take_frames()
+
+    try:
+        image(1)
+        assert (assembler.stats.images, assembler.stats.images_published) == (1, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(ipc.image_metadata_address(config.detector_name))
+        wait_for(lambda: (assembler._read_subscriptions(), assembler.stats.metadata_subscribers == 1)[1],
+                 what="the subscription counted")
+        image(2)
+        assert sub.poll(60_000), "image 2's metadata was not published"
+        published = ImageMetadata.unpack(sub.recv())
+        assert published == ImageMetadata.unpack(assembler.ring.meta(2, ImageMetadata.FORMAT.size))
+        assert assembler.stats.images_published == 1
+        sub.close()
+        wait_for(lambda: (assembler._read_subscriptions(), assembler.stats.metadata_subscribers == 0)[1],
+                 what="the unsubscription counted")
+        image(3)
+        assert (assembler.stats.images, assembler.stats.images_published) == (3, 1)
+    finally:
+        sub.close()
+        assembler.close()
+        for ring in rings:
+            ring.close()
+    assert_no_leftovers(config, ipc_env)
