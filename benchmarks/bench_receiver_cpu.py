@@ -25,12 +25,12 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import psutil
-import zmq
 from _net import free_udp_port, udp_drops
 
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, parse_config
 from daq_backend.formats import ModuleFrame
+from daq_backend.ram_buffer import RingFollower, SlotOverwritten
 
 
 def _receiver(config_json: str, batch: int, coalesce: float | None, rcvbuf: int | None, ipc_dir: str,
@@ -66,19 +66,25 @@ def run_once(batch: int, frames: int, rate: float, coalesce: float | None = None
         "bit_depth": 16, "image_pixel_height": 512, "image_pixel_width": 1024,
         "start_udp_port": port, "frame_ring_slots": 64, "image_ring_slots": 4,
     })
-    ctx = zmq.Context.instance()
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    pull.bind(ipc.module_frames_address(config.detector_name))
+    follower = RingFollower(ipc.frame_ring_name(config.detector_name, 0), from_start=True, populate=False)
     got = {"frames": 0, "complete": 0}
     running = threading.Event()
     running.set()
 
     def drain() -> None:
+        """What the assembler does with the frame ring: follow its commit log, read each frame's
+        ``ModuleFrame`` from the slot metadata."""
         while running.is_set():
-            if pull.poll(100):
-                f = ModuleFrame.unpack(pull.recv())
-                got["frames"] += 1
+            if not follower.wait(0.1):
+                continue
+            taken = follower.take()
+            got["frames"] += len(taken.ids) + taken.lapped
+            ring = follower.ring
+            for image_id in taken.ids:
+                try:
+                    f = ModuleFrame.unpack(ring.meta(image_id, ModuleFrame.FORMAT.size))  # type: ignore[union-attr]
+                except SlotOverwritten:
+                    continue
                 got["complete"] += f.n_recv_packets == 128
 
     drainer = threading.Thread(target=drain, daemon=True)
@@ -113,7 +119,7 @@ def run_once(batch: int, frames: int, rate: float, coalesce: float | None = None
             proc.kill()
         running.clear()
         drainer.join()
-        pull.close()
+        follower.close()
         shutil.rmtree(ipc_dir, ignore_errors=True)
     user, system = c1.user - c0.user, c1.system - c0.system
     packets = max(stats["packets"], 1)

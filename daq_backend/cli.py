@@ -187,7 +187,7 @@ def add_status(sub: Subparsers) -> None:
 PROBLEM_COUNTERS = (
     "frames_incomplete", "frames_skipped", "images_skipped", "bad_datagrams", "rejected_module_id",
     "rejected_out_of_range", "rejected_out_of_window", "duplicate_packets",
-    "out_of_order_packets", "late_packets", "frames_unannounced", "images_missing_packets",
+    "out_of_order_packets", "late_packets", "images_missing_packets",
     "images_id_mismatch", "missing_module_frames", "lapped_frames", "duplicate_frames", "late_frames",
     "ignored_frames", "bad_messages", "errors",
 )

@@ -426,7 +426,7 @@ class EmbeddedDaq:
         from daq_backend.writer.h5_writer import journal_path
 
         name = self.config.detector_name
-        addresses = (ipc.module_frames_address, ipc.image_metadata_address, ipc.writer_agent_address,
+        addresses = (ipc.image_metadata_address, ipc.writer_agent_address,
                      ipc.writer_status_address, ipc.stats_address)
         for address in addresses:
             ipc.unlink_ipc(address(name))

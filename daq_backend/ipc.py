@@ -26,13 +26,13 @@ def ipc_address(detector_name: str, stream: str) -> str:
     return f"ipc://{ipc_dir()}/std-daq-{detector_name}-{stream}"
 
 
-def module_frames_address(detector_name: str) -> str:
-    """Receivers PUSH ModuleFrame messages here; the synchroniser binds PULL."""
-    return ipc_address(detector_name, "sync")
-
-
 def image_metadata_address(detector_name: str) -> str:
-    """The assembler (or stream-recv) binds PUB and sends 56-byte ImageMetadata per image."""
+    """The assembler (or stream-recv) binds PUB and sends 56-byte ImageMetadata per image.
+
+    Not the pipeline's hot path (receivers and assembler meet in the frame rings' commit logs, readers
+    of images can follow the image ring's): the stream for ``stream.send``, ``stream.live``, the writer
+    agent and external services that speak std-daq's protocol; the assembler publishes only while
+    somebody subscribes."""
     return ipc_address(detector_name, "assembler")
 
 

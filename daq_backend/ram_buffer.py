@@ -20,16 +20,25 @@ Only the creating process unlinks the segment; readers just unmap.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import logging
 import mmap
 import os
+import select
 import struct
+import threading
 import time
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 
+from daq_backend import futex
 from daq_backend.futex import SharedWord
+
+log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 MAGIC = b"STDDAQR2"
@@ -224,6 +233,10 @@ class RingBuffer:
         i = image_id % self.n_slots
         if self._seq[i, 0] != image_id + 1:
             raise SlotOverwritten(self._describe(i, image_id))
+
+    def writing(self, image_id: int) -> bool:
+        """True if the slot's last ``begin_write`` was for ``image_id`` (written or being written)."""
+        return bool(self._seq[image_id % self.n_slots, 0] == image_id + 1)
 
     def holds(self, image_id: int) -> bool:
         i = image_id % self.n_slots
@@ -446,3 +459,185 @@ class RingFollower:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
+
+
+#: inotify(7) event bits: a file renamed into the directory (how rings appear), created, deleted
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+_INOTIFY_EVENT = struct.Struct("iIII")
+
+
+class ShmWatcher:
+    """Calls ``on_appear(name)`` (from its own thread) when a segment of one of ``names`` appears in
+    ``/dev/shm``: a ring created, or re-created by a restarted producer (rings are renamed into place).
+
+    inotify(7) on the directory: the thread sleeps in the kernel until a file is renamed in or
+    created, so noticing a re-created ring costs no polling. ``available`` is False where inotify is
+    missing (then the caller has to look for re-created rings itself)."""
+
+    def __init__(self, names: Iterable[str], on_appear: Callable[[str], None]) -> None:
+        self.names = frozenset(names)
+        self._on_appear = on_appear
+        self._fd = -1
+        self._thread: threading.Thread | None = None
+        self._stop_r, self._stop_w = os.pipe()
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "inotify_init1")
+            if libc.inotify_add_watch(fd, bytes(SHM_DIR), _IN_MOVED_TO | _IN_CREATE) < 0:
+                err = ctypes.get_errno()
+                os.close(fd)
+                raise OSError(err, f"inotify_add_watch {SHM_DIR}")
+        except (OSError, AttributeError) as exc:
+            log.info("no inotify on %s (%s): re-created rings are looked for periodically", SHM_DIR, exc)
+            return
+        self._fd = fd
+        self._thread = threading.Thread(target=self._loop, name="shm-watcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def available(self) -> bool:
+        return self._fd >= 0
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._stop_r in ready:
+                return
+            try:
+                data = os.read(self._fd, 64 * 1024)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            pos = 0
+            while pos + _INOTIFY_EVENT.size <= len(data):
+                _, _, _, length = _INOTIFY_EVENT.unpack_from(data, pos)
+                start = pos + _INOTIFY_EVENT.size
+                name = data[start : start + length].rstrip(b"\0").decode(errors="replace")
+                pos = start + length
+                if name in self.names:
+                    self._on_appear(name)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            os.write(self._stop_w, b"x")
+            self._thread.join(5)
+            self._thread = None
+        for fd in (self._fd, self._stop_r, self._stop_w):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._stop_r = self._stop_w = -1
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class FollowerGroup(Generic[K]):
+    """Several rings followed by one thread: one sleep per wake-up, whichever ring was committed to.
+
+    ``rings`` maps a key (e.g. a module number) to a ring name. ``wait(timeout)`` sleeps on every
+    mapped ring's futex word at once (:func:`daq_backend.futex.wait_any`) until one of them commits
+    or a ring appears; ``take()`` returns, per key, what its :class:`RingFollower` took since the last
+    call. A ring that exists when the group is made is followed from its head (commits made before
+    are not the group's business); a ring that appears later, and a ring that is re-created (its
+    producer restarted), from its first commit. Appearing rings are noticed through a
+    :class:`ShmWatcher` at once, without polling; without inotify every ``recheck`` s of waiting."""
+
+    def __init__(self, rings: Mapping[K, str], *, populate: bool = True, recheck: float = 0.05) -> None:
+        self.recheck = recheck
+        self.followers: dict[K, RingFollower] = {
+            key: RingFollower(name, populate=populate, recheck=recheck) for key, name in rings.items()
+        }
+        self._by_name = {f.name: f for f in self.followers.values()}
+        self._bell = futex.private_word()
+        self._woken = False
+        self._appeared: set[str] = set()
+        self._lock = threading.Lock()
+        self._watcher = ShmWatcher(self._by_name, self._on_appear)
+        for follower in self.followers.values():
+            if follower.attach() is None:
+                follower.from_start = True  # created after us: everything its producer commits is new
+        self._last_check = time.monotonic()
+
+    def _on_appear(self, name: str) -> None:
+        with self._lock:
+            self._appeared.add(name)
+        self._bell.bump()
+
+    def _look_for_rings(self) -> None:
+        """Attach rings that appeared and move to re-created ones (what the watcher reported, or, without
+        a watcher, every ring every ``recheck`` s)."""
+        if self._watcher.available:
+            with self._lock:
+                names, self._appeared = self._appeared, set()
+        else:
+            now = time.monotonic()
+            if now - self._last_check < self.recheck:
+                return
+            self._last_check = now
+            names = set(self._by_name)
+        for name in names:
+            follower = self._by_name[name]
+            follower._check_recreated()
+
+    def pending(self) -> bool:
+        """True if a take would return something (commits not taken yet, or a re-created ring)."""
+        for follower in self.followers.values():
+            ring = follower.ring
+            if follower._pending_reattach or (ring is not None and ring.committed != follower.position):
+                return True
+        return False
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until there is something to take (True), ``timeout`` s passed or :meth:`wake` was
+        called (False)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            bell_seen = self._bell.value
+            self._look_for_rings()
+            words, seen = [self._bell], [bell_seen]
+            for follower in self.followers.values():
+                if follower.ring is not None:
+                    words.append(follower.ring.doorbell)
+                    seen.append(follower.ring.doorbell.value)
+            if self.pending():
+                return True
+            if self._woken:  # set before the bell is bumped: a wake is never slept through
+                self._woken = False
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if not self._watcher.available:
+                remaining = min(remaining, self.recheck)
+            futex.wait_any(words, seen, remaining)
+
+    def take(self, limit: int | None = None) -> dict[K, Followed]:
+        """What each ring's follower took since the last call (at most ``limit`` ids per ring); keys
+        whose follower found nothing are left out."""
+        out: dict[K, Followed] = {}
+        for key, follower in self.followers.items():
+            if follower.ring is None and not follower._pending_reattach:
+                continue
+            taken = follower.take(limit)
+            if taken:
+                out[key] = taken
+        return out
+
+    def wake(self) -> None:
+        """Make a ``wait`` in another thread return at once."""
+        self._woken = True
+        self._bell.bump()
+
+    def close(self) -> None:
+        self._watcher.close()
+        for follower in self.followers.values():
+            follower.close()

@@ -76,11 +76,19 @@ class StatsReporter:
             except zmq.Again:
                 pass
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
+        """Send a snapshot if one is due; True if it did."""
         now = time.monotonic()
         if now >= self._next:
             self._next = now + self.interval
             self.send()
+            return True
+        return False
+
+    def due_in(self, now: float) -> float:
+        """Seconds from ``now`` (monotonic) until the next snapshot is due (0: due already), so that a
+        loop that sleeps long when idle can wake to report what changed since its last snapshot."""
+        return max(0.0, self._next - now)
 
     def start(self) -> StatsReporter:
         self._thread = threading.Thread(target=self._loop, name=f"stats-{self.service}", daemon=True)

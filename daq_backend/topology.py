@@ -4,7 +4,8 @@ A :class:`Topology` lists the processes of one detector as :class:`ServiceSpec` 
 what the process owns in ``/dev/shm`` and as ipc socket files):
 
 * ``receiver-<m>`` for every required module (UDP in, frame ring out);
-* ``assembler`` (frame rings in, image ring + ``ImageMetadata`` out);
+* ``assembler`` (frame rings in, followed through their commit logs; image ring + ``ImageMetadata``
+  out);
 * ``writer-agent`` (write requests from the broker in, ``StoreStream`` out) and ``h5-writer``
   (``StoreStream`` in, HDF5 files out), two processes;
 * ``rest`` (the REST API; it also drives the detector control);
@@ -50,7 +51,8 @@ class Role(str, Enum):
 
 #: roles that must restart with the given role: the readers of the image ring keep the ring they
 #: mapped, so a re-created one (a restarted assembler) needs them restarted too; the assembler follows
-#: a re-created frame ring by itself (a restarted receiver alone is enough)
+#: a re-created frame ring by itself (a restarted receiver alone is enough), and a receiver writing
+#: straight into the image ring (``readout.direct``) takes over a re-created image ring by itself
 DOWNSTREAM: dict[Role, tuple[Role, ...]] = {
     Role.ASSEMBLER: (Role.WRITER_AGENT, Role.H5_WRITER, Role.STREAM_SEND, Role.LIVE_STREAM),
 }
@@ -168,7 +170,7 @@ class Topology:
             "assembler",
             argv=(*self.launcher, self.python, "-m", "daq_backend.readout.assembler", path, *self._log()),
             shm_names=(ipc.image_ring_name(det),),
-            ipc_addresses=(ipc.module_frames_address(det), ipc.image_metadata_address(det)),
+            ipc_addresses=(ipc.image_metadata_address(det),),
             role=Role.ASSEMBLER, reports_stats=True,
         ))
         return specs

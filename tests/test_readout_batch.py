@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import zmq
 
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, DetectorType
@@ -71,10 +70,6 @@ def datagrams(layout: DetectorLayout, frame_number: int, pulse_id: int = 0) -> l
 def receive(config: DetectorConfig, send: Callable[[], int], recv_batch: int,
             min_fast_run: int | None = None) -> Outcome:
     """Queue what ``send`` sends (it returns how many datagrams), then let one receiver take it all."""
-    ctx = zmq.Context.instance()
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    pull.bind(ipc.module_frames_address(config.detector_name))
     receiver = ModuleReceiver(config, 0, stats_interval=0.2, idle_flush=60.0, late_window=60.0,
                               recv_batch=recv_batch)
     ring = RingBuffer.attach(ipc.frame_ring_name(config.detector_name, 0), timeout=5)
@@ -90,16 +85,14 @@ def receive(config: DetectorConfig, send: Callable[[], int], recv_batch: int,
         receiver.stop()  # flushes the open frame, as the idle flush would
         thread.join(30)
         assert not thread.is_alive()
-        frames = []
-        for _ in range(receiver.stats.frames):
-            assert pull.poll(60_000), "a flushed frame was not announced"
-            frames.append(ModuleFrame.unpack(pull.recv()))
+        assert ring.committed == receiver.stats.frames, "a flushed frame was not committed"
+        frames = [ModuleFrame.unpack(ring.meta(image_id, ModuleFrame.FORMAT.size))
+                  for image_id in ring.logged_ids(0, ring.committed).tolist()]
         slots = {f.id: ring.read(f.id) for f in frames}
         return Outcome(frames, slots, receiver.stats.snapshot(), receiver.n_fast_packets)
     finally:
         ring.close()
         receiver.close()
-        pull.close()
 
 
 def sending(config: DetectorConfig, dgrams: list[bytes]) -> Callable[[], int]:

@@ -264,44 +264,53 @@ def test_reader_of_the_image_ring_that_falls_behind_is_told(ipc_env: str) -> Non
 
 
 def test_lapped_frame_ring_slot_is_zeroed_and_counted(ipc_env: str) -> None:
-    """The assembler finds a module's frame slot already overwritten by a newer frame."""
-    config = make_config("jungfrau", frame_ring_slots=4, image_ring_slots=4)
+    """The assembler finds a module's frame slot (or its commit log entry) already overwritten by newer
+    frames. Driven step by step in this thread (``_take_frames``: what one wake-up does), so every
+    overwrite happens exactly between two looks of the assembler."""
+    config = make_config("jungfrau", n_modules=2, frame_ring_slots=4, image_ring_slots=4)
     layout = layout_for(config)
-    frames = RingBuffer.create(ipc.frame_ring_name(config.detector_name, 0), layout.frame_nbytes, 4)
+    rings = [RingBuffer.create(ipc.frame_ring_name(config.detector_name, m), layout.frame_nbytes, 4)
+             for m in (0, 1)]
     assembler = ImageAssembler(config)
-    thread = assembler.start()
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 0)
-    push.connect(ipc.module_frames_address(config.detector_name))
     images = RingBuffer.attach(ipc.image_ring_name(config.detector_name))
+
+    def commit(module: int, image_id: int, fill: int, meta: bytes | None = None) -> None:
+        frame = ModuleFrame(image_id, 0, image_id, 0, 128, module).pack() if meta is None else meta
+        rings[module].write(image_id, np.full(layout.frame_nbytes, fill, np.uint8), frame)
+
     try:
-        frames.write(1, np.full(layout.frame_nbytes, 7, np.uint8))
-        push.send(ModuleFrame(1, 0, 1, 0, 128, 0).pack())
-        wait_for(lambda: images.holds(1), what="image 1")
-        assert images.read(1)[:4] == b"\x07\x07\x07\x07"
-        frames.write(9, np.full(layout.frame_nbytes, 9, np.uint8))  # lapped slot 1 before 5 is read
-        push.send(ModuleFrame(5, 0, 5, 0, 128, 0).pack())
-        wait_for(lambda: images.holds(5), what="image 5")
+        commit(0, 1, 7)
+        commit(1, 1, 7)
+        assembler._take_frames()
+        assert images.holds(1) and images.read(1)[:4] == b"\x07\x07\x07\x07"
+        commit(0, 5, 5)
+        assembler._take_frames()  # module 0's frame 5 waits for module 1's
+        commit(0, 9, 9)  # ... and is overwritten meanwhile (slot 1 of 4)
+        commit(1, 5, 5)
+        assembler._take_frames()
         meta = ImageMetadata.unpack(images.meta(5, ImageMetadata.FORMAT.size))
         assert (meta.status, meta.n_missing_packets) == (ImageStatus.MISSING_PACKETS, 128)
-        assert not np.frombuffer(images.read(5), np.uint8).any()
+        top = np.frombuffer(images.read(5), np.uint8)[: layout.frame_nbytes]
+        assert not top.any()  # module 0's part zeroed, never module 0's frame 9
         assert assembler.stats.lapped_frames == 1
-        push.send(b"not a module frame")
-        push.send(ModuleFrame(6, 0, 6, 0, 128, 3).pack())  # a module this detector does not have
-        wait_for(lambda: assembler.stats.bad_messages == 1 and assembler.stats.ignored_frames == 1,
-                 what="bad message counted")
+        for image_id in range(10, 16):  # 6 commits into 4 slots before the next look: 2 never seen
+            commit(1, image_id, 1)
+        assembler._take_frames()
+        assert assembler.stats.lapped_frames == 3
+        commit(0, 20, 2, b"not a module frame")
+        commit(0, 21, 2, ModuleFrame(21, 0, 21, 0, 128, 1).pack())  # module 1's frame in module 0's ring
+        assembler._take_frames()
+        assert (assembler.stats.bad_messages, assembler.stats.ignored_frames) == (1, 1)
     finally:
-        push.close()
         images.close()
-        assembler.stop()
-        thread.join(30)
         assembler.close()
-        frames.close()
+        for ring in rings:
+            ring.close()
     assert_no_leftovers(config, ipc_env)
 
 
 def test_assembler_survives_a_failing_image(ipc_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = make_config("jungfrau")
+    config = make_config("jungfrau", n_modules=2)  # two modules: the assembler places every frame
     with InProcessReadout(config) as readout:
         layout = readout.assembler.layout
         assemble = layout.assemble
@@ -346,3 +355,47 @@ def test_image_a_module_never_reports_is_released_after_the_sync_timeout(ipc_env
         assert not image[512:].any()
         np.testing.assert_array_equal(image[:512], expected_image(config, 42)[:512])
         assert readout.assembler.stats.released_timeout == 1
+
+
+def test_image_metadata_is_published_only_while_somebody_subscribes(ipc_env: str) -> None:
+    """The assembler counts the subscriptions of its ImageMetadata stream (XPUB) and makes no message
+    while there are none; a subscriber gets exactly the slot metadata. Driven step by step in this
+    thread, as one wake-up of the assembler does it."""
+    config = make_config("jungfrau", n_modules=2)
+    layout = layout_for(config)
+    rings = [RingBuffer.create(ipc.frame_ring_name(config.detector_name, m), layout.frame_nbytes, 8)
+             for m in (0, 1)]
+    assembler = ImageAssembler(config)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+
+    def image(image_id: int) -> None:
+        for m in (0, 1):
+            rings[m].write(image_id, np.zeros(layout.frame_nbytes, np.uint8),
+                           ModuleFrame(image_id, 0, image_id, 0, 128, m).pack())
+        assembler._read_subscriptions()
+        assembler._take_frames()
+
+    try:
+        image(1)
+        assert (assembler.stats.images, assembler.stats.images_published) == (1, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(ipc.image_metadata_address(config.detector_name))
+        wait_for(lambda: (assembler._read_subscriptions(), assembler.stats.metadata_subscribers == 1)[1],
+                 what="the subscription counted")
+        image(2)
+        assert sub.poll(60_000), "image 2's metadata was not published"
+        published = ImageMetadata.unpack(sub.recv())
+        assert published == ImageMetadata.unpack(assembler.ring.meta(2, ImageMetadata.FORMAT.size))
+        assert assembler.stats.images_published == 1
+        sub.close()
+        wait_for(lambda: (assembler._read_subscriptions(), assembler.stats.metadata_subscribers == 0)[1],
+                 what="the unsubscription counted")
+        image(3)
+        assert (assembler.stats.images, assembler.stats.images_published) == (3, 1)
+    finally:
+        sub.close()
+        assembler.close()
+        for ring in rings:
+            ring.close()
+    assert_no_leftovers(config, ipc_env)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import socket
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import zmq
 
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig
@@ -23,17 +23,26 @@ __all__ = ["ipc_env"]
 
 
 class ReceiverHarness:
-    """A receiver in a thread, a PULL socket standing in for the synchroniser, the frame ring."""
+    """A receiver in a thread and its frame ring. ``next_frame`` returns the receiver's commits in
+    order, as the ``ModuleFrame`` each carried as slot metadata when it was committed (recorded at the
+    commit: the tests' tiny rings are lapped before a reader could look), checked against the ring's
+    commit log, which is what the assembler follows."""
 
     def __init__(self, config: DetectorConfig, module_id: int = 0, **kwargs: object) -> None:
         self.config = config
         self.layout = layout_for(config)
-        ctx = zmq.Context.instance()
-        self.pull = ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.LINGER, 0)
-        self.pull.bind(ipc.module_frames_address(config.detector_name))
         self.receiver = ModuleReceiver(config, module_id, stats_interval=0.2, **kwargs)  # type: ignore[arg-type]
         self.ring = RingBuffer.attach(ipc.frame_ring_name(config.detector_name, module_id), timeout=5)
+        self.commits: queue.Queue[tuple[int, bytes]] = queue.Queue()
+        own = self.receiver.ring
+        commit = own.commit
+
+        def recording_commit(image_id: int, meta: bytes = b"") -> None:
+            seq = own.committed
+            commit(image_id, meta)
+            self.commits.put((seq, meta[: ModuleFrame.FORMAT.size]))
+
+        own.commit = recording_commit  # type: ignore[method-assign]
         self.thread = self.receiver.start()
         self.sender = UdpSender(config)
         self.module_id = module_id
@@ -50,9 +59,15 @@ class ReceiverHarness:
         self.sender.send(self.module_id, datagrams)
 
     def next_frame(self, timeout: float = 60.0) -> ModuleFrame:
-        if not self.pull.poll(timeout * 1000):
-            raise AssertionError(f"no module frame within {timeout} s; receiver stats {self.receiver.stats}")
-        return ModuleFrame.unpack(self.pull.recv())
+        try:
+            seq, meta = self.commits.get(timeout=timeout)
+        except queue.Empty:
+            stats = self.receiver.stats
+            raise AssertionError(f"no module frame within {timeout} s; receiver stats {stats}") from None
+        frame = ModuleFrame.unpack(meta)
+        if self.ring.committed - seq <= self.ring.n_slots:  # its log entry is not reused yet
+            assert self.ring.logged_ids(seq, seq + 1).tolist() == [frame.id]
+        return frame
 
     def slot(self, image_id: int) -> bytes:
         return self.ring.read(image_id)
@@ -63,7 +78,6 @@ class ReceiverHarness:
         self.sender.close()
         self.ring.close()
         self.receiver.close()
-        self.pull.close()
 
 
 @pytest.fixture

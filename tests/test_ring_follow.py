@@ -14,7 +14,7 @@ import pytest
 
 from daq_backend import futex
 from daq_backend.futex import SharedWord
-from daq_backend.ram_buffer import RingBuffer, RingFollower, shm_path
+from daq_backend.ram_buffer import FollowerGroup, RingBuffer, RingFollower, ShmWatcher, shm_path
 from tests.readout_fixtures import wait_for
 
 
@@ -25,6 +25,16 @@ def ring_name() -> Iterator[str]:
         yield name
     finally:
         shm_path(name).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def ring_names() -> Iterator[list[str]]:
+    names = [f"stddaq-test-group-{uuid.uuid4().hex}" for _ in range(3)]
+    try:
+        yield names
+    finally:
+        for name in names:
+            shm_path(name).unlink(missing_ok=True)
 
 
 def _commit(ring: RingBuffer, image_id: int) -> None:
@@ -215,3 +225,91 @@ def test_shared_word_across_fork() -> None:
     assert word.value == (seen + 2) & 0xFFFFFFFF
     word.release()
     mm.close()
+
+
+@pytest.mark.skipif(not futex.available(), reason="futex(2) is Linux-only")
+def test_wait_any_returns_on_a_bump_of_any_word() -> None:
+    words = [futex.private_word() for _ in range(3)]
+    seen = [w.value for w in words]
+    assert not futex.wait_any(words, seen, 0.01)
+    bumper = threading.Thread(target=words[2].bump)
+    bumper.start()
+    assert futex.wait_any(words, seen, 60.0)  # the third word's bump ends the one sleep on all three
+    bumper.join()
+    assert futex.wait_any(words, seen, 0.0)  # a change before the call is seen without sleeping
+    with pytest.raises(ValueError):
+        futex.wait_any(words, seen[:2], 0.0)
+
+
+@pytest.mark.skipif(not futex.available(), reason="futex(2) is Linux-only")
+def test_group_wakes_for_whichever_ring_commits_and_takes_per_key(ring_names: list[str]) -> None:
+    rings = [RingBuffer.create(name, slot_nbytes=16, n_slots=8) for name in ring_names]
+    _commit(rings[0], 1)  # before the group: not its business
+    group = FollowerGroup(dict(enumerate(ring_names)), recheck=3600.0)
+    try:
+        assert not group.wait(0.01) and group.take() == {}
+        committer = threading.Thread(target=_commit, args=(rings[2], 7))
+        committer.start()
+        assert group.wait(60.0)
+        committer.join()
+        _commit(rings[0], 2)
+        taken = group.take()
+        assert {key: f.ids for key, f in taken.items()} == {0: [2], 2: [7]}
+        assert not group.pending()
+        returned = threading.Event()
+        sleeper = threading.Thread(target=lambda: (group.wait(3600.0), returned.set()))
+        sleeper.start()
+        group.wake()
+        assert returned.wait(60.0)  # woken with nothing to take: wait returns instead of sleeping on
+        sleeper.join()
+    finally:
+        group.close()
+        for ring in rings:
+            ring.close()
+
+
+def test_group_follows_a_ring_created_later_and_a_recreated_one_at_once(ring_names: list[str]) -> None:
+    """``recheck`` is an hour: only the watcher (inotify) can have told the group about the rings."""
+    first = RingBuffer.create(ring_names[0], slot_nbytes=16, n_slots=8)
+    group = FollowerGroup({"a": ring_names[0], "b": ring_names[1]}, recheck=3600.0)
+    late: RingBuffer | None = None
+    try:
+        if not group._watcher.available:
+            pytest.skip("no inotify")
+        late = RingBuffer.create(ring_names[1], slot_nbytes=16, n_slots=8)  # created after the group
+        _commit(late, 5)
+        assert group.wait(60.0)
+        assert group.take()["b"].ids == [5]  # from its first commit
+        _commit(first, 10)
+        assert group.wait(60.0) and group.take()["a"].ids == [10]
+        first.close()  # the producer dies ...
+        first = RingBuffer.create(ring_names[0], slot_nbytes=16, n_slots=8)  # ... and restarts
+        _commit(first, 1)
+        assert group.wait(60.0)
+        taken = group.take()["a"]
+        assert taken.reattached and taken.ids == [1]
+    finally:
+        group.close()
+        first.close()
+        if late is not None:
+            late.close()
+
+
+def test_shm_watcher_reports_only_its_names(ring_names: list[str]) -> None:
+    seen: list[str] = []
+    appeared = threading.Event()
+
+    def on_appear(name: str) -> None:
+        seen.append(name)
+        appeared.set()
+
+    watcher = ShmWatcher([ring_names[1]], on_appear)
+    try:
+        if not watcher.available:
+            pytest.skip("no inotify")
+        with RingBuffer.create(ring_names[0], slot_nbytes=16, n_slots=4), \
+                RingBuffer.create(ring_names[1], slot_nbytes=16, n_slots=4):
+            assert appeared.wait(60.0)
+        assert seen == [ring_names[1]]
+    finally:
+        watcher.close()

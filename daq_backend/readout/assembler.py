@@ -1,12 +1,25 @@
-"""Synchroniser + assembler process: module frames -> images in the image ring + ImageMetadata.
+"""Synchroniser + assembler process: module frames -> images in the image ring (+ ImageMetadata).
 
-PULL-binds the module frames of every receiver, groups them with the ``Synchroniser`` and, for each
-released image id, places every required module's frame (read straight from its frame ring) into
-the image ring slot with the detector layout. Modules that did not report, or whose frame ring slot
-was already overwritten by a newer frame (a lapped slot, checked with the ring's seqlock), are
-zero-filled and counted as ``packets_per_frame`` missing packets. Gap pixels between modules are
-never written, so they keep the zeros of the freshly created ring. The slot is committed with the
-56-byte ``ImageMetadata`` as slot metadata and the same bytes are PUBlished.
+Follows the commit log of every required module's frame ring (``ram_buffer.FollowerGroup``: one
+futex sleep for all rings per wake-up, however many frames each wake-up finds), reads each frame's
+``ModuleFrame`` from its slot metadata, groups them with the ``Synchroniser`` and, for each released
+image id, places every required module's frame (read straight from its frame ring) into the image
+ring slot with the detector layout (a single-module detector whose frame is the image skips that
+copy: its receiver writes straight into the image ring, see ``readout.direct``). There is no
+message per frame: a receiver only commits its slot.
+A receiver that restarts re-creates its ring; the group moves to the new ring at once (inotify) and
+takes it from its first commit. Modules that did not report, or whose frame ring slot was already
+overwritten by a newer frame (a lapped slot, checked with the ring's seqlock), are zero-filled and
+counted as ``packets_per_frame`` missing packets. Gap pixels between modules are never written, so
+they keep the zeros of the freshly created ring. The slot is committed with the 56-byte
+``ImageMetadata`` as slot metadata: the image ring's commit log and slot metadata are what the
+pipeline's own readers follow.
+
+The same 56 bytes are PUBlished per image on ``ipc.image_metadata_address`` (std-daq's wire format)
+for the consumers that take that stream, and only while one is subscribed (an XPUB counts the
+subscriptions; with none, no message is made). Who subscribes: ``stream.send`` (replication to
+another server), ``stream.live`` (the Array-1.0 live stream), the writer agent as long as it selects
+a file's images from that stream, and any external service speaking std-daq's protocol.
 
 ``ImageMetadata`` fields: ``status`` = ``ID_MISMATCH`` when the modules' frames of one image id
 disagree on the other identifiers (frame index / pulse id, i.e. they are not from the same trigger),
@@ -43,19 +56,35 @@ from daq_backend.formats import (
     received_map_nbytes,
     unpack_received,
 )
-from daq_backend.ram_buffer import AttachedRing, RingBuffer, SlotOverwritten
+from daq_backend.ram_buffer import SLOT_META_BYTES, Followed, FollowerGroup, RingBuffer, SlotOverwritten
+from daq_backend.readout.direct import DIRECT_FLAG, DIRECT_FLAG_OFFSET, direct_possible
 from daq_backend.readout.sync import Accepted, Release, SyncedImage, Synchroniser
 from daq_backend.readout.window import MAX_FRAME_GAP
 from daq_backend.stats import Counters, StatsReporter, service_name
 
 log = logging.getLogger(__name__)
 
+MODULE_FRAME_NBYTES = ModuleFrame.FORMAT.size
+
+#: Longest sleep with nothing pending (the stats reporter's pace); frames, a ring appearing and
+#: ``stop()`` all wake the assembler at once.
+IDLE_WAIT = 1.0
+#: Frames taken from one ring per wake-up at most, so timeouts and stats still get their turn.
+TAKE_LIMIT = 10_000
+
 
 @dataclass
 class AssemblerStats(Counters):
     """``images_skipped``: gaps in the detector's frame counter between consecutive images, i.e.
     images of which no module frame arrived at all (image ids may step by more than 1).
-    ``numbering_restarts``: the modules' numbering went back (a new epoch, see ``readout.sync``)."""
+    ``numbering_restarts``: the modules' numbering went back (a new epoch, see ``readout.sync``).
+    ``lapped_frames``: frames whose ring slot (or commit log entry) a receiver overwrote before the
+    assembler read it; ``bad_messages``: frame ring slots whose metadata is not the ``ModuleFrame`` of
+    their id; ``ignored_frames``: frames announcing another module than their ring's;
+    ``frame_rings_recreated``: receivers' rings followed anew after a receiver restart;
+    ``wakeups``: times the assembler woke and found frames; ``metadata_subscribers``: subscriptions
+    to the ``ImageMetadata`` stream now; ``images_published``: images sent on it; ``images_direct``:
+    images whose pixels the receiver wrote into the image ring (``readout.direct``)."""
 
     frames: int = 0
     images: int = 0
@@ -77,6 +106,11 @@ class AssemblerStats(Counters):
     released_timeout: int = 0
     released_shutdown: int = 0
     numbering_restarts: int = 0
+    frame_rings_recreated: int = 0
+    wakeups: int = 0
+    metadata_subscribers: int = 0
+    images_published: int = 0
+    images_direct: int = 0
     pending: int = 0
     last_image_id: int = 0
 
@@ -101,11 +135,13 @@ class ImageAssembler:
         self.dtype = np.dtype(config.image_dtype)
         self._dtype_code = DTYPE_CODES[config.image_dtype]
         layout.prepare()
+        #: a single-module detector whose frame is the image: its receiver may write straight into
+        #: the image ring (``readout.direct``); ids of such frames waiting to be committed
+        self._direct = direct_possible(config, layout)
+        self._meta_nbytes = SLOT_META_BYTES if self._direct else MODULE_FRAME_NBYTES
+        self._direct_ids: set[int] = set()
         #: converted pixel values need the receivers' packet maps to mark what never arrived
         self._marks_missing = config.converted and layout.packets_per_frame <= MAX_RECEIVED_MAP_PACKETS
-        self._frame_rings = {
-            m: AttachedRing(ipc.frame_ring_name(config.detector_name, m)) for m in self.required
-        }
         self._write_seq = 0
         self._last_frame_index: int | None = None
         self._stop = threading.Event()
@@ -115,22 +151,22 @@ class ImageAssembler:
             ipc.image_ring_name(config.detector_name), config.image_nbytes, config.image_ring_slots
         )
         self._ctx = context or zmq.Context.instance()
-        self._pull = self._ctx.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.RCVHWM, 100_000)
-        self._pull.setsockopt(zmq.LINGER, 0)
-        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub = self._ctx.socket(zmq.XPUB)
         self._pub.setsockopt(zmq.SNDHWM, max(config.image_ring_slots, 1000))
         self._pub.setsockopt(zmq.LINGER, 500)
+        self._pub.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscription: subscribers are counted
+        self._subscriptions = 0
+        address = ipc.image_metadata_address(config.detector_name)
         try:
-            self._pull.bind(ipc.module_frames_address(config.detector_name))
-            self._pub.bind(ipc.image_metadata_address(config.detector_name))
+            self._pub.bind(address)
         except zmq.ZMQError as exc:
-            self._pull.close()
             self._pub.close()
             self.ring.close()
-            raise RuntimeError(
-                f"assembler of {config.detector_name}: cannot bind its ipc sockets in {ipc.ipc_dir()}: {exc}"
-            ) from None
+            raise RuntimeError(f"assembler of {config.detector_name}: cannot bind {address}: {exc}") from None
+        #: the receivers' frame rings, followed through their commit logs
+        self._frames: FollowerGroup[int] = FollowerGroup(
+            {m: ipc.frame_ring_name(config.detector_name, m) for m in self.required}
+        )
         self._reporter = StatsReporter(
             config.detector_name, service_name("assembler"), self._snapshot,
             interval=stats_interval, context=self._ctx,
@@ -138,37 +174,40 @@ class ImageAssembler:
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._pull, zmq.POLLIN)
         sync = self.sync
+        frames = self._frames
+        reported_frames = -1
         while not self._stop.is_set():
             deadline = sync.next_deadline()
-            wait = 0.1 if deadline is None else min(0.1, max(0.0, deadline - time.monotonic()))
-            if not sync.n_pending:
-                self._attach_frame_rings()
-            if poller.poll(wait * 1000):
-                for _ in range(10_000):  # bounded so timeouts and stats still get their turn
-                    try:
-                        raw = self._pull.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._guarded(self._on_message, raw)
+            now = time.monotonic()
+            wait = IDLE_WAIT if deadline is None else min(IDLE_WAIT, max(0.0, deadline - now))
+            if self.stats.frames != reported_frames:  # report the last changes once due
+                wait = min(wait, self._reporter.due_in(now))
+            if frames.wait(wait) and not self._stop.is_set():
+                self.stats.wakeups += 1
+                self._read_subscriptions()
+                self._guarded(self._take_frames, None)
             for image in sync.pop_ready(time.monotonic()):
                 self._guarded(self._emit, image)
-            self._reporter.tick()
+            if self._reporter.tick():
+                reported_frames = self.stats.frames
+        self._guarded(self._take_frames, None)
         for image in sync.drain(time.monotonic()):
             self._guarded(self._emit, image)
 
-    def _attach_frame_rings(self) -> None:
-        """Map the receivers' rings while nothing waits: attaching maps every page of a ring
-        (``ram_buffer._populate``, ~0.1 s per GiB), too slow for the first image of a 4-module
-        detector to wait for it (its frames would be released incomplete by the sync timeout)."""
-        for source in self._frame_rings.values():
-            if source.ring is None:
-                source.get()
+    def _read_subscriptions(self) -> None:
+        """Count the ``ImageMetadata`` stream's subscriptions (XPUB: 1 byte 1/0 + topic each)."""
+        pub = self._pub
+        while pub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            msg = pub.recv(zmq.NOBLOCK)
+            if msg[:1] == b"\x01":
+                self._subscriptions += 1
+            elif msg[:1] == b"\x00":
+                self._subscriptions = max(0, self._subscriptions - 1)
+        self.stats.metadata_subscribers = self._subscriptions
 
     def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
-        """One message or image failing (a bug, a corrupt frame) is logged and counted; the
+        """One frame or image failing (a bug, a corrupt frame) is logged and counted; the
         assembler goes on with the next (the seed's synchroniser died instead, weakness 7)."""
         try:
             step(arg)
@@ -176,15 +215,70 @@ class ImageAssembler:
             self.stats.errors += 1
             log.exception("assembler of %s: %s failed", self.config.detector_name, step.__name__)
 
-    def _on_message(self, raw: bytes) -> None:
+    def _take_frames(self, _: None = None) -> None:
+        """Hand every frame committed since the last wake-up to the synchroniser, oldest first.
+
+        With several modules the frames are merged across rings in image id order (split where a
+        ring's ids go back: a new numbering), so that one ring's batch cannot fill the synchroniser's
+        queue before the other modules' frames of the same images are added."""
+        taken = self._frames.take(TAKE_LIMIT)
+        if not taken:
+            return
+        if len(taken) == 1 and len(self.required) == 1:
+            ((module, followed),) = taken.items()
+            self._note(module, followed)
+            ring = self._frames.followers[module].ring
+            for image_id in followed.ids:
+                self._add_frame(module, ring, image_id)
+            return
+        order: list[tuple[int, int, int]] = []
+        for module, followed in taken.items():
+            self._note(module, followed)
+            segment, previous = 0, -1
+            for image_id in followed.ids:
+                if image_id <= previous:
+                    segment += 1
+                previous = image_id
+                order.append((segment, image_id, module))
+        order.sort()
+        followers = self._frames.followers
+        for _, image_id, module in order:
+            self._add_frame(module, followers[module].ring, image_id)
+
+    def _note(self, module: int, followed: Followed) -> None:
+        if followed.reattached:
+            self.stats.frame_rings_recreated += 1
+            log.info("assembler of %s: module %d's frame ring was re-created (receiver restarted): "
+                     "following the new one", self.config.detector_name, module)
+        if followed.lapped:
+            self.stats.lapped_frames += followed.lapped
+
+    def _add_frame(self, module: int, ring: RingBuffer | None, image_id: int) -> None:
+        """Read the ``ModuleFrame`` of a committed slot and add it to the synchroniser (a failure is
+        logged and counted in ``errors``; the next frame goes on)."""
         st = self.stats
+        if ring is None:
+            return
         try:
-            frame = ModuleFrame.unpack(raw)
-        except ValueError:
+            raw = ring.meta(image_id, self._meta_nbytes)
+        except SlotOverwritten:
+            st.lapped_frames += 1
+            return
+        except Exception:
+            st.errors += 1
+            log.exception("assembler of %s: reading module %d's frame %d failed", self.config.detector_name,
+                          module, image_id)
+            return
+        frame = ModuleFrame.unpack(raw[:MODULE_FRAME_NBYTES])
+        if frame.id != image_id:
             st.bad_messages += 1
             return
         st.frames += 1
+        if frame.module_id != module:
+            st.ignored_frames += 1
+            return
         now = time.monotonic()
+        direct = self._direct and raw[DIRECT_FLAG_OFFSET] == DIRECT_FLAG
         accepted = self.sync.add(frame, now)
         if accepted is Accepted.DUPLICATE:
             st.duplicate_frames += 1
@@ -193,6 +287,8 @@ class ImageAssembler:
         elif accepted is Accepted.NOT_REQUIRED:
             st.ignored_frames += 1
         else:
+            if direct:
+                self._direct_ids.add(image_id)
             for image in self.sync.pop_ready(now):
                 self._guarded(self._emit, image)
 
@@ -200,8 +296,15 @@ class ImageAssembler:
         st = self.stats
         image_id = synced.image_id
         ppf = self.packets_per_frame
-        slot = self.ring.begin_write(image_id)
-        image = slot.view(self.dtype).reshape(self.shape)
+        direct = image_id in self._direct_ids
+        if direct:  # the receiver wrote the pixels into the slot: commit it if it still holds them
+            self._direct_ids.discard(image_id)
+            if not self.ring.writing(image_id):
+                st.lapped_frames += 1
+                return
+            image = None
+        else:
+            image = self.ring.begin_write(image_id).view(self.dtype).reshape(self.shape)
         missing = 0
         identities: set[tuple[int, int]] = set()
         for module in self.required:
@@ -211,13 +314,14 @@ class ImageAssembler:
                 st.missing_module_frames += 1
             else:
                 identities.add((frame.frame_index, frame.pulse_id))
-                placed = self._place(module, image_id, image, frame.n_recv_packets)
+                placed = image is None or self._place(module, image_id, image, frame.n_recv_packets)
                 if not placed:
                     st.lapped_frames += 1
             if placed:
                 missing += ppf - min(frame.n_recv_packets, ppf)  # type: ignore[union-attr]
             else:
-                self.layout.zero_module(module, image)
+                if image is not None:
+                    self.layout.zero_module(module, image)
                 missing += ppf
         if identities:
             frame_index = min(identities)[0]
@@ -240,8 +344,11 @@ class ImageAssembler:
             image_id, height, width, self._dtype_code, status, user_1=missing, user_2=self._write_seq
         ).pack()
         self.ring.commit(image_id, packed)
-        self._pub.send(packed)
+        if self._subscriptions:
+            self._pub.send(packed)
+            st.images_published += 1
         st.images += 1
+        st.images_direct += direct
         st.bytes += self.ring.slot_nbytes
         st.missing_packets += missing
         st.last_image_id = image_id
@@ -252,28 +359,23 @@ class ImageAssembler:
     def _place(self, module: int, image_id: int, image: np.ndarray, n_recv_packets: int) -> bool:
         """Copy the module's frame of ``image_id`` into ``image`` (marking the pixels of lost
         packets, see ``mark_missing_packets``); False if its slot no longer (or never) held that frame."""
-        source = self._frame_rings[module]
+        ring = self._frames.followers[module].ring
+        if ring is None:
+            return False
         ppf = self.packets_per_frame
-        mark = n_recv_packets < ppf and self._marks_missing
-        for attempt in range(2):
-            ring = source.get()
-            if ring is not None:
-                try:
-                    self.layout.assemble(module, ring.view(image_id), image)
-                    if mark:
-                        meta = ring.meta(image_id, RECEIVED_MAP_OFFSET + received_map_nbytes(ppf))
-                        received = unpack_received(meta[RECEIVED_MAP_OFFSET:], ppf)
-                        if received.sum() == n_recv_packets:  # else a producer without a map
-                            self.layout.mark_missing_packets(module, received, image)
-                        else:
-                            self.layout.zero_module(module, image)
-                    ring.check(image_id)
-                    return True
-                except SlotOverwritten:
-                    pass
-            if attempt == 0 and not source.refreshed():
-                break
-        return False
+        try:
+            self.layout.assemble(module, ring.view(image_id), image)
+            if n_recv_packets < ppf and self._marks_missing:
+                meta = ring.meta(image_id, RECEIVED_MAP_OFFSET + received_map_nbytes(ppf))
+                received = unpack_received(meta[RECEIVED_MAP_OFFSET:], ppf)
+                if received.sum() == n_recv_packets:  # else a producer without a map
+                    self.layout.mark_missing_packets(module, received, image)
+                else:
+                    self.layout.zero_module(module, image)
+            ring.check(image_id)
+        except SlotOverwritten:
+            return False
+        return True
 
     def _snapshot(self) -> dict[str, int]:
         self.stats.pending = self.sync.n_pending
@@ -283,6 +385,7 @@ class ImageAssembler:
     # -- lifetime ----------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
+        self._frames.wake()
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="assembler", daemon=True)
@@ -295,12 +398,9 @@ class ImageAssembler:
             return
         self._closed = True
         self._reporter.close()
-        self._pull.close()
         self._pub.close()
-        ipc.unlink_ipc(ipc.module_frames_address(self.config.detector_name))
         ipc.unlink_ipc(ipc.image_metadata_address(self.config.detector_name))
-        for source in self._frame_rings.values():
-            source.close()
+        self._frames.close()
         self.ring.close()
 
 

@@ -16,7 +16,8 @@ per-packet buffers are allocated. Two ways to place them, with the same rules an
 measured: 2.4 us/packet against 2.0 for ``recv_into`` + an 8 KiB copy, because of the tuples it
 returns.)
 
-A frame is flushed (slot committed, ``ModuleFrame`` PUSHed to the synchroniser) when it is complete,
+A frame is flushed (slot committed with its ``ModuleFrame`` as slot metadata: the assembler follows the
+ring's commit log, no message per frame) when it is complete,
 when the first packet of another frame arrives (it lost packets), or after ``idle_flush`` seconds
 without packets of its stream (so the last frame of an acquisition is not held back by a lost last
 packet, however much else arrives). Before flushing an incomplete frame the byte ranges of its
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import select
 import socket
 import sys
@@ -60,6 +62,7 @@ from daq_backend.formats import MAX_RECEIVED_MAP_PACKETS, ModuleFrame, pack_rece
 from daq_backend.priority import apply_rt_priority
 from daq_backend.ram_buffer import RingBuffer
 from daq_backend.readout import mmsg
+from daq_backend.readout.direct import ImageRingTarget, direct_possible, with_direct_flag
 from daq_backend.readout.window import MAX_FRAME_GAP, CandidateFrame, StreamWindow
 from daq_backend.stats import Counters, StatsReporter, service_name
 
@@ -72,8 +75,8 @@ BUFFERED_FRAMES = 100
 MAX_DEFAULT_RCVBUF = 512 * 1024 * 1024
 #: How many recently flushed ids a receiver remembers to recognise late or duplicate packets.
 RECENT_FRAMES = 16
-#: Module frame announcements queued for a busy assembler before they are dropped (and counted).
-ANNOUNCE_HWM = 100_000
+#: Longest sleep of an idle receiver (the stats reporter's pace): datagrams and ``stop()`` wake it.
+IDLE_WAIT = 1.0
 #: Largest image id a ring slot can hold (its seqlock stores id + 1 in 64 bits).
 MAX_IMAGE_ID = 2**64 - 2
 #: Datagrams one ``recvmmsg`` call may return (rows of the staging buffer).
@@ -99,7 +102,8 @@ class ReceiverStats(Counters):
     (a frame number or pulse id no detector sends), ``rejected_out_of_window`` (a numbering that never
     formed a stream); ``bad_datagrams`` are not packets of this detector at all.
     ``numbering_restarts``: new numberings adopted (a restarted frame counter, a jump beyond the
-    window); ``stream_module_id``: the header module id the stream comes from (-1: none yet)."""
+    window); ``frames_direct``: frames written straight into the image ring (``readout.direct``);
+    ``stream_module_id``: the header module id the stream comes from (-1: none yet)."""
 
     packets: int = 0
     bytes: int = 0
@@ -110,12 +114,12 @@ class ReceiverStats(Counters):
     duplicate_packets: int = 0
     out_of_order_packets: int = 0
     late_packets: int = 0
-    frames_unannounced: int = 0
     frames_skipped: int = 0
     rejected_module_id: int = 0
     rejected_out_of_range: int = 0
     rejected_out_of_window: int = 0
     numbering_restarts: int = 0
+    frames_direct: int = 0
     stream_module_id: int = -1
     last_frame_id: int = 0
 
@@ -275,13 +279,15 @@ class ModuleReceiver:
         except OSError:
             self.sock.close()
             raise
+        #: direct mode (``readout.direct``): where frames go while the image ring is mapped
+        self._direct = ImageRingTarget(config, layout.frame_nbytes) if direct_possible(config, layout) \
+            else None
+        self._cur_direct = False
+        #: ``stats.packets`` at the last counter report (an idle receiver wakes to report changes)
+        self._reported_packets = -1
         self._ctx = context or zmq.Context.instance()
-        self._push = self._ctx.socket(zmq.PUSH)
-        # Queue announcements rather than drop them while the assembler is busy: a frame whose slot
-        # is lapped by then is detected (and counted) by the assembler's seqlock check.
-        self._push.setsockopt(zmq.SNDHWM, ANNOUNCE_HWM)
-        self._push.setsockopt(zmq.LINGER, 500)
-        self._push.connect(ipc.module_frames_address(config.detector_name))
+        #: written by ``stop()`` so that an idle receiver wakes at once (it sleeps up to ``IDLE_WAIT``)
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._reporter = StatsReporter(
             config.detector_name, service_name(f"receiver-{module_id}"), self.stats.snapshot,
             interval=stats_interval, context=self._ctx,
@@ -312,6 +318,7 @@ class ModuleReceiver:
         stopped = self._stop.is_set
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self._wake_fd, select.POLLIN)
         readable = True
         while not stopped():
             if readable:
@@ -341,13 +348,16 @@ class ModuleReceiver:
             self._count_discarded(expired)
             if adopt:
                 self._adopt(adopt, now)
-        self._reporter.tick()
+        if self._reporter.tick():
+            self._reported_packets = self.stats.packets
         if now >= self._next_rejection_log:
             self._log_rejections(now)
 
     def _wait(self, now: float) -> float:
         """Seconds the idle loop may sleep before ``_housekeeping`` has something to do."""
-        wait = 0.1
+        wait = IDLE_WAIT
+        if self.stats.packets != self._reported_packets:  # report the last changes once due
+            wait = min(wait, self._reporter.due_in(now))
         if self._cur_id is not None:
             wait = min(wait, self._stream_touched + self.idle_flush - now)
         deadline = self.window.next_deadline(now)
@@ -751,7 +761,13 @@ class ModuleReceiver:
         self._cur_id = image_id
         self._cur_fn = frame_index
         self._cur_header = (int(info.pulse_id), frame_index, int(info.daq_rec))
-        data = self.ring.begin_write(image_id)
+        target = self._direct.ring() if self._direct is not None else None
+        if target is not None:  # direct mode: the pixels go into the image ring (readout.direct)
+            self.ring.begin_write(image_id)
+            data = target.begin_write(image_id)[: self.layout.frame_nbytes]
+        else:
+            data = self.ring.begin_write(image_id)
+        self._cur_direct = target is not None
         self._slot = memoryview(data)
         if self._headers is not None:
             self._slot_rows = data[: self.layout.frame_nbytes].reshape(self.packets_per_frame, -1)
@@ -779,15 +795,13 @@ class ModuleReceiver:
         pulse_id, frame_index, daq_rec = self._cur_header
         packed = ModuleFrame(image_id, pulse_id, frame_index, daq_rec, n_recv, *self._frame_extra).pack()
         if n_recv < self.packets_per_frame and self.packets_per_frame <= MAX_RECEIVED_MAP_PACKETS:
-            self.ring.commit(image_id, packed + pack_received(self._received, self.packets_per_frame))
-        else:
-            self.ring.commit(image_id, packed)
+            packed += pack_received(self._received, self.packets_per_frame)
+        if self._cur_direct:
+            packed = with_direct_flag(packed)
+            st.frames_direct += 1
+        self.ring.commit(image_id, packed)
         st.frames += 1
         st.last_frame_id = image_id
-        try:
-            self._push.send(packed, zmq.NOBLOCK)
-        except zmq.Again:
-            st.frames_unannounced += 1
         self._recent[image_id] = time.monotonic()
         self._recent.move_to_end(image_id)
         if len(self._recent) > RECENT_FRAMES:
@@ -798,11 +812,14 @@ class ModuleReceiver:
         self._cur_fn = -1
         self._slot = None
         self._slot_rows = None
-        self._reporter.tick()
+        if self._reporter.tick():
+            self._reported_packets = st.packets
 
     # -- lifetime ----------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
+        if self._wake_fd >= 0:
+            os.eventfd_write(self._wake_fd, 1)
 
     def start(self) -> threading.Thread:
         """Run in a daemon thread (tests, in-process pipelines)."""
@@ -811,15 +828,18 @@ class ModuleReceiver:
         return thread
 
     def close(self) -> None:
-        """Release socket, ZMQ socket and ring (unlinked: this process owns it)."""
+        """Release the sockets and the ring (unlinked: this process owns it)."""
         if self._closed:
             return
         self._closed = True
         self._slot = None
         self._slot_rows = None
         self._reporter.close()
-        self._push.close()
         self.sock.close()
+        if self._direct is not None:
+            self._direct.close()
+        os.close(self._wake_fd)
+        self._wake_fd = -1
         self.ring.close()
 
 

@@ -153,7 +153,6 @@ KNOWN_COUNTERS: dict[str, str] = {
     "duplicate_packets": "duplicate packets",
     "out_of_order_packets": "packets out of order",
     "late_packets": "late packets",
-    "frames_unannounced": "frames unannounced",
     "frames_skipped": "frames never seen",
     "images_good": "images good",
     "images_missing_packets": "images missing packets",
@@ -169,6 +168,7 @@ KNOWN_COUNTERS: dict[str, str] = {
     "images_incomplete": "images written incomplete",
     "dropped_messages": "messages dropped",
     "bad_messages": "malformed messages",
+    "frame_rings_recreated": "frame rings re-created",
 }
 _LOSS_WORDS = re.compile(
     r"missing|lost|incomplete|mismatch|reject|drop|bad|torn|lapped|skipped|overwrit|evict|fail|invalid"

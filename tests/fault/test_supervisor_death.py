@@ -139,7 +139,7 @@ def test_kill_9_of_std_daq_up_during_a_write(detector: tuple[DetectorConfig, Pat
     # the guardian removed rings and sockets at once and said what happened in the status file
     assert shm_segments(config.detector_name) == []
     det = config.detector_name
-    for address in (ipc.module_frames_address(det), ipc.image_metadata_address(det),
+    for address in (ipc.image_metadata_address(det),
                     ipc.writer_agent_address(det), ipc.writer_status_address(det), ipc.stats_address(det),
                     ipc.supervisor_address(det)):
         assert not os.path.exists(address.removeprefix("ipc://")), address
