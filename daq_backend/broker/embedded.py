@@ -180,7 +180,8 @@ class EmbeddedTransport(Transport):
             self._closing.wait(0.1)
 
     def consume(
-        self, exchange: str, binding_key: str, callback: Callback, *, exclusive_work: bool = False
+        self, exchange: str, binding_key: str, callback: Callback, *, exclusive_work: bool = False,
+        queue: str | None = None,
     ) -> Callable[[], None]:
         consumer_id = uuid.uuid4().hex.encode()
         on_done = functools.partial(self._done, consumer_id) if exclusive_work else None

@@ -52,6 +52,8 @@ class Message:
     body: bytes
     correlation_id: str
     headers: dict[str, Any] = field(default_factory=dict)
+    #: delivered before to a consumer that did not acknowledge it (e.g. its process died running it)
+    redelivered: bool = False
 
 
 Callback = Callable[[Message], None]
@@ -112,13 +114,19 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def consume(
-        self, exchange: str, binding_key: str, callback: Callback, *, exclusive_work: bool = False
+        self, exchange: str, binding_key: str, callback: Callback, *, exclusive_work: bool = False,
+        queue: str | None = None,
     ) -> Callable[[], None]:
         """Deliver messages of ``exchange`` whose routing key matches ``binding_key`` (AMQP topic
         rules: ``*`` one word, ``#`` zero or more) to ``callback`` on a transport thread.
 
         ``exclusive_work=True`` means one message at a time (prefetch 1, manual ack: the next
-        delivery waits until the callback returned). Returns a function that cancels the consumer.
+        delivery waits until the callback returned). ``queue``: a name that stays the consumer's
+        across restarts of its process (e.g. the service's tag and name): what arrives while the
+        process is down waits for the restarted one instead of a dead consumer's queue (RabbitMQ
+        keeps a consumer's queue through a lost connection); None: a queue of its own. The embedded
+        broker routes only to live consumers and ignores it. Returns a function that cancels the
+        consumer.
         """
 
     @abc.abstractmethod

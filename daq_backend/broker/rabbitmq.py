@@ -284,14 +284,15 @@ class RabbitMQTransport(Transport):
             self._closing.wait(0.1)
 
     def consume(
-        self, exchange: str, binding_key: str, callback: Callback, *, exclusive_work: bool = False
+        self, exchange: str, binding_key: str, callback: Callback, *, exclusive_work: bool = False,
+        queue: str | None = None,
     ) -> Callable[[], None]:
         consumer = _Consumer(
             key=next(self._keys),
             exchange=exchange,
             binding_key=binding_key,
             exclusive_work=exclusive_work,
-            queue=f"std-daq-{uuid.uuid4()}",
+            queue=queue or f"std-daq-{uuid.uuid4()}",
         )
         on_done = functools.partial(self._ack, consumer) if exclusive_work else None
         consumer.worker = ConsumerWorker(f"consumer-{exchange}-{binding_key}", callback, on_done)
@@ -599,6 +600,7 @@ class RabbitMQTransport(Transport):
             body=bytes(body),
             correlation_id=properties.correlation_id or "",
             headers=decode_headers(properties.headers),
+            redelivered=bool(getattr(method, "redelivered", False)),
         )
         if consumer.worker is not None:
             consumer.worker.put(message, (generation, channel, method.delivery_tag))

@@ -122,7 +122,8 @@ class BrokerService:
         self._stopping.clear()
         self._cancels.append(self.transport.consume(KILL_EXCHANGE, self.tag, self._on_kill_message))
         self._cancels.append(
-            self.transport.consume(REQUEST_EXCHANGE, self.tag, self._on_request_message, exclusive_work=True)
+            self.transport.consume(REQUEST_EXCHANGE, self.tag, self._on_request_message, exclusive_work=True,
+                                   queue=f"std-daq-{REQUEST_EXCHANGE}-{self.tag}-{self.service_name}")
         )
         _logger.info("Service %r serving requests on tag %r", self.service_name, self.tag)
 
@@ -214,6 +215,13 @@ class BrokerService:
             return
         if killed_early:
             self._publish_status(Action.FAIL, *reply, f"Request {request_id} was killed before it started")
+            return
+        if late is not None and late > 0 and message.redelivered:
+            # The previous process of this service took it and died (its queue keeps the service's
+            # name): that process's own recovery ends the request; a second final status would not
+            # be the truth about what ran.
+            _logger.warning("Request %s redelivered to %r after its previous consumer died; not run",
+                            request_id, self.service_name)
             return
         if late is not None and late > 0:
             _logger.warning("Request %s reached %r %.1f s after its deadline; refused", request_id,
