@@ -31,7 +31,7 @@ from ophyd import Device, Signal
 from ophyd.device import Staged
 from ophyd.status import DeviceStatus
 
-from daq_backend.rest.models import FINAL_STATES, RequestState
+from daq_backend.messages import FINAL_STATES, RequestState
 from std_daq_ophyd.client import DEFAULT_URL, StdDaqClient, StdDaqError
 from std_daq_ophyd.documents import AssetDoc, Dataset, StreamDocuments
 from std_daq_ophyd.writer import default_output_dir

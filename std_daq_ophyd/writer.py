@@ -20,6 +20,7 @@ from typing import Any
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
+from daq_backend.messages import FINAL_STATES
 from daq_backend.rest.models import RequestStatus
 from daq_backend.writer.roots import default_data_root
 from std_daq_ophyd.client import StdDaqClient, StdDaqError
@@ -28,7 +29,6 @@ from std_daq_ophyd.client import StdDaqClient, StdDaqError
 #: the file is finished on unstage.
 OPEN_ENDED = 2**31 - 1
 DEFAULT_TEMPLATE = "{name}_{date:%Y%m%d-%H%M%S}_{uid}.h5"
-FINAL_STATES = ("completed", "interrupted", "failed")
 
 
 def default_output_dir() -> str:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from daq_backend import ipc
 from daq_backend.formats import DTYPE_CODES, ImageMetadata, ImageStatus
+from daq_backend.messages import RequestState
 from daq_backend.ram_buffer import RingBuffer
 from daq_backend.rest.backend import RequestRecord
 from daq_backend.rest.dashboard import (
@@ -35,7 +36,7 @@ from daq_backend.rest.dashboard import (
     request_view,
 )
 from daq_backend.rest.dashboard_image import NO_VALUE_COLOR, ImageRenderer, colour_scale, encode_png, shrink
-from daq_backend.rest.models import RequestState, StatsResponse
+from daq_backend.rest.models import StatsResponse
 from tests.readout_fixtures import ipc_env, make_config, wait_for
 from tests.rest_fixtures import WAIT_S, RestHarness
 

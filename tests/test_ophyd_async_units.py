@@ -17,7 +17,8 @@ from bluesky import RunEngine
 from bluesky.run_engine import call_in_bluesky_event_loop
 from ophyd_async.core import DetectorTrigger, PathInfo, init_devices, set_mock_value
 
-from daq_backend.rest.models import HealthResponse, RequestState, RequestStatus
+from daq_backend.messages import RequestState
+from daq_backend.rest.models import HealthResponse, RequestStatus
 from std_daq_ophyd.async_devices import (
     DEADTIME_S,
     TIMING_OF_TRIGGER,

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 
 from daq_backend.auth import READ_METHODS, TOKEN_ENV
 from daq_backend.epics.writer import EpicsWriteRequest
+from daq_backend.messages import RequestState
 from daq_backend.rest import models as m
 from daq_backend.rest.backend import (
     ApiError,
@@ -155,7 +156,7 @@ def _request_status(record: RequestRecord) -> m.RequestStatus:
         request=record.request,
         services=record.services,
         kind=record.kind,
-        result=record.result if record.state is m.RequestState.COMPLETED else None,
+        result=record.result if record.state is RequestState.COMPLETED else None,
     )
 
 
@@ -452,7 +453,7 @@ def create_app(backend: DaqBackend, token: str | None = None) -> FastAPI:
         request_id, write = await admin_submit(request)
         record = await backend.wait_final(request_id, write.timeout)
         return admin_writer(
-            "Writing finished." if record.state is m.RequestState.COMPLETED else "Writing ended.", request_id
+            "Writing finished." if record.state is RequestState.COMPLETED else "Writing ended.", request_id
         )
 
     @app.post(

@@ -47,8 +47,8 @@ from daq_backend.control.base import (
     DetectorUnreachableError,
     ParameterError,
 )
-from daq_backend.messages import FAULT_BOUND
-from daq_backend.rest.models import FINAL_STATES, DetectorRequest, RequestState
+from daq_backend.messages import FAULT_BOUND, FINAL_STATES, RequestState
+from daq_backend.rest.models import DetectorRequest
 from daq_backend.validation import explain as explain_validation
 from daq_backend.writer import roots as writer_roots
 from daq_backend.writer.request import RequestError, WriteRequest, parse_write_request

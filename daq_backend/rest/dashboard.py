@@ -39,9 +39,10 @@ from pydantic import BaseModel, Field
 
 from daq_backend import ipc
 from daq_backend.logtail import parse_lines
+from daq_backend.messages import RequestState
 from daq_backend.rest.backend import DETECTOR, DaqBackend, RequestRecord, summarize_stats
 from daq_backend.rest.dashboard_image import ImageInfo, ImageRenderer
-from daq_backend.rest.models import RequestState, StatsResponse
+from daq_backend.rest.models import StatsResponse
 
 _logger = logging.getLogger(__name__)
 

@@ -17,20 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from daq_backend.messages import RequestState
 from daq_backend.writer.request import WriteRequest
-
-
-class RequestState(str, Enum):
-    """Life of one write request as this API tracks it from the broker's status messages."""
-
-    QUEUED = "queued"  # published; no service has started it yet
-    RUNNING = "running"  # request_start received
-    COMPLETED = "completed"  # request_success
-    INTERRUPTED = "interrupted"  # killed / stopped; the file holds what was written until then
-    FAILED = "failed"  # request_fail for any other reason
-
-
-FINAL_STATES = frozenset({RequestState.COMPLETED, RequestState.INTERRUPTED, RequestState.FAILED})
 
 
 class ErrorBody(BaseModel):

@@ -22,7 +22,8 @@ from typing import Any
 
 from ophyd_async.core import Device, soft_signal_r_and_setter
 
-from daq_backend.rest.models import FINAL_STATES, RequestState, RequestStatus
+from daq_backend.messages import FINAL_STATES, RequestState
+from daq_backend.rest.models import RequestStatus
 from daq_backend.writer.layout import COMPRESSIONS
 from daq_backend.writer.request import WriteRequest
 from std_daq_ophyd.async_devices.steps import (
