@@ -242,8 +242,8 @@ class ImageAssembler:
                 order.append((segment, image_id, module))
         order.sort()
         followers = self._frames.followers
-        for _, image_id, module in order:
-            self._add_frame(module, followers[module].ring, image_id)
+        for _segment, frame_id, frame_module in order:
+            self._add_frame(frame_module, followers[frame_module].ring, frame_id)
 
     def _note(self, module: int, followed: Followed) -> None:
         if followed.reattached:

@@ -68,7 +68,7 @@ class RecvBatch:
         self._addr = ctypes.addressof(self._msgs)
         #: bytes received per message (``msg_len``), valid for the first ``n`` after ``recv``
         self.lengths = np.ndarray(
-            (vlen,), dtype=np.uint32, buffer=self._msgs, offset=MMsgHdr.len.offset,
+            (vlen,), dtype=np.uint32, buffer=memoryview(self._msgs), offset=MMsgHdr.len.offset,
             strides=(ctypes.sizeof(MMsgHdr),),
         )
 

@@ -234,7 +234,7 @@ class ModuleReceiver:
         self._headers: _StagedSlsHeaders | None = None
         if recv_batch > 1 and mmsg.available():
             self._batch = batch = mmsg.RecvBatch(recv_batch, layout.max_datagram + 1)
-            self._rows = [memoryview(row) for row in batch.buffer]
+            self._rows = [row.data for row in batch.buffer]
             if isinstance(layout, SlsLayout):
                 self._headers = _StagedSlsHeaders(layout, batch.buffer)
                 self._payloads = batch.buffer[:, layout.header_size : layout.max_datagram]
@@ -768,7 +768,7 @@ class ModuleReceiver:
         else:
             data = self.ring.begin_write(image_id)
         self._cur_direct = target is not None
-        self._slot = memoryview(data)
+        self._slot = data.data
         if self._headers is not None:
             self._slot_rows = data[: self.layout.frame_nbytes].reshape(self.packets_per_frame, -1)
         self._received = bytearray(self.packets_per_frame)

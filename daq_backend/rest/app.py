@@ -421,7 +421,8 @@ def create_app(backend: DaqBackend, token: str | None = None) -> FastAPI:
     # -- admin interface (REST v2) -------------------------------------------------------------
     def admin_writer(message: str, request_id: str | None = None) -> m.AdminWriterResponse:
         return m.AdminWriterResponse(
-            status=m.ApiStatus.OK, message=message, writer=backend.writer_status(request_id)
+            status=m.ApiStatus.OK, message=message,
+            writer=m.WriterStatus.model_validate(backend.writer_status(request_id)),
         )
 
     async def admin_submit(request: Request) -> tuple[str, WriteRequest]:
@@ -471,7 +472,8 @@ def create_app(backend: DaqBackend, token: str | None = None) -> FastAPI:
     def admin_status() -> m.AdminWriterResponse:
         status = backend.writer_status()
         return m.AdminWriterResponse(
-            status=m.ApiStatus.OK, message=f"Writer is {status['state']}", writer=status
+            status=m.ApiStatus.OK, message=f"Writer is {status['state']}",
+            writer=m.WriterStatus.model_validate(status),
         )
 
     @app.post(
@@ -532,7 +534,7 @@ def create_app(backend: DaqBackend, token: str | None = None) -> FastAPI:
         summary="The last n finished acquisitions, newest first",
     )
     def admin_logs(n_logs: int = Path(ge=0, le=MAX_LOGS)) -> m.AdminLogsResponse:
-        logs = [acquisition_log(r) for r in backend.tracker.logs(n_logs)]
+        logs = [m.AcquisitionLog.model_validate(acquisition_log(r)) for r in backend.tracker.logs(n_logs)]
         return m.AdminLogsResponse(status=m.ApiStatus.OK, message=f"DAQ logs for {name}.", logs=logs)
 
     @app.get(
@@ -545,7 +547,7 @@ def create_app(backend: DaqBackend, token: str | None = None) -> FastAPI:
         return m.AdminDeploymentResponse(
             status=m.ApiStatus.OK,
             message=f"Deployment status for {name}.",
-            deployment=backend.config_store.deployment(),
+            deployment=m.DeploymentStatus.model_validate(backend.config_store.deployment()),
         )
 
     app.include_router(dashboard_router(app, backend))  # /ui: the live dashboard

@@ -48,7 +48,7 @@ from daq_backend.control.base import (
     ParameterError,
 )
 from daq_backend.messages import FAULT_BOUND, FINAL_STATES, RequestState
-from daq_backend.rest.models import DetectorRequest
+from daq_backend.rest.models import DetectorRequest, RequestKind
 from daq_backend.validation import explain as explain_validation
 from daq_backend.writer import roots as writer_roots
 from daq_backend.writer.request import RequestError, WriteRequest, parse_write_request
@@ -56,8 +56,8 @@ from daq_backend.writer.request import RequestError, WriteRequest, parse_write_r
 _logger = logging.getLogger(__name__)
 
 #: what a request writes: detector images (the writer agent) or EPICS channels (the EPICS writer)
-DETECTOR = "detector"
-EPICS = "epics"
+DETECTOR: RequestKind = "detector"
+EPICS: RequestKind = "epics"
 #: the EPICS writer's default broker tag (its service name, as in the seed)
 EPICS_TAG = "epics_writer"
 #: seconds a sync call waits beyond the caller's ``timeout`` for the writer's own verdict
@@ -125,7 +125,7 @@ class RequestRecord:
     request_id: str
     request: dict[str, Any] | None
     created: float
-    kind: str = DETECTOR
+    kind: RequestKind = DETECTOR
     state: RequestState = RequestState.QUEUED
     n_written: int = 0
     n_missing_images: int = 0
@@ -199,7 +199,7 @@ class RequestTracker:
         request: dict[str, Any],
         *,
         run_id: int | str | None = None,
-        kind: str = DETECTOR,
+        kind: RequestKind = DETECTOR,
     ) -> RequestRecord:
         """Record a request before it is published (its first status may arrive at once)."""
         with self._lock:
@@ -287,7 +287,7 @@ class RequestTracker:
             wake()
 
     # -- status messages ----------------------------------------------------------------------
-    def on_status(self, status: StatusMessage, kind: str = DETECTOR) -> None:
+    def on_status(self, status: StatusMessage, kind: RequestKind = DETECTOR) -> None:
         now, mono = time.time(), time.monotonic()
         kill_again = False
         with self._lock:
@@ -548,7 +548,8 @@ class ConfigStore:
         unknown = sorted(str(k) for k in changes if k not in known)
         if unknown:
             raise ApiError(422, f"unknown config field(s): {', '.join(unknown)}")
-        updates = {_ERA_B_NAMES.get(k, k): v for k, v in changes.items() if v is not None}
+        updates: dict[str, Any] = {_ERA_B_NAMES.get(str(k), str(k)): v for k, v in changes.items()
+                                   if v is not None}
         name = updates.get("detector_name", current["detector_name"])
         if name != current["detector_name"]:
             raise ApiError(
@@ -857,7 +858,7 @@ class DaqBackend:
                 running_request_id=running.request_id,
             )
 
-    def _register(self, kind: str, body: dict[str, Any], run_id: Any = None) -> str:
+    def _register(self, kind: RequestKind, body: dict[str, Any], run_id: Any = None) -> str:
         request_id = _new_request_id()
         self.tracker.register(request_id, body, run_id=run_id, kind=kind)
         return request_id

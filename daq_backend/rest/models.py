@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from daq_backend.messages import RequestState
 from daq_backend.writer.request import WriteRequest
 
+#: what a write request records: detector images, or EPICS channels
+RequestKind = Literal["detector", "epics"]
+
 
 class ErrorBody(BaseModel):
     """Every 4xx/5xx answer outside the admin interface: ``detail`` says what is wrong."""
@@ -109,7 +112,7 @@ class DetectorConfigResponse(BaseModel):
 
 class RequestStatus(BaseModel):
     request_id: str
-    kind: Literal["detector", "epics"] = Field(description="detector images or EPICS channels")
+    kind: RequestKind = Field(description="detector images or EPICS channels")
     state: RequestState
     n_written: int = Field(description="images written so far")
     n_images: int | None = Field(description="images requested")

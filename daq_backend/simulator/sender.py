@@ -495,7 +495,8 @@ def _parallel_child(config_json: str, modules: tuple[int, ...], kwargs: dict[str
     results.put(report)
 
 
-def _key(value: Any, n: int, what: str) -> tuple[int, ...]:
+def _key(value: Any, n: int, what: str) -> Any:
+    """``value`` as a tuple of ``n`` integers (typed ``Any``: each caller's key type fixes ``n``)."""
     try:
         key = tuple(int(v) for v in value)
     except (TypeError, ValueError):

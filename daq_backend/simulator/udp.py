@@ -128,7 +128,7 @@ class MessageTable:
             if step != 1:
                 raise ValueError("MessageTable.send: slices must have step 1")
             batch = self._rows[start:stop]
-            order: Sequence[int] = range(start, stop)
+            order: Sequence[int] | np.ndarray = range(start, stop)
         else:
             order = np.asarray(indices, dtype=np.intp)
             batch = self._rows[order]
@@ -138,6 +138,7 @@ class MessageTable:
         if not self.use_sendmmsg:
             self._send_slowly(order)
             return n
+        assert _SENDMMSG is not None  # use_sendmmsg says it exists
         base = address_of(batch)
         size = MMSGHDR_DTYPE.itemsize
         sent = 0
@@ -152,7 +153,7 @@ class MessageTable:
             sent += r
         return n
 
-    def _send_slowly(self, indices: Sequence[int]) -> None:
+    def _send_slowly(self, indices: Sequence[int] | np.ndarray) -> None:
         for i in indices:
             pieces = [
                 (ctypes.c_char * int(length)).from_address(int(base))
