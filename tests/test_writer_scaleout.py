@@ -210,3 +210,39 @@ def test_ophyd_detector_and_tiled_read_the_master_through_the_documents(ipc_env:
     assert images.shape == rows["data"].shape
     np.testing.assert_array_equal(images, rows["data"])
     np.testing.assert_array_equal(status, rows["status"])
+
+
+def test_ophyd_async_fly_scan_and_tiled_read_the_master(ipc_env: str, tmp_path: Path) -> None:
+    """``StdDaqAsyncDetector``'s open-ended request (finished at the end of the fly scan) over two
+    writers: one StreamResource per data key, naming the master, and Tiled reads it pixel-exact."""
+    from ophyd_async.core import TriggerInfo
+
+    from tests.test_ophyd_async import EXPOSURE_TIMEOUT, EXPTIME, PERIOD, check_file, fly, make_async_detector
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    daq = LocalDaq(simulated_config(n_writers=2), output_roots=[data_dir]).start()
+    try:
+        catalog = tiled.catalog.in_memory(
+            writable_storage={"filesystem": str(tmp_path / "tiled"), "sql": f"duckdb:///{tmp_path}/catalog.db"},
+            readable_storage=[str(data_dir)],
+        )
+        with tiled.client.Context.from_app(tiled.server.app.build_app(catalog)) as context:
+            client = tiled.client.from_context(context)
+            engine = RunEngine({}, call_returns_result=False)  # first: the devices connect in its loop
+            det = make_async_detector(daq, data_dir)  # type: ignore[arg-type]  (url and config suffice)
+            recorder = Recorder()
+            engine.subscribe(recorder)
+            engine.subscribe(TiledWriter(client))
+            info = TriggerInfo(number_of_events=5, collections_per_event=2, livetime=EXPTIME,
+                               deadtime=PERIOD - EXPTIME, exposure_timeout=EXPOSURE_TIMEOUT)
+            engine(fly(det, info))
+            uid = recorder.of("start")[0]["uid"]
+            primary = client[uid]["primary"]
+            path = check_file(daq, recorder, primary["det"].read(), primary["det-status"].read(),  # type: ignore[arg-type]
+                              10)
+        with h5py.File(path, "r") as h5:
+            assert master.is_master(h5) and h5.attrs["n_writers"] == 2
+            assert (h5.attrs["n_written"], h5.attrs["n_images"]) == (10, 10)  # open-ended: what it got
+    finally:
+        daq.stop()
