@@ -43,7 +43,14 @@ from daq_backend.writer import layout, master
 from std_daq_ophyd.sim import LocalDaq, simulated_config
 from tests.fault.test_writer_faults import CLI, Broker, Daq, Detector, submit
 from tests.ophyd_fixtures import RABBITMQ_URL, Recorder, check_run, make_detector
-from tests.readout_fixtures import assert_no_leftovers, free_tcp_port, ipc_env, make_config, pid_alive, wait_for
+from tests.readout_fixtures import (
+    assert_no_leftovers,
+    free_tcp_port,
+    ipc_env,
+    make_config,
+    pid_alive,
+    wait_for,
+)
 from tests.test_rest_server import healthy
 
 __all__ = ["ipc_env"]
