@@ -65,3 +65,30 @@ def test_kill_9_of_one_of_two_writers_ends_the_request_with_the_leading_rows(ipc
            part_rows=master.part_rows(output), final=rest["state"],
            seconds_from_kill_to_final=round(took, 1), bound_s=FAULT_BOUND)
     np.testing.assert_array_equal(np.diff(ids), 1)
+
+
+def test_kill_9_of_the_writer_agent_over_two_writers_ends_every_part_and_the_master(ipc_env: str,
+                                                                                   tmp_path: Path) -> None:
+    """The restarted agent finds the request in its journal: it stops every part (``interrupted``,
+    "writer agent died: ...") and finishes the master with the leading rows, which REST reports."""
+    with scaled_daq(ipc_env, tmp_path, N_WRITERS) as daq, Detector(daq.config), \
+            Broker(daq.config.detector_name) as broker:
+        request_id, output = submit(daq, "run.h5", N_IMAGES)
+        wait_for(lambda: output.exists() and leading(output) >= KILL_AT, 180, f"{KILL_AT} rows written")
+        killed = kill_service(daq, "writer-agent")
+        rest, (action, message), took = final_everywhere(daq, broker, request_id, killed)
+    assert rest["state"] == "failed" and rest["message"].startswith(EndReason.AGENT_DIED.value), rest
+    assert action is Action.FAIL and message.startswith(EndReason.AGENT_DIED.value)
+    for part in part_paths(output, N_WRITERS):
+        with h5py.File(part, "r") as h5:
+            assert h5.attrs["status"] == layout.FILE_INTERRUPTED
+            assert h5.attrs["end_reason"].startswith(EndReason.AGENT_DIED.value)
+    counts = master.master_accounting(output)
+    with h5py.File(output, "r") as h5:
+        assert h5.attrs["status"] == layout.FILE_INTERRUPTED
+        assert h5.attrs["end_reason"].startswith(EndReason.AGENT_DIED.value)
+        assert int(h5.attrs["n_written"]) == counts["n_written"] >= KILL_AT
+        assert_rows(daq.config, h5, counts["n_written"])
+    assert_agree(rest, counts, N_IMAGES)
+    report("kill -9 of the writer agent, 2 writers", leading_rows=counts["n_written"],
+           part_rows=master.part_rows(output), final=rest["state"], seconds_from_kill_to_final=round(took, 1))
