@@ -34,6 +34,7 @@ from bluesky.callbacks.tiled_writer import TiledWriter
 from ophyd.sim import SynAxis
 
 from daq_backend import ipc
+from daq_backend.broker import Transport
 from daq_backend.broker.protocol import Action
 from daq_backend.config import DetectorConfig
 from daq_backend.messages import ImageAccounting
@@ -52,8 +53,10 @@ from tests.readout_fixtures import (
     wait_for,
 )
 from tests.test_rest_server import healthy
+from tests.writer_fixtures import Harness, embedded_transport, expected_pixels
+from tests.writer_fixtures import make_config as writer_config
 
-__all__ = ["ipc_env"]
+__all__ = ["embedded_transport", "ipc_env"]
 
 N_IMAGES = 120
 
@@ -253,3 +256,38 @@ def test_ophyd_async_fly_scan_and_tiled_read_the_master(ipc_env: str, tmp_path: 
             assert (h5.attrs["n_written"], h5.attrs["n_images"]) == (10, 10)  # open-ended: what it got
     finally:
         daq.stop()
+
+
+def test_a_lost_image_keeps_its_row_so_the_rows_stay_in_image_order(tmp_path: Path,
+                                                                    embedded_transport: Transport) -> None:
+    """An image whose ring slot was overwritten before a writer read it is written as a lost row
+    (zeros, status 3) in its part: the master keeps every later row in its place."""
+    h = Harness(tmp_path, writer_config(n_writers=2), embedded_transport)
+    try:
+        h.start_writer()
+        output = tmp_path / "lost.h5"
+        rid = h.request(output_file=str(output), n_images=10)
+        wait_for(output.exists, 60, "the master")
+        slots = h.config.image_ring_slots
+        for image_id in range(1, 11):
+            if image_id == 6:  # its slot already holds a later image: lost when a writer reads it
+                h.assembler.produce(6 + slots, publish=False)
+                h.assembler.pub.send(h.assembler.metadata(6).pack())
+            else:
+                h.assembler.produce(image_id)
+        action, result = h.final(rid)
+    finally:
+        h.close()
+    assert action is Action.SUCCESS and result["status"] == "completed", result
+    assert (result["n_written"], result["n_missing_images"], result["n_incomplete_images"]) == (10, 1, 0)
+    with h5py.File(output, "r") as h5:
+        np.testing.assert_array_equal(h5[layout.IMAGE_ID][:], np.arange(1, 11))
+        status = h5[layout.STATUS][:]
+        assert status[5] == layout.STATUS_LOST and not np.delete(status, 5).any()
+        assert not h5[layout.DATA][5].any()
+        for row in (0, 4, 6, 9):
+            np.testing.assert_array_equal(h5[layout.DATA][row], expected_pixels(h.config, row + 1))
+    with h5py.File(part_paths(output, 2)[1], "r") as h5:  # row 5 is row 2 of writer 1's part
+        assert h5[layout.STATUS][2] == layout.STATUS_LOST
+    counts = master.master_accounting(output)
+    assert (counts["n_written"], counts["n_lost"], counts["n_good"]) == (10, 1, 9)
