@@ -39,6 +39,20 @@ Process deaths end every request they touch within ``messages.FAULT_BOUND``:
 A request whose images need more space than the output folder has free is started with a warning
 (log, progress messages, result): the write ends as ``failed: no space left on device`` when the
 disk fills up.
+
+With ``n_writers`` N > 1 the agent has one store stream and one status socket per h5 writer
+(``ipc.writer_agent_address(name, k)``) and splits each request (:mod:`daq_backend.writer.master`):
+it checks the master's and the parts' names against the output roots and the overwrite rule,
+creates the master file at ``output_file`` (in the folder opened inside its root), sends every
+writer the ``START`` of its part (``<name>_part<k>.h5`` beside the master, the request's metadata,
+its share of the rows), then row r's ``WRITE`` to writer r % N (rows are the request's positions: a
+lost image keeps its row), and ``STOP`` to all. ``n_written`` is :func:`master.leading_rows` of the
+writers' flushed rows. When every part is closed, the master is finished: ``completed`` only if
+every part is, else the worst part's status, ``end_reason`` naming that part; its ``n_written``
+and the request's counts are then read from the master. A writer that dies ends the request as
+above (the other parts closed ``interrupted``, the dead one's part recovered by its restarted
+process), the master finished with the leading complete rows; a dead agent's successor stops every
+part and finishes the master. With N = 1 none of this happens: one file, as before.
 """
 
 from __future__ import annotations
@@ -628,7 +642,7 @@ class _Request:
             i_image=i_image, op=op, request_id=self.ctx.request_id, **fields,
         )
 
-    def _send_all(self, op: StoreOp, skip: set[int] = frozenset(), **fields: Any) -> None:  # type: ignore[assignment]
+    def _send_all(self, op: StoreOp, skip: frozenset[int] | set[int] = frozenset(), **fields: Any) -> None:
         for position in range(self.agent.n_writers):
             if position not in skip:
                 self.agent._send(self._store(op, position, **fields), position)

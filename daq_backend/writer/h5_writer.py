@@ -34,6 +34,12 @@ The h5 writer is the process that opens files, so it enforces the output roots i
 checked: the file's folder is opened from its root with ``O_NOFOLLOW`` and the file is created in
 that folder (``ImageFile.create(dir_fd=...)``); ``overwrite`` replaces only a file this DAQ wrote.
 A journal naming a file outside the roots is not followed.
+
+With ``n_writers`` > 1 the detector runs several h5 writers, each given its ``writer_index`` K
+(``--writer-index K``): it serves the store stream and status socket of writer K, keeps its own
+journal (``...-h5_writer-K.journal``), tags its events with ``writer`` K and writes the part files the
+agent sends it, like any other file. A ``STOP`` saying that another writer died closes its part as
+``interrupted``.
 """
 
 from __future__ import annotations
