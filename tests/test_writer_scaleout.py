@@ -41,7 +41,7 @@ from daq_backend.messages import ImageAccounting
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.topology import h5_writer_name
 from daq_backend.writer import layout, master
-from std_daq_ophyd.sim import LocalDaq, simulated_config
+from std_daq_ophyd.sim import EmbeddedDaq, LocalDaq, simulated_config
 from tests.fault.test_writer_faults import CLI, Broker, Daq, Detector, submit
 from tests.ophyd_fixtures import RABBITMQ_URL, Recorder, check_run, make_detector
 from tests.readout_fixtures import (
@@ -135,12 +135,12 @@ def assert_agree(rest: dict[str, object], counts: dict[str, int], n_requested: i
                            n_not_written=n_requested - counts["n_written"]).balanced()
 
 
-@pytest.mark.parametrize("n_writers", [2, 4])
-def test_master_reads_in_image_order_while_written_and_after(ipc_env: str, tmp_path: Path,
-                                                             n_writers: int) -> None:
+@pytest.mark.parametrize(("n_writers", "compression"), [(2, "none"), (4, "none"), (2, "bitshuffle-lz4")])
+def test_master_reads_in_image_order_while_written_and_after(ipc_env: str, tmp_path: Path, n_writers: int,
+                                                             compression: str) -> None:
     with scaled_daq(ipc_env, tmp_path, n_writers) as daq, Detector(daq.config), \
             Broker(daq.config.detector_name) as broker:
-        request_id, output = submit(daq, "run.h5", N_IMAGES)
+        request_id, output = submit(daq, "run.h5", N_IMAGES, compression=compression)
         # while writing: a SWMR reader of the master sees the rows the parts flushed, after refresh()
         wait_for(lambda: output.exists() and leading(output) >= N_IMAGES // 4, 180, "a quarter written")
         with h5py.File(output, "r", swmr=True) as reader:
@@ -166,7 +166,7 @@ def test_master_reads_in_image_order_while_written_and_after(ipc_env: str, tmp_p
         assert h5[layout.DETECTOR].attrs["detector_name"] == daq.config.detector_name
     for k, part in enumerate(part_paths(output, n_writers)):  # writer k holds rows k, k+N, ...
         with h5py.File(part, "r") as h5:
-            assert h5.attrs["status"] == layout.FILE_COMPLETED
+            assert h5.attrs["status"] == layout.FILE_COMPLETED and h5.attrs["compression"] == compression
             assert layout.written_rows(h5) == master.part_share(N_IMAGES, k, n_writers)
     counts = master.master_accounting(output)
     assert counts["n_written"] == counts["n_good"] == N_IMAGES
@@ -188,14 +188,20 @@ def test_fewer_images_than_writers_leave_complete_empty_parts(ipc_env: str, tmp_
         assert h5.attrs["status"] == layout.FILE_COMPLETED and layout.written_rows(h5) == 0
 
 
-@pytest.mark.parametrize("n_writers", [2, 4])
-def test_ophyd_detector_and_tiled_read_the_master_through_the_documents(ipc_env: str, tmp_path: Path,
-                                                                        n_writers: int) -> None:
+@pytest.mark.parametrize(("n_writers", "run_as", "compression"), [
+    (2, "processes", "none"), (4, "processes", "bitshuffle-lz4"), (2, "threads", "none")])
+def test_ophyd_detector_and_tiled_read_the_master_through_the_documents(
+        ipc_env: str, tmp_path: Path, n_writers: int, run_as: str, compression: str) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    daq = LocalDaq(simulated_config(n_writers=n_writers), output_roots=[data_dir]).start()
-    try:
+    config = simulated_config(n_writers=n_writers)
+    daq: LocalDaq | EmbeddedDaq
+    if run_as == "processes":
+        daq = LocalDaq(config, output_roots=[data_dir]).start()
         assert writer_names(n_writers) <= {s.name for s in daq.supervisor.services}
+    else:  # the same roles as threads of this process
+        daq = EmbeddedDaq(config, output_roots=[data_dir]).start()
+    try:
         catalog = tiled.catalog.in_memory(
             writable_storage={"filesystem": str(tmp_path / "tiled"), "sql": f"duckdb:///{tmp_path}/catalog.db"},
             readable_storage=[str(data_dir)],
@@ -203,6 +209,7 @@ def test_ophyd_detector_and_tiled_read_the_master_through_the_documents(ipc_env:
         with tiled.client.Context.from_app(tiled.server.app.build_app(catalog)) as context:
             client = tiled.client.from_context(context)
             det = make_detector(daq, data_dir, frames=3)
+            det.writer.compression.put(compression)
             engine = RunEngine({}, call_returns_result=False)
             recorder = Recorder()
             engine.subscribe(recorder)
@@ -213,8 +220,11 @@ def test_ophyd_detector_and_tiled_read_the_master_through_the_documents(ipc_env:
             status = primary["det_image_status"].read()
         rows = check_run(recorder, daq, n_events=3, frames=3)  # pixel-exact against the simulator
         resource, = [r for r in recorder.of("stream_resource") if r["data_key"] == "det_image"]
-        with h5py.File(resource["uri"].removeprefix("file://localhost"), "r") as h5:
+        path = Path(resource["uri"].removeprefix("file://localhost"))
+        with h5py.File(path, "r") as h5:
             assert master.is_master(h5) and h5.attrs["n_writers"] == n_writers
+        with h5py.File(part_paths(path, n_writers)[0], "r") as h5:
+            assert h5.attrs["compression"] == compression
     finally:
         daq.stop()
     assert images.shape == rows["data"].shape
