@@ -301,3 +301,33 @@ def test_a_lost_image_keeps_its_row_so_the_rows_stay_in_image_order(tmp_path: Pa
         assert h5[layout.STATUS][2] == layout.STATUS_LOST
     counts = master.master_accounting(output)
     assert (counts["n_written"], counts["n_lost"], counts["n_good"]) == (10, 1, 9)
+
+
+def test_a_part_name_taken_refuses_the_request_before_any_file(tmp_path: Path,
+                                                               embedded_transport: Transport) -> None:
+    """The master's and every part's name follow the overwrite rule: a part name held by a file this
+    DAQ did not write fails the request, naming the part, before the master or a part is created;
+    with ``overwrite`` a part this DAQ wrote is replaced."""
+    h = Harness(tmp_path, writer_config(n_writers=2), embedded_transport)
+    try:
+        h.start_writer(output_roots=[tmp_path])
+        output = tmp_path / "taken.h5"
+        foreign = part_paths(output, 2)[1]
+        foreign.write_text("not ours")
+        action, message = h.final(h.request(output_file=str(output), n_images=4))
+        assert action is Action.FAIL and str(foreign) in message and "file exists" in message, message
+        action, message = h.final(h.request(output_file=str(output), n_images=4, overwrite=True))
+        assert action is Action.FAIL and str(foreign) in message and "this DAQ wrote" in message, message
+        assert sorted(p.name for p in tmp_path.glob("taken*")) == ["taken_part1.h5"]  # nothing made
+        foreign.unlink()
+        h.assembler.start(rate_hz=100)
+        for attempt in ("first", "again"):  # the second replaces the master and parts of the first
+            action, result = h.final(h.request(output_file=str(output), n_images=4, overwrite=True))
+            assert action is Action.SUCCESS and result["n_written"] == 4, (attempt, result)
+    finally:
+        h.close()
+    with h5py.File(output, "r") as h5:
+        assert h5.attrs["status"] == "completed"
+        ids = h5[layout.IMAGE_ID][:]
+        for row, image_id in enumerate(ids):
+            np.testing.assert_array_equal(h5[layout.DATA][row], expected_pixels(h.config, int(image_id)))
