@@ -20,6 +20,16 @@ best run is reported (the machine is shared, the best run is the least disturbed
 median. Writes ``benchmarks/out/bench_writer.{json,md}``. Example::
 
     python benchmarks/bench_writer.py --images 256 --repeat 3 --disk /tmp
+
+``--writers 1,2,4`` measures instead how the write scales with ``n_writers``: N ``std-daq h5-writer``
+processes (``--writer-index K`` when N > 1), fed as the writer agent feeds them (row r to writer
+r % N over its own store stream, a master file of virtual datasets created first, ``STOP`` to all),
+timed from the first ``START`` to the last ``finished``, raw and bitshuffle-LZ4, to ``/dev/shm``.
+It reports GB/s, the writer processes' CPU (user + system, from ``/proc``) per GB/s, i.e. the cores
+N writers need per GB/s, and the scaling efficiency GB/s(N) / (N x GB/s(1)). Recorded as
+``records/bench_writer_scaleout.json``::
+
+    python benchmarks/bench_writer.py --writers 1,2,4 --images 256 --repeat 3 --record
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -46,6 +58,7 @@ from daq_backend import ipc
 from daq_backend.config import DetectorConfig, parse_config
 from daq_backend.formats import DTYPE_CODES, ImageMetadata, StoreOp, StoreStream
 from daq_backend.ram_buffer import RingBuffer
+from daq_backend.writer import master
 from daq_backend.writer.h5_writer import H5Writer, journal_path
 from daq_backend.writer.layout import ImageFile
 
@@ -172,6 +185,146 @@ def run_h5py_setitem(config: DetectorConfig, ring: RingBuffer, path: Path, n: in
     return time.perf_counter() - t0
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_writers(config: DetectorConfig, folder: Path, n: int, compression: str,
+                n_writers: int) -> tuple[float, float]:
+    """``n`` images over ``n_writers`` h5 writer processes as the writer agent splits a request;
+    returns (seconds from the first START to the last finished, CPU seconds of the writers)."""
+    config = parse_config({**config.to_json_dict(), "n_writers": n_writers})
+    config_path = folder / "detector.json"
+    config_path.write_text(json.dumps(config.to_json_dict()))
+    name = config.detector_name
+    indices = ipc.writer_indices(n_writers)
+    ctx = zmq.Context.instance()
+    pushes, subs, procs = [], [], []
+    try:
+        for index in indices:
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, 0)
+            push.bind(ipc.writer_agent_address(name, index))
+            pushes.append(push)
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(ipc.writer_status_address(name, index))
+            subs.append(sub)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "daq_backend.cli", "h5-writer", str(config_path),
+                 *(() if index is None else ("--writer-index", str(index))), f"--output-root={folder}",
+                 "--log-level", "WARNING"]))
+        for sub in subs:
+            while json.loads(sub.recv())["event"] != "alive":
+                pass
+        rid = str(uuid.uuid4())
+        h, w = config.image_shape
+        code = DTYPE_CODES[config.image_dtype]
+        output = folder / "bench.h5"
+        files = [output] if n_writers == 1 else \
+            [output.with_name(master.part_file_name(output, k)) for k in range(n_writers)]
+        shares = [n] if n_writers == 1 else [master.part_share(n, k, n_writers) for k in range(n_writers)]
+        messages = [(i % n_writers, StoreStream(str(files[i % n_writers]), 1, shares[i % n_writers], i,
+                                                i // n_writers, StoreOp.WRITE, rid,
+                                                ImageMetadata(i, h, w, code).pack().hex()).to_json())
+                    for i in range(n)]
+        cpu0 = sum(process_cpu_seconds(p.pid) for p in procs)
+        t0 = time.perf_counter()
+        if n_writers > 1:
+            parts = [master.Part(f.name, k, n_writers) for k, f in enumerate(files)]
+            master.create_master(output, parts, image_shape=config.image_shape,
+                                 image_dtype=config.image_dtype, n_images=n, request_id=rid)
+        for k, file in enumerate(files):
+            pushes[k].send(StoreStream(str(file), 1, shares[k], 0, 0, StoreOp.START, rid, request={
+                "output_file": str(file), "n_images": shares[k], "compression": compression}).to_json())
+        for k, message in messages:
+            pushes[k].send(message)
+        for k, file in enumerate(files):
+            pushes[k].send(StoreStream(str(file), 1, shares[k], n, shares[k], StoreOp.STOP, rid,
+                                       reason="completed").to_json())
+        for sub in subs:
+            while True:
+                event = json.loads(sub.recv())
+                if event["event"] == "finished" and event.get("request_id") == rid:
+                    break
+            if event["status"] != "completed" or event["n_missing_images"]:
+                raise RuntimeError(f"h5 writer run failed: {event}")
+        if n_writers > 1:
+            if master.finish_master(output, "completed") != n:
+                raise RuntimeError("the master does not hold every image")
+        elapsed = time.perf_counter() - t0
+        cpu = sum(process_cpu_seconds(p.pid) for p in procs) - cpu0
+        return elapsed, cpu
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
+        for socket in (*pushes, *subs):
+            socket.close()
+        for index in indices:
+            ipc.unlink_ipc(ipc.writer_agent_address(name, index))
+            journal_path(name, index).unlink(missing_ok=True)
+
+
+def scale_out(args: argparse.Namespace, argv: list[str] | None, config: DetectorConfig,
+              started: dict[str, Any]) -> int:
+    """``--writers``: throughput and CPU of 1, 2, 4 ... h5 writer processes (see the module doc)."""
+    writers = sorted({int(n) for n in args.writers.split(",")})
+    gb = args.images * config.image_nbytes / 1e9
+    results: list[dict[str, Any]] = []
+    for compression in ("none", "bitshuffle-lz4"):
+        base: float | None = None
+        for n_writers in writers:
+            runs = []
+            for _ in range(args.repeat):
+                with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="bench-writers-") as tmp:
+                    runs.append(run_writers(config, Path(tmp), args.images, compression, n_writers))
+            seconds, cpu = min(runs)
+            gbps = gb / seconds
+            base = gbps if n_writers == 1 else base
+            row = {"compression": compression, "n_writers": n_writers, "images": args.images,
+                   "seconds": [r[0] for r in runs], "cpu_seconds": [r[1] for r in runs],
+                   "gb_per_s": gbps, "gb_per_s_median": gb / statistics.median(r[0] for r in runs),
+                   "cores_per_gb_per_s": cpu / gb,
+                   "efficiency": gbps / (n_writers * base) if base else None}
+            results.append(row)
+            eff = f"{row['efficiency']:.0%}" if row["efficiency"] is not None else "-"
+            print(f"{compression:>14} {n_writers} writer(s) {gbps:6.2f} GB/s (median "
+                  f"{row['gb_per_s_median']:.2f}), {row['cores_per_gb_per_s']:.2f} cores per GB/s, "
+                  f"efficiency {eff}", flush=True)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "bench_writer_scaleout.json").write_text(json.dumps({"results": results}, indent=1))
+    if args.record:
+        from _records import Record, Table, command_line, record_and_report
+
+        rows = [[r["compression"], r["n_writers"], round(r["gb_per_s"], 2), round(r["gb_per_s_median"], 2),
+                 round(r["cores_per_gb_per_s"], 2),
+                 f"{r['efficiency']:.0%}" if r["efficiency"] is not None else None] for r in results]
+        table = Table(f"N h5 writer processes, {args.images} x 1 MiB Jungfrau images to /dev/shm, best of "
+                      f"{args.repeat}", ["compression", "writers", "GB/s", "median GB/s",
+                                         "writer cores per GB/s", "scaling efficiency"], rows,
+                      "Row r to writer r % N, a master file of virtual datasets over the parts; timed "
+                      "from the first START to the last finished. Cores per GB/s: the writer processes' "
+                      "user + system CPU seconds per GB written (the feeding process not included). "
+                      "Efficiency: GB/s(N) / (N x GB/s(1)).")
+        by = {(r["compression"], r["n_writers"]): r for r in results}
+        headline = []
+        for compression in ("none", "bitshuffle-lz4"):
+            one, most = by.get((compression, 1)), by.get((compression, writers[-1]))
+            if one and most and most is not one:
+                headline.append([f"HDF5 writers, {writers[-1]} vs 1 process, /dev/shm, {compression}",
+                                 f"{most['gb_per_s']:.2f} GB/s ({most['efficiency']:.0%} efficiency)",
+                                 f"1 writer {one['gb_per_s']:.2f} GB/s"])
+        record_and_report(Record("bench_writer_scaleout", command_line("bench_writer.py", argv),
+                                 tables=[table], figures={"headline": headline}, notes=list(args.note),
+                                 raw={"results": results}), started)
+    return 0
+
+
 CASES: dict[str, Callable[[DetectorConfig, RingBuffer, Path, int, str], float]] = {
     "h5 writer (StoreStream -> file)": run_h5_writer,
     "ImageFile (layout alone)": run_image_file,
@@ -187,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=256, help="images per run (each 1 MiB)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--disk", default="/tmp", help="folder on a disk")
+    parser.add_argument("--writers", default=None, metavar="N,N,...",
+                        help="measure N h5 writer processes instead (e.g. 1,2,4; recorded as "
+                        "bench_writer_scaleout)")
     parser.add_argument("--note", action="append", default=[], help="a note for the record (repeatable)")
     parser.add_argument("--record", action="store_true",
                         help="also write benchmarks/records/bench_writer.json and regenerate RESULTS.md")
@@ -199,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         "bit_depth": 16, "image_pixel_height": 512, "image_pixel_width": 1024, "start_udp_port": 50000,
     })
     ring = make_ring(config, args.images)
+    if args.writers:
+        try:
+            return scale_out(args, argv, config, started)
+        finally:
+            ring.close()
     gb = args.images * config.image_nbytes / 1e9
     results: list[dict[str, Any]] = []
     try:

@@ -79,6 +79,9 @@ class DetectorConfig(BaseModel):
     pixel_size_um: float | None = Field(default=None, gt=0, le=100_000,
                                         description="NXmx x/y_pixel_size in micrometres")
     writer_user_id: int = 0
+    n_writers: int = Field(default=1, ge=1, le=32, description="h5 writer processes sharing the image "
+                           "stream: writer k writes rows k, k+N, ... into its part file, a master file "
+                           "of virtual datasets presents them in image order")
     receiver_rt_priority: int = Field(
         default=DEFAULT_RT_PRIORITY, ge=0, le=99,
         description="SCHED_FIFO priority of receiver processes, 0 = normal scheduling (see priority.py)")

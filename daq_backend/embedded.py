@@ -375,7 +375,7 @@ class EmbeddedDaq:
                     self._threads.append(assembler.start())
                 elif spec.role is Role.H5_WRITER:
                     roots = [Path(r) for r in self.output_roots] if self.output_roots else None
-                    h5_writer = H5Writer(config, output_roots=roots)
+                    h5_writer = H5Writer(config, output_roots=roots, writer_index=spec.writer_index)
                     h5_writer.start()
                     self._components.append(h5_writer)
                 elif spec.role is Role.WRITER_AGENT:
@@ -426,11 +426,14 @@ class EmbeddedDaq:
         from daq_backend.writer.h5_writer import journal_path
 
         name = self.config.detector_name
-        addresses = (ipc.image_metadata_address, ipc.writer_agent_address,
-                     ipc.writer_status_address, ipc.stats_address)
+        addresses = (ipc.image_metadata_address, ipc.stats_address)
         for address in addresses:
             ipc.unlink_ipc(address(name))
-        for path in (journal_path(name), Path(ipc.status_file(name))):
+        indices = ipc.writer_indices(self.config.n_writers)
+        for index in indices:
+            ipc.unlink_ipc(ipc.writer_agent_address(name, index))
+            ipc.unlink_ipc(ipc.writer_status_address(name, index))
+        for path in (*(journal_path(name, index) for index in indices), Path(ipc.status_file(name))):
             try:
                 os.unlink(path)
             except FileNotFoundError:

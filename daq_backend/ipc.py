@@ -36,14 +36,25 @@ def image_metadata_address(detector_name: str) -> str:
     return ipc_address(detector_name, "assembler")
 
 
-def writer_agent_address(detector_name: str) -> str:
-    """The writer agent binds PUSH with StoreStream JSON; the h5 writer connects PULL."""
-    return ipc_address(detector_name, "writer_agent")
+def _writer_stream(stream: str, index: int | None) -> str:
+    return stream if index is None else f"{stream}-{index}"
 
 
-def writer_status_address(detector_name: str) -> str:
-    """The h5 writer binds PUB with JSON progress of the file it writes."""
-    return ipc_address(detector_name, "writer_status")
+def writer_agent_address(detector_name: str, index: int | None = None) -> str:
+    """The writer agent binds PUSH with StoreStream JSON; the h5 writer connects PULL. ``index``:
+    h5 writer *k* of several (``n_writers`` > 1) has its own stream; None: the only one."""
+    return ipc_address(detector_name, _writer_stream("writer_agent", index))
+
+
+def writer_status_address(detector_name: str, index: int | None = None) -> str:
+    """The h5 writer binds PUB with JSON progress of the file it writes (``index`` as above)."""
+    return ipc_address(detector_name, _writer_stream("writer_status", index))
+
+
+def writer_indices(n_writers: int) -> list[int | None]:
+    """The ``index`` of each h5 writer of a detector with ``n_writers``: [None] for one writer (its
+    addresses, journal and process name stay those of a single-writer DAQ), else 0..N-1."""
+    return [None] if n_writers == 1 else list(range(n_writers))
 
 
 def stats_address(detector_name: str) -> str:

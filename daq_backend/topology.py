@@ -7,7 +7,9 @@ what the process owns in ``/dev/shm`` and as ipc socket files):
 * ``assembler`` (frame rings in, followed through their commit logs; image ring + ``ImageMetadata``
   out);
 * ``writer-agent`` (write requests from the broker in, ``StoreStream`` out) and ``h5-writer``
-  (``StoreStream`` in, HDF5 files out), two processes;
+  (``StoreStream`` in, HDF5 files out), two processes; with ``n_writers`` N > 1, N h5 writers
+  ``h5-writer-0`` .. ``h5-writer-<N-1>`` (``writer_index`` of their spec), each with its
+  own store stream and status socket, writing the part files of a master file;
 * ``rest`` (the REST API; it also drives the detector control);
 * optionally ``stream-send`` (buffer replication to another server) and ``live-stream`` (Array-1.0
   live stream for viewers).
@@ -71,6 +73,7 @@ FIELD_READERS: dict[str, tuple[Role, ...]] = {
     "pedestal_gain_file": (Role.ASSEMBLER,),
     "image_ring_slots": (Role.ASSEMBLER,),
     "writer_user_id": (Role.WRITER_AGENT, Role.H5_WRITER),
+    "n_writers": (Role.WRITER_AGENT, Role.H5_WRITER),
 }
 
 
@@ -92,6 +95,8 @@ class ServiceSpec:
     ipc_addresses: tuple[str, ...] = ()
     role: Role = Role.OTHER
     module: int | None = None
+    #: an h5 writer's index among several (``ipc.writer_indices``; None: the only one)
+    writer_index: int | None = None
     reports_stats: bool = False
     ready_after: float = 1.0
 
@@ -180,16 +185,19 @@ class Topology:
         det = self.config.detector_name
         specs = self.readout() if self.readout_processes else []
         if self.writer:
-            specs.append(ServiceSpec(
-                "h5-writer",
-                argv=self._cli("h5-writer", *self._roots()),
-                ipc_addresses=(ipc.writer_status_address(det),),
-                role=Role.H5_WRITER, reports_stats=True,
-            ))
+            indices = ipc.writer_indices(self.config.n_writers)
+            for index in indices:
+                specs.append(ServiceSpec(
+                    h5_writer_name(index),
+                    argv=self._cli("h5-writer", *(() if index is None else ("--writer-index", str(index))),
+                                   *self._roots()),
+                    ipc_addresses=(ipc.writer_status_address(det, index),),
+                    role=Role.H5_WRITER, writer_index=index, reports_stats=True,
+                ))
             specs.append(ServiceSpec(
                 "writer-agent",
                 argv=self._cli("writer-agent", "--broker-url", self.broker_url, *self._roots()),
-                ipc_addresses=(ipc.writer_agent_address(det),),
+                ipc_addresses=tuple(ipc.writer_agent_address(det, index) for index in indices),
                 role=Role.WRITER_AGENT, reports_stats=True,
             ))
         if self.stream_send:
@@ -216,6 +224,12 @@ class Topology:
     def with_config(self, config: DetectorConfig) -> Topology:
         """The same topology for another config of the same detector."""
         return replace(self, config=config)
+
+
+def h5_writer_name(index: int | None) -> str:
+    """The process name of h5 writer ``index`` (see ``ipc.writer_indices``): ``h5-writer`` when it is
+    the only one, else ``h5-writer-<k>``."""
+    return "h5-writer" if index is None else f"h5-writer-{index}"
 
 
 def readout_services(config: DetectorConfig, config_path: str | Path) -> list[ServiceSpec]:

@@ -90,3 +90,33 @@ def test_output_roots_go_to_every_process_that_decides_where_a_file_goes() -> No
         assert given == (roots if spec.role in (Role.H5_WRITER, Role.WRITER_AGENT, Role.REST) else ()), spec
     none = up_topology(parser.parse_args(["up", "det.json"]), config, "embedded://x")
     assert not [a for s in none.services() for a in s.argv or () if a.startswith("--output-root")]
+
+
+def test_n_writers_runs_one_h5_writer_per_index_with_its_own_sockets() -> None:
+    config = make_config("jungfrau", n_writers=3)
+    det = config.detector_name
+    specs = {s.name: s for s in Topology(config, Path("/etc/det.json"), "embedded://x").services()}
+    assert [n for n in specs if n.startswith("h5-writer")] == ["h5-writer-0", "h5-writer-1", "h5-writer-2"]
+    for k in range(3):
+        spec = specs[f"h5-writer-{k}"]
+        assert spec.role is Role.H5_WRITER and spec.writer_index == k and spec.reports_stats
+        assert spec.argv is not None
+        assert spec.argv[3:7] == ("h5-writer", "/etc/det.json", "--writer-index", str(k))
+        assert spec.ipc_addresses == (ipc.writer_status_address(det, k),)
+    assert set(specs["writer-agent"].ipc_addresses) == {ipc.writer_agent_address(det, k) for k in range(3)}
+    assert len({ipc.writer_agent_address(det, k) for k in range(3)} | {ipc.writer_agent_address(det)}) == 4
+    one = {s.name: s for s in Topology(make_config("jungfrau"), Path("x.json"), "").services()}
+    assert "h5-writer" in one and one["h5-writer"].writer_index is None  # one writer: today's name
+    assert "--writer-index" not in (one["h5-writer"].argv or ())
+    services = [*one.values(), *specs.values()]
+    assert restart_set(config, changed(config, n_writers=2), services) >= {"writer-agent", "h5-writer-0"}
+    assert not restart_set(config, changed(config, n_writers=2), services) & {"receiver-0", "assembler"}
+
+
+def test_n_writers_is_1_to_32() -> None:
+    from daq_backend.config import ConfigError
+
+    assert make_config("jungfrau").n_writers == 1
+    for bad in (0, 33):
+        with pytest.raises(ConfigError, match="n_writers"):
+            make_config("jungfrau", n_writers=bad)

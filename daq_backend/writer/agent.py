@@ -39,6 +39,20 @@ Process deaths end every request they touch within ``messages.FAULT_BOUND``:
 A request whose images need more space than the output folder has free is started with a warning
 (log, progress messages, result): the write ends as ``failed: no space left on device`` when the
 disk fills up.
+
+With ``n_writers`` N > 1 the agent has one store stream and one status socket per h5 writer
+(``ipc.writer_agent_address(name, k)``) and splits each request (:mod:`daq_backend.writer.master`):
+it checks the master's and the parts' names against the output roots and the overwrite rule,
+creates the master file at ``output_file`` (in the folder opened inside its root), sends every
+writer the ``START`` of its part (``<name>_part<k>.h5`` beside the master, the request's metadata,
+its share of the rows), then row r's ``WRITE`` to writer r % N (rows are the request's positions: a
+lost image keeps its row), and ``STOP`` to all. ``n_written`` is :func:`master.leading_rows` of the
+writers' flushed rows. When every part is closed, the master is finished: ``completed`` only if
+every part is, else the worst part's status, ``end_reason`` naming that part; its ``n_written``
+and the request's counts are then read from the master. A writer that dies ends the request as
+above (the other parts closed ``interrupted``, the dead one's part recovered by its restarted
+process), the master finished with the leading complete rows; a dead agent's successor stops every
+part and finishes the master. With N = 1 none of this happens: one file, as before.
 """
 
 from __future__ import annotations
@@ -71,7 +85,7 @@ from daq_backend.messages import FAULT_BOUND, EndReason
 from daq_backend.ram_buffer import RingBuffer, SlotOverwritten
 from daq_backend.stats import Counters, StatsReporter
 from daq_backend.stats import service_name as reported_name
-from daq_backend.writer import layout, roots
+from daq_backend.writer import layout, master, roots
 from daq_backend.writer.h5_writer import (
     EVENT_FINISHED,
     EVENT_PROGRESS,
@@ -82,6 +96,7 @@ from daq_backend.writer.h5_writer import (
     REASON_TIMEOUT_PREFIX,
     H5Writer,
 )
+from daq_backend.writer.layout import FILE_COMPLETED, FILE_INTERRUPTED
 from daq_backend.writer.request import WriteRequest, parse_write_request
 
 log = logging.getLogger(__name__)
@@ -98,7 +113,36 @@ class WriterFailed(RuntimeError):
 
 
 class WriterDied(WriterFailed):
-    """The h5 writer process went away during the request."""
+    """The h5 writer process went away during the request (``channel``: which of the agent's
+    writers, by position; None: not known)."""
+
+    def __init__(self, message: str, channel: int | None = None) -> None:
+        super().__init__(message)
+        self.channel = channel
+
+
+@dataclass
+class _Channel:
+    """The agent's end of one h5 writer: the store stream it PUSHes to, the status it SUBscribes
+    to, and what it knows of the writer. ``position``: 0..N-1 (the writer of rows ``position::N``);
+    ``index``: the writer's ``--writer-index`` (None: the only writer)."""
+
+    position: int
+    index: int | None
+    store_address: str
+    status_address: str
+    push: zmq.Socket | None = None
+    monitor: zmq.Socket | None = None
+    #: connections to the store stream now, and how many went away so far
+    peers: int = 0
+    disconnects: int = 0
+    last_seen: float | None = None
+    #: the ``instance`` of the writer whose events came last
+    instance: str | None = None
+
+    @property
+    def name(self) -> str:
+        return "the h5 writer" if self.index is None else f"h5 writer {self.index}"
 
 
 def journal_path(detector_name: str) -> Path:
@@ -157,10 +201,14 @@ class WriterAgent:
         name = config.detector_name
         self._ctx = context or zmq.Context.instance()
         self._image_address = ipc.image_metadata_address(name)
-        self._status_address = ipc.writer_status_address(name)
-        self._store_address = ipc.writer_agent_address(name)
-        self._push: zmq.Socket | None = None
+        #: one per h5 writer (``n_writers``); writer k of N writes the request's rows k, k+N, ...
+        self._channels = [
+            _Channel(k, index, ipc.writer_agent_address(name, index), ipc.writer_status_address(name, index))
+            for k, index in enumerate(ipc.writer_indices(config.n_writers))
+        ]
+        self.n_writers = len(self._channels)
         self._push_lock = threading.Lock()
+        self._pushing = False
         self._lock = threading.Lock()
         self._sink: queue.Queue[tuple[str, Any]] | None = None
         self._sink_request: str | None = None
@@ -168,13 +216,6 @@ class WriterAgent:
         #: the request whose live images the pump thread forwards itself (see _Request._go_direct)
         self._direct: _Request | None = None
         self._writer_seen = threading.Condition()
-        self._writer_last_seen: float | None = None
-        #: the ``instance`` of the h5 writer whose events came last
-        self._writer_instance: str | None = None
-        #: h5 writer connections to the store stream now, and how many went away so far
-        self._writer_peers = 0
-        self._writer_disconnects = 0
-        self._monitor: zmq.Socket | None = None
         self._stop = threading.Event()
         #: set when ``stop`` begins: a running request ends as shut down, nobody waits for a new writer
         self._stopping = threading.Event()
@@ -194,21 +235,24 @@ class WriterAgent:
 
     # -- lifetime ---------------------------------------------------------------------------------
     def start(self) -> WriterAgent:
-        push = self._ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDHWM, max(100_000, 10 * self.config.image_ring_slots))
-        push.setsockopt(zmq.SNDTIMEO, int(self.writer_timeout * 1000))
-        push.setsockopt(zmq.LINGER, 0)
-        # before the bind: a writer that connects at once is counted too
-        self._monitor = push.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        try:
-            push.bind(self._store_address)
-        except zmq.ZMQError as exc:
-            self._monitor.close()
-            self._monitor = None
-            push.close()
-            raise RuntimeError(f"writer agent of {self.config.detector_name}: cannot bind "
-                               f"{self._store_address} ({exc}); is another agent running?") from None
-        self._push = push
+        for channel in self._channels:
+            push = self._ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, max(100_000, 10 * self.config.image_ring_slots))
+            push.setsockopt(zmq.SNDTIMEO, int(self.writer_timeout * 1000))
+            push.setsockopt(zmq.LINGER, 0)
+            # before the bind: a writer that connects at once is counted too
+            channel.monitor = push.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+            try:
+                push.bind(channel.store_address)
+            except zmq.ZMQError as exc:
+                channel.monitor.close()
+                channel.monitor = None
+                push.close()
+                self._close_pushes()
+                raise RuntimeError(f"writer agent of {self.config.detector_name}: cannot bind "
+                                   f"{channel.store_address} ({exc}); is another agent running?") from None
+            channel.push = push
+        self._pushing = True
         self._stop.clear()
         self._stopping.clear()
         self._pump = threading.Thread(target=self._pump_loop, name=f"writer-agent-pump-{self.tag}",
@@ -240,11 +284,19 @@ class WriterAgent:
         self._stop.set()
         if self._pump is not None:
             self._pump.join(10)
+        self._close_pushes()
+
+    def _close_pushes(self) -> None:
         with self._push_lock:
-            if self._push is not None:
-                self._push.close()
-                self._push = None
-                ipc.unlink_ipc(self._store_address)
+            self._pushing = False
+            for channel in self._channels:
+                if channel.push is not None:
+                    channel.push.close()
+                    channel.push = None
+                    ipc.unlink_ipc(channel.store_address)
+                if channel.monitor is not None and (self._pump is None or not self._pump.is_alive()):
+                    channel.monitor.close()
+                    channel.monitor = None
 
     def __enter__(self) -> WriterAgent:
         return self.start()
@@ -259,24 +311,30 @@ class WriterAgent:
         images.setsockopt(zmq.LINGER, 0)
         images.setsockopt(zmq.SUBSCRIBE, b"")
         images.connect(self._image_address)
-        status = self._ctx.socket(zmq.SUB)
-        status.setsockopt(zmq.LINGER, 0)
-        status.setsockopt(zmq.SUBSCRIBE, b"")
-        status.connect(self._status_address)
         poller = zmq.Poller()
         poller.register(images, zmq.POLLIN)
-        poller.register(status, zmq.POLLIN)
-        monitor = self._monitor
-        if monitor is not None:
-            poller.register(monitor, zmq.POLLIN)
+        statuses: list[tuple[zmq.Socket, _Channel]] = []
+        monitors: list[tuple[zmq.Socket, _Channel]] = []
+        for channel in self._channels:
+            status = self._ctx.socket(zmq.SUB)
+            status.setsockopt(zmq.LINGER, 0)
+            status.setsockopt(zmq.SUBSCRIBE, b"")
+            status.connect(channel.status_address)
+            poller.register(status, zmq.POLLIN)
+            statuses.append((status, channel))
+            if channel.monitor is not None:
+                poller.register(channel.monitor, zmq.POLLIN)
+                monitors.append((channel.monitor, channel))
         self._pump_ready.set()
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(100))
-                if monitor is not None and monitor in ready:
-                    self._on_monitor(monitor)
-                if status in ready:
-                    self._on_writer_status(status.recv())
+                for monitor, channel in monitors:
+                    if monitor in ready:
+                        self._on_monitor(monitor, channel)
+                for status, channel in statuses:
+                    if status in ready:
+                        self._on_writer_status(status.recv(), channel)
                 if images in ready:
                     for _ in range(1000):
                         try:
@@ -286,26 +344,28 @@ class WriterAgent:
                         self._on_image(raw)
         finally:
             images.close()
-            status.close()
-            if monitor is not None:
+            for status, _ in statuses:
+                status.close()
+            for monitor, channel in monitors:
                 monitor.close()
+                channel.monitor = None
 
-    def _on_monitor(self, monitor: zmq.Socket) -> None:
-        """Connections of h5 writers to the store stream: one going away is a writer that died."""
+    def _on_monitor(self, monitor: zmq.Socket, channel: _Channel) -> None:
+        """Connections of an h5 writer to its store stream: one going away is a writer that died."""
         while True:
             try:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
             if event["event"] == zmq.EVENT_ACCEPTED:
-                self._writer_peers += 1
+                channel.peers += 1
                 continue
-            self._writer_peers = max(0, self._writer_peers - 1)
-            self._writer_disconnects += 1
+            channel.peers = max(0, channel.peers - 1)
+            channel.disconnects += 1
             with self._lock:
                 direct, self._direct = self._direct, None
                 if direct is not None and direct.error is None:
-                    direct.error = direct._writer_gone("its connection to the store stream closed")
+                    direct.error = direct._writer_gone("its connection to the store stream closed", channel)
                 if self._sink is not None:
                     self._sink.put(("wake", None))
 
@@ -325,16 +385,20 @@ class WriterAgent:
                 return
         sink.put(("image", meta))
 
-    def _on_writer_status(self, raw: bytes) -> None:
+    def _on_writer_status(self, raw: bytes, channel: _Channel) -> None:
         try:
             event = json.loads(raw)
         except ValueError:
             log.warning("writer agent: ignoring a malformed h5 writer status")
             return
+        if not isinstance(event, dict):
+            log.warning("writer agent: ignoring a malformed h5 writer status")
+            return
+        event["writer"] = channel.position  # whose event it is, for the request
         with self._writer_seen:
-            self._writer_last_seen = time.monotonic()
+            channel.last_seen = time.monotonic()
             if isinstance(event.get("instance"), str):
-                self._writer_instance = event["instance"]
+                channel.instance = event["instance"]
             self._writer_seen.notify_all()
         with self._lock:
             sink = self._sink if event.get("request_id") == self._sink_request else None
@@ -363,44 +427,52 @@ class WriterAgent:
         if self._sink is not None and self._sink_request == request_id:
             self._sink.put(("wake", None))
 
-    def _writer_alive(self) -> bool:
+    def _writer_alive(self, channel: _Channel) -> bool:
         with self._writer_seen:
-            last = self._writer_last_seen
+            last = channel.last_seen
         return last is not None and time.monotonic() - last < self.writer_timeout
 
     def _wait_for_writer(self) -> None:
+        """Until every h5 writer sent a status within ``writer_timeout``."""
         deadline = time.monotonic() + self.writer_timeout
         with self._writer_seen:
-            while self._writer_last_seen is None or time.monotonic() - self._writer_last_seen >= \
-                    self.writer_timeout:
-                remaining = deadline - time.monotonic()
+            while True:
+                now = time.monotonic()
+                silent = [c for c in self._channels
+                          if c.last_seen is None or now - c.last_seen >= self.writer_timeout]
+                if not silent:
+                    return
+                remaining = deadline - now
                 if remaining <= 0:
+                    channel = silent[0]
                     raise WriterFailed(
-                        f"the h5 writer of {self.config.detector_name} is not running (no status on "
-                        f"{self._status_address} for {self.writer_timeout:g} s)"
+                        f"{channel.name} of {self.config.detector_name} is not running (no status on "
+                        f"{channel.status_address} for {self.writer_timeout:g} s)"
                     )
                 self._writer_seen.wait(remaining)
 
-    def _send(self, message: StoreStream) -> None:
+    def _send(self, message: StoreStream, position: int = 0) -> None:
+        """Send ``message`` to h5 writer ``position`` (the only one: 0)."""
+        channel = self._channels[position]
         with self._push_lock:
-            if self._push is None:
+            push = channel.push
+            if push is None or not self._pushing:
                 raise RuntimeError("the writer agent is stopped")
             try:
-                self._push.send(message.to_json(), zmq.NOBLOCK)
+                push.send(message.to_json(), zmq.NOBLOCK)
                 return
             except zmq.Again:
                 # no writer connected: one that is (re)connecting gets a second, a dead one does not
                 grace = int(min(1.0, self.writer_timeout) * 1000)
-                if self._monitor is not None and self._writer_peers == 0 and \
-                        not self._push.poll(grace, zmq.POLLOUT):
+                if channel.monitor is not None and channel.peers == 0 and not push.poll(grace, zmq.POLLOUT):
                     raise WriterDied(f"no h5 writer of {self.config.detector_name} is connected to "
-                                     f"{self._store_address}") from None
+                                     f"{channel.store_address}", position) from None
             try:  # connected but its queue is full: wait for it (up to writer_timeout)
-                self._push.send(message.to_json())
+                push.send(message.to_json())
             except zmq.Again:
                 raise WriterFailed(
-                    f"the h5 writer of {self.config.detector_name} does not take messages on "
-                    f"{self._store_address} (waited {self.writer_timeout:g} s)"
+                    f"{channel.name} of {self.config.detector_name} does not take messages on "
+                    f"{channel.store_address} (waited {self.writer_timeout:g} s)"
                 ) from None
 
     # -- one request ------------------------------------------------------------------------------
@@ -416,6 +488,7 @@ class WriterAgent:
         self.journal.write_text(json.dumps({
             "request_id": ctx.request_id, "request": ctx.request, "routing_key": self.tag,
             "run_id": run.run_id, "output_file": request.output_file, "n_images": request.n_images,
+            "n_writers": self.n_writers,
         }))
         self._serving = run
         self._idle.clear()
@@ -442,25 +515,40 @@ class WriterAgent:
         why = f"{EndReason.AGENT_DIED.value}: the writer agent process died during the request"
         counts: dict[str, Any] = {}
         deadline = time.monotonic() + self.recovery_wait
+        split = int(entry.get("n_writers", 1)) > 1
+        n = self.n_writers if split else 1
+        out = Path(output_file)
+        files = [str(out.with_name(master.part_file_name(out, k))) for k in range(n)] if split \
+            else [output_file]
         with self._active(request_id) as events:
-            with self._writer_seen:  # the h5 writer's first heartbeat tells it is there
-                while self._writer_last_seen is None and time.monotonic() < deadline:
+            with self._writer_seen:  # the h5 writers' first heartbeats tell they are there
+                while any(c.last_seen is None for c in self._channels[:n]) and time.monotonic() < deadline:
                     self._writer_seen.wait(0.1)
-            stop = StoreStream(output_file=output_file, run_id=int(entry.get("run_id", 0)), n_images=n_images,
-                               image_id=0, i_image=0, op=StoreOp.STOP, request_id=request_id, reason=why)
+            answered: set[int] = set()
             try:
-                self._send(stop)
-                while time.monotonic() < deadline:
+                for k, file in enumerate(files):
+                    self._send(StoreStream(output_file=file, run_id=int(entry.get("run_id", 0)),
+                                           n_images=n_images, image_id=0, i_image=0, op=StoreOp.STOP,
+                                           request_id=request_id, reason=why), k)
+                while len(answered) < n and time.monotonic() < deadline:
                     try:
                         kind, item = events.get(timeout=0.1)
                     except queue.Empty:
                         continue
                     if kind == "writer" and item.get("event") == EVENT_FINISHED:
+                        answered.add(int(item.get("writer", 0)))
                         counts = item
-                        break
             except WriterFailed as exc:
                 log.warning("writer agent: cannot stop %s left by a dead agent: %s", output_file, exc)
-        if not counts.get("n_written") and os.path.exists(output_file):
+        if split and os.path.exists(output_file):
+            try:
+                master.finish_master(output_file, FILE_INTERRUPTED, why)
+                found = master.master_accounting(output_file)
+                counts = {"n_written": found["n_written"], "n_missing_images": found["n_lost"],
+                          "n_incomplete_images": found["n_incomplete"], "status": FILE_INTERRUPTED}
+            except (OSError, KeyError, ValueError) as exc:
+                log.warning("writer agent: cannot finish the master file %s: %s", output_file, exc)
+        elif not counts.get("n_written") and os.path.exists(output_file):
             counts = _file_counts(output_file) or counts
         n_written = int(counts.get("n_written", 0))
         progress = {"n_written": n_written, "n_images": n_images, "output_file": output_file,
@@ -506,37 +594,83 @@ class _Request:
         self.last_progress = 0.0
         self.published: tuple[int, int, int] = (-1, -1, -1)
         self.finished: dict[str, Any] | None = None
+        #: the master file was created (``n_writers`` > 1): it is finished however the request ends
+        self.master_created = False
         self.pending: list[ImageMetadata] = []
         self.last_image = time.monotonic()
         #: set by the pump thread when forwarding failed (the writer stopped taking messages)
         self.error: WriterFailed | None = None
-        #: the h5 writer serving this request (its ``instance``) and its connection losses at start
-        self.writer_instance: str | None = None
-        self.disconnects = agent._writer_disconnects
+        #: each h5 writer serving this request (its ``instance``) and its connection losses at start
+        n = agent.n_writers
+        self.instances: list[str | None] = [None] * n
+        self.disconnects = [c.disconnects for c in agent._channels]
+        #: each part's counts (``n_writers`` > 1: part k holds rows k, k+N, ...) and final event
+        self.part_written = [0] * n
+        self.part_missing = [0] * n
+        self.part_incomplete = [0] * n
+        self.parts_finished: dict[int, dict[str, Any]] = {}
         #: free space below what the images need (see ``space_warning``)
         self.warning: str | None = None
 
-    def _store(self, op: StoreOp, **fields: Any) -> StoreStream:
+    @property
+    def split(self) -> bool:
+        """The request is written as part files of several h5 writers and a master file."""
+        return self.agent.n_writers > 1
+
+    def part_file(self, position: int) -> str:
+        """The part file of writer ``position`` (beside the master at the requested ``output_file``)."""
+        out = Path(self.request.output_file)
+        return str(out.with_name(master.part_file_name(out, position)))
+
+    def part_images(self, position: int) -> int:
+        """The length a part is created with: its share of the request's rows; a part with no rows
+        (fewer images than writers) is created for one and finished empty."""
+        return max(1, master.part_share(self.request.n_images, position, self.agent.n_writers))
+
+    def _store(self, op: StoreOp, position: int = 0, **fields: Any) -> StoreStream:
+        """A store stream message for h5 writer ``position`` (about its part, when split)."""
+        output_file, n_images = self.request.output_file, self.request.n_images
+        i_image = fields.pop("i_image", self.n_forwarded)
+        if self.split:
+            output_file, n_images = self.part_file(position), self.part_images(position)
+            i_image //= self.agent.n_writers
+            if "request" in fields:
+                fields["request"] = {**fields["request"], "output_file": output_file, "n_images": n_images}
         return StoreStream(
-            output_file=self.request.output_file, run_id=self.run_id, n_images=self.request.n_images,
+            output_file=output_file, run_id=self.run_id, n_images=n_images,
             image_id=fields.pop("image_id", self.request.start_id or 0),
-            i_image=fields.pop("i_image", self.n_forwarded), op=op, request_id=self.ctx.request_id,
-            **fields,
+            i_image=i_image, op=op, request_id=self.ctx.request_id, **fields,
         )
 
+    def _send_all(self, op: StoreOp, skip: frozenset[int] | set[int] = frozenset(), **fields: Any) -> None:
+        for position in range(self.agent.n_writers):
+            if position not in skip:
+                self.agent._send(self._store(op, position, **fields), position)
+
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        except BaseException as exc:
+            if self.master_created:  # a master whose request failed otherwise says so too
+                self._finish_master(f"failed: {exc}", str(exc))
+            raise
+
+    def _run(self) -> dict[str, Any]:
         agent, req = self.agent, self.request
         agent._wait_for_writer()
         with agent._active(self.ctx.request_id) as events:
             backlog = self._from_ring() if req.start_id is not None else []  # before any file exists
-            self.writer_instance = agent._writer_instance
-            self.disconnects = agent._writer_disconnects
+            self.instances = [c.instance for c in agent._channels]
+            self.disconnects = [c.disconnects for c in agent._channels]
             try:
-                agent._send(self._store(StoreOp.START, request=req.to_json_dict()))
-                started = self._next_event(events, (EVENT_STARTED, EVENT_FINISHED))
-                if started["event"] == EVENT_FINISHED:
-                    raise WriterFailed(str(started.get("message") or started.get("status")))
-                self.writer_instance = started.get("instance", self.writer_instance)
+                if self.split:
+                    self._start_split(events)
+                else:
+                    agent._send(self._store(StoreOp.START, request=req.to_json_dict()))
+                    started = self._next_event(events, (EVENT_STARTED, EVENT_FINISHED))
+                    if started["event"] == EVENT_FINISHED:
+                        raise WriterFailed(str(started.get("message") or started.get("status")))
+                    self.instances[0] = started.get("instance", self.instances[0])
                 if self.warning is not None:
                     self._progress(force=True)
                 log.info("writer agent: request %s writes %d images to %s", self.ctx.request_id,
@@ -556,6 +690,44 @@ class _Request:
         self._progress(force=True)
         return self._result(finished, reason)
 
+    def _start_split(self, events: queue.Queue[tuple[str, Any]]) -> None:
+        """Create the master file (in the folder opened inside the output roots), then ``START`` every
+        part; a part that cannot be created ends the others and the master as failed."""
+        agent, req = self.agent, self.request
+        n = agent.n_writers
+        out = Path(req.output_file)
+        folder = roots.open_folder(out.parent, agent.output_roots)
+        try:
+            for position in range(n):
+                name = master.part_file_name(out, position)
+                problem = layout.replace_problem(name, folder, req.overwrite)
+                if problem:
+                    raise WriterFailed(f"cannot create the part file {out.with_name(name)}: {problem}")
+            parts = [master.Part(master.part_file_name(out, k), k, n) for k in range(n)]
+            master.create_master(out, parts, image_shape=agent.config.image_shape,
+                                 image_dtype=agent.config.image_dtype, n_images=req.n_images,
+                                 request_id=self.ctx.request_id, overwrite=req.overwrite, dir_fd=folder)
+        except layout.FileCreateError as exc:
+            raise WriterFailed(str(exc)) from None
+        finally:
+            os.close(folder)
+        self.master_created = True
+        self._send_all(StoreOp.START, request=req.to_json_dict())
+        started: set[int] = set()
+        while len(started) + len(self.parts_finished) < n:
+            event = self._next_event(events, (EVENT_STARTED, EVENT_FINISHED))
+            position = int(event.get("writer", 0))
+            if event["event"] == EVENT_STARTED:
+                started.add(position)
+                self.instances[position] = event.get("instance", self.instances[position])
+        if self.parts_finished:
+            position, failed = next(iter(sorted(self.parts_finished.items())))
+            why = f"part {self.part_file(position)}: {failed.get('message') or failed.get('status')}"
+            with contextlib.suppress(WriterFailed):
+                self._send_all(StoreOp.STOP, skip=set(self.parts_finished), reason=why)
+            master.finish_master(req.output_file, f"failed: {why}", why)
+            raise WriterFailed(why)
+
     def _file_closed(self) -> None:
         """The file is closed: a later death of this agent leaves nothing for the next one to end
         (done before reporting, which may wait on the broker)."""
@@ -567,13 +739,15 @@ class _Request:
         agent, req = self.agent, self.request
         agent._stop_images()
         log.warning("writer agent: request %s: %s", self.ctx.request_id, exc)
-        dead = self.writer_instance
+        if self.split:
+            return self._part_writer_died(events, exc)
+        dead = self.instances[0]
         asked: str | None = None
         finished: dict[str, Any] | None = self.finished
         # a stopping agent waits for no new writer: the DAQ is going down
         deadline = time.monotonic() + (0.5 if agent._stopping.is_set() else agent.recovery_wait)
         while finished is None and time.monotonic() < deadline:
-            instance = agent._writer_instance
+            instance = agent._channels[0].instance
             if instance is not None and instance not in (dead, asked):
                 asked = instance  # a new writer runs: it recovered the file at its start
                 with contextlib.suppress(WriterFailed):
@@ -599,13 +773,114 @@ class _Request:
         return WriterFailed(f"{EndReason.WRITER_DIED.value}: the h5 writer died after {self.n_written} of "
                             f"{req.n_images} images ({exc}); {state}")
 
+    def _part_writer_died(self, events: queue.Queue[tuple[str, Any]], exc: WriterDied) -> WriterFailed:
+        """One of several h5 writers died: the others close their parts (``interrupted``, "writer
+        died: ..."), the restarted writer recovers the dead one's part (its journal) and answers
+        ``STOP`` with its counts; the master's ``n_written`` is then the parts' leading complete rows."""
+        agent, req = self.agent, self.request
+        n = agent.n_writers
+        dead = exc.channel if exc.channel is not None else self._dead_channel()
+        dead_name = agent._channels[dead].name if dead is not None else "an h5 writer"
+        dead_part = self.part_file(dead) if dead is not None else "?"
+        why = f"{EndReason.WRITER_DIED.value}: {dead_name} (part {dead_part}) died during the request"
+        for position in range(n):
+            if position != dead and position not in self.parts_finished:
+                try:
+                    agent._send(self._store(StoreOp.STOP, position, reason=why), position)
+                except WriterFailed as other:
+                    log.warning("writer agent: cannot stop part %s: %s", self.part_file(position), other)
+        dead_instance = self.instances[dead] if dead is not None else None
+        asked: str | None = None
+        deadline = time.monotonic() + (0.5 if agent._stopping.is_set() else agent.recovery_wait)
+        recovered = False
+        while time.monotonic() < deadline:
+            if dead is not None:
+                instance = agent._channels[dead].instance
+                if instance is not None and instance not in (dead_instance, asked):
+                    asked = instance  # a new writer runs: it recovered the part at its start
+                    with contextlib.suppress(WriterFailed):
+                        agent._send(self._store(StoreOp.STOP, dead, reason=EndReason.WRITER_DIED.value), dead)
+            if dead is not None:
+                final = self.parts_finished.get(dead)
+                recovered = final is not None and bool(final.get("recovered"))
+            if (dead is None or recovered) and all(k in self.parts_finished for k in range(n) if k != dead):
+                break
+            try:
+                kind, item = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if kind == "writer" and item.get("event") == EVENT_FINISHED:
+                position = int(item.get("writer", 0))
+                if position == dead and not item.get("recovered"):
+                    continue  # an answer of the dead writer from before it died
+                self._on_writer(item)
+        state = (f"{dead_part} was recovered with its complete images" if recovered else
+                 f"{dead_part} was not recovered yet; the next start of {dead_name} recovers it")
+        self._finish_master(FILE_INTERRUPTED, f"{why}; {state}")
+        self._file_closed()
+        self._progress(force=True)
+        return WriterFailed(f"{why}, after {self.n_written} of {req.n_images} images ({exc}); "
+                            f"{req.output_file} holds them; {state}")
+
+    def _dead_channel(self) -> int | None:
+        agent = self.agent
+        for channel in agent._channels:
+            k = channel.position
+            if channel.disconnects != self.disconnects[k] or not agent._writer_alive(channel) or (
+                    self.instances[k] is not None and channel.instance not in (None, self.instances[k])):
+                return k
+        return None
+
+    def _finish_master(self, status: str, reason: str, n_images: int | None = None) -> None:
+        """Close the master: ``n_written`` and the counts of the request are then the master's."""
+        try:
+            self.n_written = master.finish_master(self.request.output_file, status, reason, n_images)
+            counts = master.master_accounting(self.request.output_file)
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("writer agent: cannot finish the master file %s: %s", self.request.output_file, exc)
+            return
+        finally:
+            self.master_created = False
+        self.n_missing, self.n_incomplete = counts["n_lost"], counts["n_incomplete"]
+
     def _end(self, events: queue.Queue[tuple[str, Any]], reason: str) -> dict[str, Any]:
         """``STOP`` the file and wait until the writer closed it."""
         self.agent._stop_images()
+        if self.split:
+            return self._end_split(events, reason)
         self.agent._send(self._store(StoreOp.STOP, reason=reason))
         finished = self.finished or self._next_event(events, (EVENT_FINISHED,))
         self.n_written = int(finished.get("n_written", self.n_written))
         return finished
+
+    def _end_split(self, events: queue.Queue[tuple[str, Any]], reason: str) -> dict[str, Any]:
+        """``STOP`` every part, wait until all are closed, finish the master with the combined status:
+        completed when every part is, else the worst of them, the reason naming the part."""
+        agent, n = self.agent, self.agent.n_writers
+        for position in range(n):
+            if position in self.parts_finished:
+                continue
+            part_reason = reason
+            if reason == REASON_COMPLETED and self.part_written[position] == 0 and \
+                    master.part_share(self.request.n_images, position, n) == 0:
+                part_reason = REASON_FINISHED  # fewer images than writers: this part is complete empty
+            agent._send(self._store(StoreOp.STOP, position, reason=part_reason), position)
+        while len(self.parts_finished) < n:
+            self._next_event(events, (EVENT_FINISHED,))
+        rank = {FILE_COMPLETED: 0, FILE_INTERRUPTED: 1}
+        worst, worst_rank, message = FILE_COMPLETED, 0, ""
+        for position in range(n):
+            final = self.parts_finished[position]
+            status = str(final.get("status", ""))
+            r = rank.get(status, 2)
+            if r > worst_rank:
+                worst, worst_rank = status, r
+                message = f"part {self.part_file(position)}: {final.get('message') or status}"
+        n_images = self.n_forwarded if reason == REASON_FINISHED else None
+        self._finish_master(worst, message, n_images)
+        return {"status": worst, "message": message, "n_written": self.n_written,
+                "n_images": n_images if n_images is not None else self.request.n_images,
+                "n_missing_images": self.n_missing, "n_incomplete_images": self.n_incomplete}
 
     # -- forwarding -------------------------------------------------------------------------------
     def _forward(self, events: queue.Queue[tuple[str, Any]], backlog: list[ImageMetadata]) -> str:
@@ -694,10 +969,13 @@ class _Request:
         return REASON_FINISHED if self.ctx.finish else REASON_KILLED
 
     def _write(self, meta: ImageMetadata) -> None:
+        position = self.n_forwarded % self.agent.n_writers  # row r goes to writer r % N
         try:
-            self.agent._send(self._store(StoreOp.WRITE, image_id=meta.id, metadata=meta.pack().hex()))
+            message = self._store(StoreOp.WRITE, position, image_id=meta.id, metadata=meta.pack().hex())
+            self.agent._send(message, position)
         except WriterFailed as exc:
-            raise exc if isinstance(exc, WriterDied) else self._writer_gone(str(exc)) from None
+            raise exc if isinstance(exc, WriterDied) else \
+                self._writer_gone(str(exc), self.agent._channels[position]) from None
         self.n_forwarded += 1
         self.last_id = meta.id
 
@@ -763,29 +1041,52 @@ class _Request:
                 return item
 
     def _on_writer(self, event: dict[str, Any]) -> None:
+        if not self.split:
+            if event.get("event") in (EVENT_PROGRESS, EVENT_STARTED, EVENT_FINISHED):
+                self.n_written = int(event.get("n_written", self.n_written))
+                self.n_missing = int(event.get("n_missing_images", self.n_missing))
+                self.n_incomplete = int(event.get("n_incomplete_images", self.n_incomplete))
+                self._progress()
+            if event.get("event") == EVENT_FINISHED:
+                self.finished = event
+            return
+        position = int(event.get("writer", 0))
+        if not 0 <= position < self.agent.n_writers or position in self.parts_finished:
+            return
         if event.get("event") in (EVENT_PROGRESS, EVENT_STARTED, EVENT_FINISHED):
-            self.n_written = int(event.get("n_written", self.n_written))
-            self.n_missing = int(event.get("n_missing_images", self.n_missing))
-            self.n_incomplete = int(event.get("n_incomplete_images", self.n_incomplete))
+            k = position
+            self.part_written[k] = int(event.get("n_written", self.part_written[k]))
+            self.part_missing[k] = int(event.get("n_missing_images", self.part_missing[k]))
+            self.part_incomplete[k] = int(event.get("n_incomplete_images", self.part_incomplete[k]))
+            self.n_written = master.leading_rows(self.part_written)
+            self.n_missing, self.n_incomplete = sum(self.part_missing), sum(self.part_incomplete)
             self._progress()
         if event.get("event") == EVENT_FINISHED:
-            self.finished = event
+            self.parts_finished[position] = event
+            if self.finished is None:
+                self.finished = event
 
     def _check_writer(self) -> None:
         agent = self.agent
         if self.error is not None:
             raise self.error
-        if agent._writer_disconnects != self.disconnects:
-            raise self._writer_gone("its connection to the store stream closed")
-        instance = agent._writer_instance
-        if self.writer_instance is not None and instance is not None and instance != self.writer_instance:
-            raise self._writer_gone(f"a new h5 writer ({instance}) replaced it")
-        if not agent._writer_alive():
-            raise self._writer_gone(f"no status for {agent.writer_timeout:g} s")
+        for channel in agent._channels:
+            k = channel.position
+            if k in self.parts_finished:
+                continue
+            if channel.disconnects != self.disconnects[k]:
+                raise self._writer_gone("its connection to the store stream closed", channel)
+            instance = channel.instance
+            if self.instances[k] is not None and instance is not None and instance != self.instances[k]:
+                raise self._writer_gone(f"a new h5 writer ({instance}) replaced it", channel)
+            if not agent._writer_alive(channel):
+                raise self._writer_gone(f"no status for {agent.writer_timeout:g} s", channel)
 
-    def _writer_gone(self, why: str = "") -> WriterDied:
+    def _writer_gone(self, why: str = "", channel: _Channel | None = None) -> WriterDied:
         why = why or f"no status for {self.agent.writer_timeout:g} s"
-        return WriterDied(f"the h5 writer stopped responding ({why})")
+        name = channel.name if channel is not None else "the h5 writer"
+        return WriterDied(f"{name} stopped responding ({why})",
+                          channel.position if channel is not None else None)
 
     def _progress(self, force: bool = False) -> None:
         """Publish progress (rate limited; a held-back change is sent by the next call once due).
@@ -847,15 +1148,22 @@ class DetectorWriter:
                  tag: str | None = None, *, h5_options: dict[str, Any] | None = None,
                  **agent_options: Any) -> None:
         h5_options = {"output_roots": agent_options.get("output_roots"), **(h5_options or {})}
-        self.h5_writer = H5Writer(config, **h5_options)
+        #: one per ``n_writers`` (``ipc.writer_indices``)
+        self.h5_writers = [H5Writer(config, writer_index=index, **h5_options)
+                           for index in ipc.writer_indices(config.n_writers)]
+        self.h5_writer = self.h5_writers[0]
         self.agent = WriterAgent(config, transport, service_name, tag, **agent_options)
 
     def start(self) -> DetectorWriter:
-        self.h5_writer.start()
+        started: list[H5Writer] = []
         try:
+            for writer in self.h5_writers:
+                writer.start()
+                started.append(writer)
             self.agent.start()
         except BaseException:
-            self.h5_writer.stop()
+            for writer in started:
+                writer.stop()
             raise
         return self
 
@@ -863,7 +1171,8 @@ class DetectorWriter:
         try:
             self.agent.stop()
         finally:
-            self.h5_writer.stop()
+            for writer in self.h5_writers:
+                writer.stop()
 
     def __enter__(self) -> DetectorWriter:
         return self.start()

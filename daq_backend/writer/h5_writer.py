@@ -34,6 +34,12 @@ The h5 writer is the process that opens files, so it enforces the output roots i
 checked: the file's folder is opened from its root with ``O_NOFOLLOW`` and the file is created in
 that folder (``ImageFile.create(dir_fd=...)``); ``overwrite`` replaces only a file this DAQ wrote.
 A journal naming a file outside the roots is not followed.
+
+With ``n_writers`` > 1 the detector runs several h5 writers, each given its ``writer_index`` K
+(``--writer-index K``): it serves the store stream and status socket of writer K, keeps its own
+journal (``...-h5_writer-K.journal``), tags its events with ``writer`` K and writes the part files the
+agent sends it, like any other file. A ``STOP`` saying that another writer died closes its part as
+``interrupted``.
 """
 
 from __future__ import annotations
@@ -87,8 +93,10 @@ REASON_FINISHED = "finished"
 REASON_TIMEOUT_PREFIX = "timeout:"
 
 
-def journal_path(detector_name: str) -> Path:
-    return Path(ipc.ipc_dir()) / f"std-daq-{detector_name}-h5_writer.journal"
+def journal_path(detector_name: str, writer_index: int | None = None) -> Path:
+    """Where h5 writer ``writer_index`` (None: the only one) names the file it has open."""
+    which = "" if writer_index is None else f"-{writer_index}"
+    return Path(ipc.ipc_dir()) / f"std-daq-{detector_name}-h5_writer{which}.journal"
 
 
 @dataclass
@@ -137,14 +145,18 @@ class H5Writer:
         heartbeat_interval: float = 0.5,
         ring_attach_timeout: float = 5.0,
         output_roots: list[Path] | None = None,
+        writer_index: int | None = None,
         context: zmq.Context | None = None,
     ) -> None:
         self.config = config
+        #: this writer's index among the detector's ``n_writers`` (None: the only one); it selects the
+        #: store stream, status socket and journal (``ipc.writer_indices``)
+        self.writer_index = writer_index
         #: folders files may be created in (None: those in force, see ``roots.output_roots``)
         self.output_roots = roots.output_roots(output_roots)
         name = config.detector_name
-        self.store_address = store_address or ipc.writer_agent_address(name)
-        self.status_address = status_address or ipc.writer_status_address(name)
+        self.store_address = store_address or ipc.writer_agent_address(name, writer_index)
+        self.status_address = status_address or ipc.writer_status_address(name, writer_index)
         self.flush_interval = flush_interval
         #: An idle writer makes new rows visible at once, but not more often than this: a flush costs
         #: ~0.2 ms, so at 1 kHz flushing after every image would double the writer's CPU per image.
@@ -154,7 +166,7 @@ class H5Writer:
         self.ring_attach_timeout = ring_attach_timeout
         self._attached = AttachedRing(ipc.image_ring_name(config.detector_name))
         self.stats = WriterStats()
-        self.journal = journal_path(name)
+        self.journal = journal_path(name, writer_index)
         self._ctx = context or zmq.Context.instance()
         self._nbytes = config.image_nbytes
         self._dtype = np.dtype(config.image_dtype)
@@ -193,7 +205,8 @@ class H5Writer:
         pull.setsockopt(zmq.LINGER, 0)
         pub = self._ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 500)
-        reporter = StatsReporter(self.config.detector_name, service_name("h5_writer"), self.stats.snapshot,
+        default_name = "h5_writer" if self.writer_index is None else f"h5_writer-{self.writer_index}"
+        reporter = StatsReporter(self.config.detector_name, service_name(default_name), self.stats.snapshot,
                                  context=self._ctx)
         try:
             pub.bind(self.status_address)
@@ -254,7 +267,8 @@ class H5Writer:
 
     # -- events -----------------------------------------------------------------------------------
     def _emit(self, event: str, run: _Run | None = None, **extra: Any) -> dict[str, Any]:
-        message: dict[str, Any] = {"event": event, "time": time.time(), "instance": self.instance}
+        message: dict[str, Any] = {"event": event, "time": time.time(), "instance": self.instance,
+                                   "writer": self.writer_index}
         if run is not None:
             message.update({
                 "request_id": run.request_id, "run_id": run.run_id, "output_file": run.output_file,
@@ -427,7 +441,8 @@ class H5Writer:
                 self._finish(FILE_COMPLETED, f"finished on request after {n} images")
             elif reason.startswith(REASON_TIMEOUT_PREFIX):
                 self._finish(FILE_INTERRUPTED, reason.removeprefix(REASON_TIMEOUT_PREFIX).strip())
-            elif reason.startswith((EndReason.AGENT_DIED.value, EndReason.SHUTDOWN.value)):
+            elif reason.startswith((EndReason.AGENT_DIED.value, EndReason.SHUTDOWN.value,
+                                    EndReason.WRITER_DIED.value)):  # another part's writer died
                 self._finish(FILE_INTERRUPTED, reason)
             else:
                 self._finish(f"failed: {reason}", reason)
@@ -540,13 +555,20 @@ def h5_writer_main(argv: list[str] | None = None) -> int:
     """``std-daq h5-writer CONFIG``: the h5 writer as its own process (seed's std_h5_writer)."""
     parser = argparse.ArgumentParser(prog="std-daq h5-writer", description=h5_writer_main.__doc__)
     parser.add_argument("config", help="detector JSON file")
+    parser.add_argument("--writer-index", "--writer_index", type=int, default=None,
+                        help="this writer's index K of the config's n_writers (> 1): it serves the store "
+                        "stream and status socket of writer K and writes the part files K")
     roots.add_output_root_option(parser)
     parser.add_argument("--log_level", "--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                         choices=["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = load_config(args.config)
-    writer = H5Writer(config, output_roots=args.output_roots)
+    index = args.writer_index
+    if index is None and config.n_writers > 1 or index is not None and not 0 <= index < config.n_writers:
+        parser.error(f"--writer-index: expected 0..{config.n_writers - 1} for n_writers {config.n_writers}"
+                     if config.n_writers > 1 else "--writer-index: the config has n_writers 1")
+    writer = H5Writer(config, output_roots=args.output_roots, writer_index=index)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: writer.stop())
     writer.run()

@@ -252,7 +252,7 @@ class ImageFile:
         try:
             cls._build(h5, config, path.name, n_images, metadata, compression, request_id)
             h5.swmr_mode = True
-            _publish_at(building, path, dir_fd, overwrite)
+            publish_at(building, path, dir_fd, overwrite)
             return cls(h5, path, config, compression)
         except BaseException as exc:
             try:
@@ -434,12 +434,12 @@ def publish(building: Path, path: Path, overwrite: bool) -> None:
         problem = replace_problem(path.name, fd, overwrite) if overwrite else ""
         if problem:
             raise FileCreateError(f"cannot create {path}: {problem}")
-        _publish_at(building.name, path, fd, overwrite)
+        publish_at(building.name, path, fd, overwrite)
     finally:
         os.close(fd)
 
 
-def _publish_at(building: str, path: Path, dir_fd: int, overwrite: bool) -> None:
+def publish_at(building: str, path: Path, dir_fd: int, overwrite: bool) -> None:
     """Give the finished file its name in the folder of ``dir_fd``; without ``overwrite`` never
     replace a file that appeared meanwhile (``link`` fails if the name exists, unlike ``rename``)."""
     name = path.name

@@ -25,6 +25,8 @@ and call ``dataset.refresh()`` to see rows the parts flushed since; count only t
 
 from __future__ import annotations
 
+import contextlib
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,13 +105,17 @@ def _virtual_dataset(h5: h5py.File, path: str, parts: Sequence[Part], dtype: str
 
 def create_master(path: str | Path, parts: Sequence[Part], *, image_shape: tuple[int, int],
                   image_dtype: str | np.dtype[Any], n_images: int, request_id: str = "",
-                  status_parts: Sequence[Part] | None = None, overwrite: bool = False) -> Path:
+                  status_parts: Sequence[Part] | None = None, overwrite: bool = False,
+                  dir_fd: int | None = None) -> Path:
     """Write the master file at ``path`` (built under a hidden name, then renamed, as the parts are).
 
     ``parts``: every part file, with the writer and region it covers; the per-image datasets map
     ``status_parts`` (default: the parts covering the image's origin, one per writer: with several
     hosts, each host's parts keep their own per-image status, see :func:`part_status`). The parts
-    need not exist yet. ``n_images``: the request's length (0: open-ended)."""
+    need not exist yet. ``n_images``: the request's length (0: open-ended). ``dir_fd``: a descriptor
+    of the master's folder (the writer agent passes the one it opened inside its output root with
+    ``roots.open_folder``): the master is built and named in that folder, never through a symlink;
+    ``overwrite`` replaces only a file this DAQ wrote (``layout.replace_problem``)."""
     path = Path(path)
     if not parts:
         raise ValueError("a master file needs at least one part")
@@ -121,19 +127,35 @@ def create_master(path: str | Path, parts: Sequence[Part], *, image_shape: tuple
         y, x, h, w = part.region or (0, 0, full_h, full_w)
         if y < 0 or x < 0 or h < 1 or w < 1 or y + h > full_h or x + w > full_w:
             raise ValueError(f"part {part.file}: region {part.region} outside the image {tuple(image_shape)}")
-    if path.exists() and not overwrite:
-        raise layout.FileCreateError(f"cannot create {path}: file exists")
+    own_fd = None
+    if dir_fd is None:
+        dir_fd = own_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _create_master(path, parts, dir_fd, image_shape=image_shape, image_dtype=image_dtype,
+                              n_images=n_images, request_id=request_id, status_parts=status_parts,
+                              overwrite=overwrite, n_writers=next(iter(writers)))
+    finally:
+        if own_fd is not None:
+            os.close(own_fd)
+
+
+def _create_master(path: Path, parts: Sequence[Part], dir_fd: int, *, image_shape: tuple[int, int],
+                   image_dtype: str | np.dtype[Any], n_images: int, request_id: str,
+                   status_parts: Sequence[Part] | None, overwrite: bool, n_writers: int) -> Path:
+    problem = layout.replace_problem(path.name, dir_fd, overwrite)
+    if problem:
+        raise layout.FileCreateError(f"cannot create {path}: {problem}")
     heads = list(status_parts) if status_parts is not None else [
         p for p in parts if p.region is None or p.region[:2] == (0, 0)]
-    if sorted(p.writer for p in heads) != list(range(next(iter(writers)))):
+    if sorted(p.writer for p in heads) != list(range(n_writers)):
         raise ValueError("the per-image datasets need exactly one part per writer")
-    building = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.creating")
+    building = f".{path.name}.{uuid.uuid4().hex[:8]}.creating"
     try:
-        with h5py.File(building, "w-", libver="latest") as h5:
+        with h5py.File(layout.fd_path(dir_fd, building), "w-", libver="latest") as h5:
             h5.attrs.update({
                 "default": "entry", "creator": "std-daq-bluesky daq_backend.writer", "kind": MASTER_KIND,
                 "file_name": path.name, "status": layout.FILE_WRITING, "n_written": np.uint64(0),
-                "n_images": np.uint64(n_images), "request_id": request_id, "n_writers": next(iter(writers)),
+                "n_images": np.uint64(n_images), "request_id": request_id, "n_writers": n_writers,
                 "parts": [p.file for p in parts], "end_reason": "",
             })
             entry = h5.create_group(layout.ENTRY)
@@ -145,9 +167,10 @@ def create_master(path: str | Path, parts: Sequence[Part], *, image_shape: tuple
                 _virtual_dataset(h5, dataset, heads, DTYPES[dataset], (), FILL[dataset])
             # the detector description (NeXus fields, config) is the first part's
             h5[layout.INSTRUMENT] = h5py.ExternalLink(parts[0].file, layout.INSTRUMENT)
-        layout.publish(building, path, overwrite)
+        layout.publish_at(building, path, dir_fd, overwrite)
     finally:
-        building.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(building, dir_fd=dir_fd)
     return path
 
 
@@ -186,10 +209,36 @@ def _writer_of(name: str) -> int:
     return int(stem.rsplit("_part", 1)[1])
 
 
-def finish_master(master: str | Path, status: str, reason: str = "") -> int:
+def finish_master(master: str | Path, status: str, reason: str = "", n_images: int | None = None) -> int:
     """Close the master: its ``n_written`` is the leading complete rows of the parts, ``status`` and
-    ``end_reason`` say how the request ended. Returns ``n_written``."""
+    ``end_reason`` say how the request ended (``n_images``: the request's length, if it changed: an
+    open-ended request finished with what it has). Returns ``n_written``."""
     n_written = leading_rows(part_rows(master))
     with h5py.File(master, "r+") as h5:
         h5.attrs.update({"status": status, "end_reason": reason, "n_written": np.uint64(n_written)})
+        if n_images is not None:
+            h5.attrs["n_images"] = np.uint64(n_images)
     return n_written
+
+
+def is_master(h5: h5py.File) -> bool:
+    """Whether ``h5`` is a master file (rather than an ordinary image file or a part)."""
+    kind = h5.attrs.get("kind")
+    return (kind.decode() if isinstance(kind, bytes) else kind) == MASTER_KIND
+
+
+def master_accounting(master: str | Path) -> dict[str, int]:
+    """The leading complete rows of a master and their statuses, like ``layout.file_accounting``:
+    ``n_written`` (from the parts' counters, also while they are written or after a writer died),
+    ``n_good``, ``n_incomplete`` and ``n_lost``."""
+    n = leading_rows(part_rows(master))
+    with h5py.File(master, "r", swmr=True) as h5:
+        status = h5[layout.STATUS][:n]
+    n_good = int(np.count_nonzero(status == 0))
+    n_lost = int(np.count_nonzero(status == layout.STATUS_LOST))
+    return {"n_written": n, "n_good": n_good, "n_lost": n_lost, "n_incomplete": n - n_good - n_lost}
+
+
+def part_share(n_images: int, writer: int, n_writers: int) -> int:
+    """How many of a request's ``n_images`` rows writer ``writer`` of ``n_writers`` holds."""
+    return max(0, (n_images - writer + n_writers - 1) // n_writers)
