@@ -383,6 +383,7 @@ class WriterAgent:
             if direct is not None:  # under the lock: ordered with _Request._go_direct
                 direct.on_live_image(meta)
                 return
+        assert sink is not None  # no direct request: the sink takes the image
         sink.put(("image", meta))
 
     def _on_writer_status(self, raw: bytes, channel: _Channel) -> None:

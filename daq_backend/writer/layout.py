@@ -192,7 +192,8 @@ class ImageFile:
         self._pending_missing: list[int] = []
         dtype = np.dtype(config.image_dtype)
         self._codec = BitshuffleLZ4(config.image_nbytes, dtype.itemsize) if compression != "none" else None
-        self._zero_chunk = self.encode(np.zeros(config.image_nbytes, dtype=np.uint8))
+        self._zero_chunk: np.ndarray | memoryview | bytes = self.encode(
+            np.zeros(config.image_nbytes, dtype=np.uint8))
         if self._codec is not None:
             self._zero_chunk = bytes(self._zero_chunk)
         self.closed = False
