@@ -4,17 +4,12 @@ RunEngine that records and validates every document."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-import pytest
-from bluesky import RunEngine
 from event_model import DocumentNames, schema_validators
 
 from daq_backend.simulator.pattern import expected_image
@@ -34,49 +29,11 @@ Daq = EmbeddedDaq | LocalDaq
 RUN_AS = ("threads", "processes")
 
 
-@pytest.fixture(scope="module")
-def ipc_dir() -> Iterator[str]:
-    """A private, short ipc directory for the module's DAQs (unix socket paths are limited)."""
-    path = tempfile.mkdtemp(prefix="sdo", dir="/tmp")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STD_DAQ_IPC_DIR", path)
-        yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def start_daq(broker_url: str | None = None, run_as: str = "threads", **config: Any) -> Daq:
     """A DAQ of a simulated detector; ``run_as="processes"``: the processes of ``std-daq up``."""
     if run_as == "processes":
         return LocalDaq(simulated_config(**config), broker_url=broker_url).start()
     return EmbeddedDaq(simulated_config(**config), broker_url=broker_url).start()
-
-
-@pytest.fixture(scope="module")
-def daq(ipc_dir: str) -> Iterator[EmbeddedDaq]:
-    """One embedded DAQ (one-module Jungfrau, embedded broker) shared by a module's tests."""
-    daq = EmbeddedDaq(simulated_config()).start()
-    try:
-        yield daq
-    finally:
-        daq.stop()
-
-
-@pytest.fixture(scope="module", params=RUN_AS)
-def daq_threads_and_processes(request: pytest.FixtureRequest, ipc_dir: str) -> Iterator[Daq]:
-    """A module's tests run against a DAQ in threads of this process, then against the processes of
-    ``std-daq up`` (one-module Jungfrau, embedded broker)."""
-    daq = start_daq(run_as=request.param)
-    try:
-        yield daq
-    finally:
-        daq.stop()
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
 
 
 def make_detector(daq: Daq, data_dir: Path, frames: int = 2, period: float = 0.02,
@@ -107,18 +64,6 @@ class Recorder:
 
     def names(self) -> list[str]:
         return [n for n, _ in self.docs]
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-def RE(recorder: Recorder) -> RunEngine:
-    engine = RunEngine({}, call_returns_result=False)
-    engine.subscribe(recorder)
-    return engine
 
 
 def file_rows(path: str) -> dict[str, np.ndarray]:

@@ -1,22 +1,40 @@
-"""Shared helpers of the readout and supervisor tests: unique detectors on free UDP ports, a short
-ipc directory, and the readout pipeline run in threads of the test process."""
+"""Helpers for testing code that uses std-daq, shipped with the package (as ``ophyd_async.testing``).
+
+- Detectors of their own: ``make_config`` (a unique detector name, free UDP ports, rings sized for a
+  test), ``free_udp_base``, ``free_tcp_port``; the module positions of common layouts
+  (``JF4_POSITIONS``, ``EIGER_POSITIONS``, ``EIGER_HALF_POSITIONS``).
+- Waiting: ``wait_for`` polls a condition with a deadline and names what it waited for; ``healthy``
+  asks a REST API's ``/health``; ``pid_alive``.
+- Leftovers: ``shm_segments`` lists a detector's rings in ``/dev/shm``, ``assert_no_leftovers``
+  checks that neither rings nor ipc sockets of a detector remain.
+- The readout in this process: ``UdpSender`` sends chosen datagrams to a detector's ports,
+  ``InProcessReadout`` runs its receivers and assembler as threads and reads the image ring.
+
+Submodules: ``daq_backend.testing.writer`` (a stand-in assembler and a writer on an embedded broker),
+``daq_backend.testing.rest`` (a whole DAQ behind a live REST API in this process),
+``daq_backend.testing.stream`` (the two hosts of buffer replication),
+``daq_backend.testing.broker_proxy`` (a RabbitMQ proxy a test can cut). The ophyd devices' helpers
+are in ``std_daq_ophyd.testing``.
+
+A process's ipc directory comes from ``STD_DAQ_IPC_DIR``: point it at a short private folder per test
+(unix socket paths are limited to 107 bytes), as the ``ipc_env`` fixture of this repository's
+``tests/conftest.py`` does.
+"""
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
+import requests
 import zmq
 
 from daq_backend import ipc
@@ -71,7 +89,16 @@ def free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
+def healthy(url: str) -> bool:
+    """Whether the REST API at ``url`` answers ``GET /health`` (False while nothing listens)."""
+    try:
+        return requests.get(f"{url}/health", timeout=5).ok
+    except requests.ConnectionError:
+        return False
+
+
 def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (a zombie counts as alive until it is reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -96,16 +123,6 @@ def make_config(detector_type: str = "jungfrau", n_modules: int = 1, **fields: A
         **fields,
     }
     return parse_config(data)
-
-
-@pytest.fixture
-def ipc_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private, short ipc directory (unix socket paths are limited to 107 bytes, pytest's
-    tmp_path is too long for them)."""
-    path = tempfile.mkdtemp(prefix="sdq", dir="/tmp")
-    monkeypatch.setenv("STD_DAQ_IPC_DIR", path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def shm_segments(detector_name: str) -> list[str]:
@@ -151,7 +168,7 @@ class InProcessReadout:
             self.close()
             raise
         self.ring = RingBuffer.attach(ipc.image_ring_name(config.detector_name), timeout=5)
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.setsockopt(zmq.LINGER, 0)
@@ -206,6 +223,7 @@ class InProcessReadout:
 
 
 def assert_no_leftovers(config: DetectorConfig, ipc_dir: str | os.PathLike[str]) -> None:
+    """No ring of ``config``'s detector in ``/dev/shm`` and no file of it in ``ipc_dir``."""
     assert shm_segments(config.detector_name) == []
     leftovers = [p.name for p in Path(ipc_dir).iterdir() if config.detector_name in p.name]
     assert leftovers == []

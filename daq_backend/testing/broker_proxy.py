@@ -13,11 +13,8 @@ import contextlib
 import selectors
 import socket
 import threading
-from collections.abc import Iterator
 
-import pytest
-
-from tests.readout_fixtures import free_tcp_port
+from daq_backend.testing import free_tcp_port
 
 RABBITMQ = ("127.0.0.1", 5672)
 
@@ -175,13 +172,3 @@ class BrokerProxy:
                     self._accept(sock)
                 elif sock in self._peers:
                     self._forward(sock)
-
-
-@pytest.fixture
-def broker_proxy() -> Iterator[BrokerProxy]:
-    """A :class:`BrokerProxy` to the machine's RabbitMQ on a free port, closed after the test."""
-    proxy = BrokerProxy().start()
-    try:
-        yield proxy
-    finally:
-        proxy.close()

@@ -9,24 +9,22 @@ detector.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from daq_backend.broker import EmbeddedBrokerHub, EmbeddedTransport
 from daq_backend.config import DetectorConfig
 from daq_backend.control.base import DetectorControl
 from daq_backend.control.simulated import SimulatedDetectorControl
 from daq_backend.rest import DaqBackend, RestServer, create_app
+from daq_backend.testing import make_config, wait_for
+from daq_backend.testing.writer import FakeAssembler
 from daq_backend.writer.agent import DetectorWriter
 from daq_backend.writer.h5_writer import journal_path
-from tests.readout_fixtures import ipc_env, make_config, wait_for
-from tests.writer_fixtures import FakeAssembler
 
-__all__ = ["ipc_env", "RestHarness", "rest", "WAIT_S"]
+__all__ = ["RestHarness", "WAIT_S"]
 
 WAIT_S = 120.0  # generous: two shared cores
 
@@ -120,12 +118,3 @@ class RestHarness:
         self.transport.close()
         self.hub.stop()
         journal_path(self.config.detector_name).unlink(missing_ok=True)
-
-
-@pytest.fixture
-def rest(ipc_env: str, tmp_path: Path) -> Iterator[RestHarness]:
-    harness = RestHarness(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()

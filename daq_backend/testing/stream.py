@@ -75,7 +75,7 @@ class Producer:
         self.ring = RingBuffer.create(
             ipc.image_ring_name(config.detector_name), config.image_nbytes, config.image_ring_slots
         )
-        self.pub = zmq.Context.instance().socket(zmq.PUB)
+        self.pub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(ipc.image_metadata_address(config.detector_name))
@@ -104,7 +104,7 @@ class MetadataWatcher:
     """A plain SUB on an ImageMetadata stream, drained without blocking."""
 
     def __init__(self, address: str) -> None:
-        self.sub = zmq.Context.instance().socket(zmq.SUB)
+        self.sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.setsockopt(zmq.RCVHWM, 100_000)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -229,11 +229,10 @@ def write_file_main(argv: list[str] | None = None) -> int:
 
 def write_file(host: Host, output: Path, start_id: int, n_images: int) -> subprocess.CompletedProcess[str]:
     """Run ``write_file_main`` as a process of ``host``."""
-    code = "import sys; from tests.test_stream_support import write_file_main; sys.exit(write_file_main())"
+    code = "import sys; from daq_backend.testing.stream import write_file_main; sys.exit(write_file_main())"
     return subprocess.run(
         [sys.executable, "-c", code, str(host.config_file), str(output), str(start_id), str(n_images)],
         env=host.process_env(), capture_output=True, text=True, timeout=2 * TIMEOUT,
-        cwd=Path(__file__).resolve().parent.parent,
     )
 
 

@@ -12,20 +12,17 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import zmq
 
 from daq_backend import ipc
 from daq_backend.broker import (
     Action,
     BrokerClient,
-    EmbeddedBrokerHub,
-    EmbeddedTransport,
     StatusAggregator,
     StatusMessage,
     Transport,
@@ -82,7 +79,7 @@ class FakeAssembler:
         self.config = config
         self.ring = RingBuffer.create(ipc.image_ring_name(config.detector_name), config.image_nbytes,
                                       config.image_ring_slots)
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.pub = self._ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -193,23 +190,3 @@ class Harness:
         self.assembler.close()
         journal_path(self.config.detector_name).unlink(missing_ok=True)
 
-
-@pytest.fixture
-def embedded_transport() -> Iterator[Transport]:
-    hub = EmbeddedBrokerHub(unique("wtest-hub"))
-    hub.start()
-    transport = EmbeddedTransport(hub.name)
-    try:
-        yield transport
-    finally:
-        transport.close()
-        hub.stop()
-
-
-@pytest.fixture
-def harness(tmp_path: Path, embedded_transport: Transport) -> Iterator[Harness]:
-    h = Harness(tmp_path, make_config(), embedded_transport)
-    try:
-        yield h
-    finally:
-        h.close()

@@ -24,9 +24,7 @@ from daq_backend.cli import main as cli_main
 from daq_backend.config import ConfigError, parse_config
 from daq_backend.ram_buffer import SHM_DIR
 from daq_backend.supervisor import EXIT_CANNOT_START, Supervisor, read_status
-from tests.readout_fixtures import assert_no_leftovers, free_udp_base, ipc_env, make_config, wait_for
-
-__all__ = ["ipc_env"]
+from daq_backend.testing import assert_no_leftovers, free_udp_base, make_config, wait_for
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 

@@ -25,9 +25,9 @@ import requests
 
 from daq_backend.broker.protocol import Action
 from daq_backend.messages import ImageAccounting
+from daq_backend.testing import wait_for
 from daq_backend.writer import layout
 from tests.fault.up_fixtures import Streaming, Up, running_up
-from tests.readout_fixtures import wait_for
 
 
 def nested(levels: int) -> Any:

@@ -27,18 +27,15 @@ from daq_backend.config import DetectorConfig, parse_config
 from daq_backend.messages import FAULT_BOUND
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.supervisor import read_status
-from daq_backend.writer import layout
-from tests.readout_fixtures import (
+from daq_backend.testing import (
     EIGER_HALF_POSITIONS,
     assert_no_leftovers,
     free_tcp_port,
     free_udp_base,
-    ipc_env,
     make_config,
     wait_for,
 )
-
-__all__ = ["ipc_env"]
+from daq_backend.writer import layout
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 WAIT_S = 180.0

@@ -37,18 +37,8 @@ from daq_backend.simulator.pattern import expected_image
 from daq_backend.simulator.sender import DetectorSimulator
 from daq_backend.simulator.spoof import Spoofer, SpoofKind
 from daq_backend.supervisor import read_status
-from tests.ophyd_fixtures import RABBITMQ_URL
-from tests.readout_fixtures import (
-    assert_no_leftovers,
-    free_tcp_port,
-    ipc_env,
-    make_config,
-    pid_alive,
-    wait_for,
-)
-from tests.test_rest_server import healthy
-
-__all__ = ["ipc_env"]
+from daq_backend.testing import assert_no_leftovers, free_tcp_port, healthy, make_config, pid_alive, wait_for
+from std_daq_ophyd.testing import RABBITMQ_URL
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 SERVICES = {"receiver-0", "receiver-1", "assembler", "h5-writer", "writer-agent", "rest"}

@@ -16,12 +16,10 @@ import pytest
 import requests
 
 from daq_backend.messages import FAULT_BOUND, EndReason
+from daq_backend.testing import wait_for
 from daq_backend.writer import layout
 from std_daq_ophyd.sim import LocalDaq
-from tests.ophyd_fixtures import data_dir, ipc_dir, make_detector, start_daq
-from tests.readout_fixtures import wait_for
-
-__all__ = ["data_dir", "ipc_dir"]
+from std_daq_ophyd.testing import make_detector, start_daq
 
 FRAMES = 3000  # 15 s of images at 200 Hz: the kill comes long before the end
 PERIOD = 0.005

@@ -24,10 +24,8 @@ from daq_backend.config import DetectorConfig
 from daq_backend.messages import FAULT_BOUND
 from daq_backend.ram_buffer import shm_path
 from daq_backend.supervisor import read_status
+from daq_backend.testing import assert_no_leftovers, make_config, shm_segments, wait_for
 from daq_backend.writer import layout
-from tests.readout_fixtures import assert_no_leftovers, ipc_env, make_config, shm_segments, wait_for
-
-__all__ = ["ipc_env"]
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 WAIT_S = 180.0  # start-up on a busy two-core machine

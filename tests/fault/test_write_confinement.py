@@ -23,9 +23,9 @@ import pytest
 
 from daq_backend.broker.protocol import Action
 from daq_backend.messages import FAULT_BOUND, ImageAccounting
+from daq_backend.testing import wait_for
 from daq_backend.writer import layout
 from tests.fault.up_fixtures import Streaming, Up, running_up
-from tests.readout_fixtures import wait_for
 
 ROOT_ENV = "STD_DAQ_OUTPUT_ROOTS"
 

@@ -15,12 +15,10 @@ import requests
 
 from daq_backend.broker.protocol import Action
 from daq_backend.messages import FAULT_BOUND, EndReason
+from daq_backend.testing import wait_for
 from daq_backend.writer import layout, master
 from tests.fault.test_writer_faults import Broker, Detector, final_everywhere, kill_service, report, submit
-from tests.readout_fixtures import ipc_env, wait_for
-from tests.test_writer_scaleout import assert_agree, assert_rows, leading, part_paths, scaled_daq
-
-__all__ = ["ipc_env"]
+from tests.system.test_writer_scaleout import assert_agree, assert_rows, leading, part_paths, scaled_daq
 
 N_IMAGES = 500
 KILL_AT = 200

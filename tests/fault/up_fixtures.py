@@ -36,9 +36,8 @@ from daq_backend.broker import (
 from daq_backend.config import DetectorConfig
 from daq_backend.simulator.sender import DetectorSimulator
 from daq_backend.supervisor import read_status
-from tests.ophyd_fixtures import RABBITMQ_URL
-from tests.readout_fixtures import assert_no_leftovers, free_tcp_port, make_config, pid_alive, wait_for
-from tests.test_rest_server import healthy
+from daq_backend.testing import assert_no_leftovers, free_tcp_port, healthy, make_config, pid_alive, wait_for
+from std_daq_ophyd.testing import RABBITMQ_URL
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 SERVICES = {"receiver-0", "assembler", "h5-writer", "writer-agent", "rest"}

@@ -34,13 +34,11 @@ from daq_backend.auth import (
     read_token_file,
     server_token,
 )
+from daq_backend.testing import free_tcp_port, make_config, wait_for
+from daq_backend.testing.rest import WAIT_S, RestHarness
 from daq_backend.writer.client import write_main
 from std_daq_ophyd import StdDaqDetector
 from std_daq_ophyd.client import StdDaqClient, StdDaqError
-from tests.readout_fixtures import free_tcp_port, ipc_env, make_config, wait_for
-from tests.rest_fixtures import WAIT_S, RestHarness, rest
-
-__all__ = ["ipc_env", "rest"]
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 

@@ -27,11 +27,9 @@ from daq_backend.broker import (
 )
 from daq_backend.broker.service import RequestContext
 from daq_backend.rest import backend as backend_module
-from tests.ophyd_fixtures import RABBITMQ_URL
-from tests.readout_fixtures import ipc_env, wait_for
-from tests.rest_fixtures import WAIT_S, RestHarness, rest
-
-__all__ = ["ipc_env", "rest"]
+from daq_backend.testing import wait_for
+from daq_backend.testing.rest import WAIT_S, RestHarness
+from std_daq_ophyd.testing import RABBITMQ_URL
 
 N_CLIENTS = 8
 

@@ -26,12 +26,10 @@ from std_daq_client import StdDaqAdminException, StdDaqClient
 
 from daq_backend.control.sls import SlsDetectorControl
 from daq_backend.rest.backend import summarize_stats
+from daq_backend.testing import free_udp_base, wait_for
+from daq_backend.testing.rest import WAIT_S, RestHarness
+from daq_backend.testing.writer import expected_pixels
 from daq_backend.writer import layout
-from tests.readout_fixtures import free_udp_base, wait_for
-from tests.rest_fixtures import WAIT_S, RestHarness, ipc_env, rest
-from tests.writer_fixtures import expected_pixels
-
-__all__ = ["ipc_env", "rest"]
 
 CONFIG_KEYS = {
     "det_name",
@@ -634,7 +632,7 @@ class WriterProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, str(config_path), "--broker-url", f"embedded://{harness.hub.name}",
              "--with-h5-writer", "--log-level", "WARNING"],
-            cwd=Path(__file__).parent.parent,
+            cwd=Path(__file__).resolve().parents[2],
         )  # fmt: skip
 
     def crash(self) -> None:
@@ -693,7 +691,7 @@ def test_epics_write_requests_through_the_api(rest: RestHarness, monkeypatch: py
     from daq_backend.epics.service import EpicsWriterService
     from daq_backend.epics.store import make_store
     from daq_backend.epics.writer import WriterSettings
-    from tests.test_epics_writer import _fill
+    from tests.unit.epics.test_epics_writer import _fill
 
     body = {"start_pulse_id": 1450, "stop_pulse_id": 1650, "channels": ["FLOAT", "TEXT"]}
     r = post(rest, "/epics/write_async", {**body, "output_file": rest.file("epics.h5")})

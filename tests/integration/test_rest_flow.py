@@ -21,11 +21,9 @@ from daq_backend.control.simulated import SimulatedDetectorControl
 from daq_backend.formats import ImageStatus
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.stats import StatsCollector
+from daq_backend.testing import EIGER_HALF_POSITIONS, InProcessReadout, make_config, wait_for
+from daq_backend.testing.rest import WAIT_S, RestHarness
 from daq_backend.writer import layout
-from tests.readout_fixtures import EIGER_HALF_POSITIONS, InProcessReadout, make_config, wait_for
-from tests.rest_fixtures import WAIT_S, RestHarness, ipc_env
-
-__all__ = ["ipc_env"]
 
 N_FRAMES = 20
 

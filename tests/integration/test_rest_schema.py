@@ -22,8 +22,8 @@ from schemathesis.checks import negative_data_rejection, positive_data_acceptanc
 from schemathesis.core.failures import FailureGroup, ServerError
 
 from daq_backend.config import DetectorConfig
-from tests.readout_fixtures import make_config
-from tests.rest_fixtures import RestHarness
+from daq_backend.testing import make_config
+from daq_backend.testing.rest import RestHarness
 
 MAX_EXAMPLES = 50
 

@@ -12,12 +12,10 @@ import numpy as np
 from daq_backend.broker import Action, BrokerClient, StatusAggregator, Transport
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.simulator.sender import DetectorSimulator
+from daq_backend.testing import InProcessReadout, assert_no_leftovers, make_config
+from daq_backend.testing.writer import WAIT_S, wait_until
 from daq_backend.writer import layout
 from daq_backend.writer.agent import DetectorWriter
-from tests.readout_fixtures import InProcessReadout, assert_no_leftovers, ipc_env, make_config
-from tests.writer_fixtures import WAIT_S, embedded_transport, wait_until
-
-__all__ = ["embedded_transport", "ipc_env"]
 
 N_IMAGES = 1000
 RATE_HZ = 100

@@ -16,9 +16,9 @@ import pika
 import pytest
 
 from daq_backend.broker import make_transport
+from daq_backend.testing.writer import WAIT_S, FakeAssembler, make_config, unique
 from daq_backend.writer import layout
 from daq_backend.writer.agent import DetectorWriter
-from tests.writer_fixtures import WAIT_S, FakeAssembler, make_config, unique
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -20,9 +20,9 @@ import requests
 
 from daq_backend.broker import EmbeddedTransport
 from daq_backend.config import parse_config
+from daq_backend.testing import EIGER_HALF_POSITIONS
+from daq_backend.testing.writer import FakeAssembler
 from daq_backend.writer.agent import DetectorWriter
-from tests.readout_fixtures import EIGER_HALF_POSITIONS
-from tests.writer_fixtures import FakeAssembler
 
 BASE = "http://127.0.0.1:5000"
 CONFIG = {
@@ -156,5 +156,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    os.chdir(Path(__file__).resolve().parent.parent)
+    os.chdir(Path(__file__).resolve().parents[2])
     sys.exit(main())

@@ -30,13 +30,11 @@ from daq_backend.config import DetectorConfig
 from daq_backend.ram_buffer import RingBuffer
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.supervisor import read_status
+from daq_backend.testing import assert_no_leftovers, make_config, shm_segments, wait_for
 from daq_backend.writer import layout
 from daq_backend.writer.client import NO_IMAGE_HINT
-from tests.readout_fixtures import assert_no_leftovers, ipc_env, make_config, shm_segments, wait_for
 
-__all__ = ["ipc_env"]
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLI = (sys.executable, "-m", "daq_backend.cli")
 WAIT_S = 180.0
 

@@ -17,26 +17,12 @@ import requests
 from daq_backend import ipc
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.supervisor import read_status
-from tests.readout_fixtures import (  # noqa: F401
-    assert_no_leftovers,
-    free_tcp_port,
-    ipc_env,
-    make_config,
-    pid_alive,
-    wait_for,
-)
-from tests.test_rest_server import healthy
+from daq_backend.testing import assert_no_leftovers, free_tcp_port, healthy, make_config, pid_alive, wait_for
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 
 
-
-
-
-
-
-
-def test_up_serves_cli_and_rest_writes_then_stops_cleanly(ipc_env: str, tmp_path: Path) -> None:  # noqa: F811
+def test_up_serves_cli_and_rest_writes_then_stops_cleanly(ipc_env: str, tmp_path: Path) -> None:
     config = make_config("jungfrau", frame_ring_slots=64, image_ring_slots=64)
     path = tmp_path / "detector.json"
     path.write_text(json.dumps(config.to_json_dict()))
@@ -95,7 +81,7 @@ def test_up_serves_cli_and_rest_writes_then_stops_cleanly(ipc_env: str, tmp_path
     assert_no_leftovers(config, ipc_env)
 
 
-def test_up_runs_the_optional_streams_of_the_topology(ipc_env: str, tmp_path: Path) -> None:  # noqa: F811
+def test_up_runs_the_optional_streams_of_the_topology(ipc_env: str, tmp_path: Path) -> None:
     """``--stream-send`` and ``--live-stream`` add their processes to the detector's; stopped with it."""
     config = make_config("jungfrau", frame_ring_slots=16, image_ring_slots=16)
     path = tmp_path / "detector.json"

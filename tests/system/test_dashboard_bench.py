@@ -10,7 +10,7 @@ from pathlib import Path
 
 from daq_backend.ram_buffer import SHM_DIR
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def shm_entries() -> set[str]:

@@ -24,9 +24,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from daq_backend import ipc
 from daq_backend.supervisor import read_status
-from tests.readout_fixtures import assert_no_leftovers, free_tcp_port, ipc_env, make_config, pid_alive
-
-__all__ = ["ipc_env"]
+from daq_backend.testing import assert_no_leftovers, free_tcp_port, make_config, pid_alive
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 CHROMIUM = "/usr/bin/chromium"

@@ -14,9 +14,7 @@ import pytest
 from daq_backend import ipc
 from daq_backend.logtail import MAX_CHARS, LogTail, TailHandler, parse_lines
 from daq_backend.supervisor import ServiceSpec, Supervisor, read_status
-from tests.readout_fixtures import ipc_env, make_config, wait_for
-
-__all__ = ["ipc_env"]
+from daq_backend.testing import make_config, wait_for
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 

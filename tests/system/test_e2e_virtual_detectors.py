@@ -37,13 +37,11 @@ from daq_backend.broker import EmbeddedTransport
 from daq_backend.config import DetectorConfig
 from daq_backend.control.virtual import VirtualDetectorServer
 from daq_backend.rest.server import RestOptions, RestService
+from daq_backend.testing import InProcessReadout, make_config, wait_for
 from daq_backend.writer import layout
 from daq_backend.writer.agent import DetectorWriter
 from daq_backend.writer.h5_writer import journal_path
-from tests.capture import LoopbackUdpCapture
-from tests.readout_fixtures import InProcessReadout, ipc_env, make_config, wait_for
-
-__all__ = ["ipc_env"]
+from tests.system.capture import LoopbackUdpCapture
 
 pytestmark = pytest.mark.sls
 

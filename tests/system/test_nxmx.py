@@ -28,13 +28,10 @@ from daq_backend import ipc
 from daq_backend.config import DetectorConfig, parse_config
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.supervisor import read_status
+from daq_backend.testing import assert_no_leftovers, free_tcp_port, healthy, make_config, wait_for
 from daq_backend.writer import layout, nexus
 from daq_backend.writer.request import RequestError, parse_write_request
 from std_daq_ophyd.documents import uri_path
-from tests.readout_fixtures import assert_no_leftovers, free_tcp_port, ipc_env, make_config, wait_for
-from tests.test_rest_server import healthy
-
-__all__ = ["ipc_env"]
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 NXMX = {"sample_name": "lysozyme", "instrument_name": "X06SA", "source_name": "Swiss Light Source",
@@ -333,7 +330,7 @@ def test_v1_device_with_nxmx_metadata_writes_an_nxmx_file(tmp_path: Path) -> Non
     fails naming it."""
     import bluesky.plans as bp
 
-    from tests.ophyd_fixtures import Recorder, check_run, make_detector, start_daq
+    from std_daq_ophyd.testing import Recorder, check_run, make_detector, start_daq
 
     ipc_dir = tempfile.mkdtemp(prefix="sdx", dir="/tmp")
     with pytest.MonkeyPatch.context() as mp:

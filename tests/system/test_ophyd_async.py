@@ -50,6 +50,7 @@ from daq_backend.config import DetectorConfig
 from daq_backend.ram_buffer import SHM_DIR
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.supervisor import read_status
+from daq_backend.testing import free_tcp_port, healthy, make_config, pid_alive, wait_for
 from std_daq_ophyd import StdDaqClient
 from std_daq_ophyd.async_devices import (
     DEADTIME_S,
@@ -58,9 +59,7 @@ from std_daq_ophyd.async_devices import (
     StdDaqAsyncDetector,
 )
 from std_daq_ophyd.documents import uri_path
-from tests.ophyd_fixtures import TIMEOUTS, Recorder, check_run, make_detector
-from tests.readout_fixtures import free_tcp_port, make_config, pid_alive, wait_for
-from tests.test_rest_server import healthy
+from std_daq_ophyd.testing import TIMEOUTS, Recorder, check_run, make_detector
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 PERIOD = 0.02  # 50 Hz: quick, and easy on two shared cores

@@ -16,11 +16,8 @@ import pytest
 import yaml
 
 from std_daq_ophyd.sim import EmbeddedDaq
-from tests.ophyd_fixtures import daq, ipc_dir
 
-__all__ = ["daq", "ipc_dir"]
-
-PROFILE = Path(__file__).resolve().parents[1] / "profile" / "profile_stddaq"
+PROFILE = Path(__file__).resolve().parents[2] / "profile" / "profile_stddaq"
 
 
 def free_port() -> int:

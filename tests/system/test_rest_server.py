@@ -22,12 +22,10 @@ from daq_backend.broker.embedded_hub import hub_is_running
 from daq_backend.config import DetectorConfig
 from daq_backend.rest.server import RestServer, rest_main
 from daq_backend.supervisor import Supervisor
+from daq_backend.testing import free_tcp_port, healthy, make_config, wait_for
 from daq_backend.topology import Topology
-from tests.readout_fixtures import free_tcp_port, ipc_env, make_config, wait_for
 
-__all__ = ["ipc_env"]
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 120.0
 SEED_RESPONSE_KEYS = {"output_file", "status", "init_timestamp", "end_timestamp"}
 DETECTOR_KEYS = {
@@ -44,19 +42,10 @@ DETECTOR_KEYS = {
 }
 
 
-
-
 def write_config(tmp_path: Path, config: DetectorConfig) -> Path:
     path = tmp_path / "detector.json"
     path.write_text(json.dumps(config.to_json_dict()))
     return path
-
-
-def healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/health", timeout=5).ok
-    except requests.ConnectionError:
-        return False
 
 
 def test_server_picks_a_free_port_and_refuses_a_busy_one() -> None:
@@ -180,7 +169,7 @@ def test_readme_examples_verbatim(tmp_path: Path) -> None:
     script = (
         "ip link set lo up && mount -t tmpfs tmpfs /mnt && mkdir /mnt/host-tmp "
         "&& mount --bind /tmp /mnt/host-tmp && mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /dev/shm"
-        f'{rebind} && exec "$0" -m tests.rest_readme_scenario'
+        f'{rebind} && exec "$0" -m tests.system.rest_readme_scenario'
     )
     command = ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--propagation", "private",
                "sh", "-c", script, sys.executable]  # fmt: skip

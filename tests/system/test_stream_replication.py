@@ -25,8 +25,7 @@ from daq_backend.ram_buffer import SLOT_META_BYTES, RingBuffer, SlotOverwritten
 from daq_backend.stream.recv import ReceiverBusy, StreamReceiver
 from daq_backend.stream.send import StreamSender
 from daq_backend.stream.wire import HEADER_BYTES, Kind, StreamHeader, WireError
-from daq_backend.writer import layout
-from tests.test_stream_support import (
+from daq_backend.testing.stream import (
     Host,
     MetadataWatcher,
     Producer,
@@ -36,6 +35,7 @@ from tests.test_stream_support import (
     wait_for,
     write_file,
 )
+from daq_backend.writer import layout
 
 
 @dataclass

@@ -23,18 +23,7 @@ from daq_backend.ram_buffer import RingBuffer
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.simulator.sender import DetectorSimulator
 from daq_backend.supervisor import ServiceSpec, Supervisor, read_status
-from tests.readout_fixtures import (
-    assert_no_leftovers,
-    ipc_env,
-    make_config,
-    pid_alive,
-    shm_segments,
-    wait_for,
-)
-
-__all__ = ["ipc_env"]
-
-
+from daq_backend.testing import assert_no_leftovers, make_config, pid_alive, shm_segments, wait_for
 
 
 def sleep_forever() -> None:
@@ -242,7 +231,7 @@ def test_children_die_with_a_killed_supervisor_and_status_says_stale(
 
 
 def test_simulate_subcommand_feeds_the_readout(ipc_env: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.readout_fixtures import InProcessReadout
+    from daq_backend.testing import InProcessReadout
 
     config = make_config("jungfrau")
     path = Path(ipc_env) / "detector.json"

@@ -15,19 +15,11 @@ import numpy as np
 
 from daq_backend.broker import Action
 from daq_backend.config import DetectorConfig
+from daq_backend.testing.writer import Harness, expected_pixels, wait_until
 from daq_backend.writer import layout
 from daq_backend.writer.agent import WriterAgent
 from daq_backend.writer.h5_writer import journal_path
 from daq_backend.writer.layout import open_image_file, written_rows
-from tests.writer_fixtures import (
-    Harness,
-    embedded_transport,
-    expected_pixels,
-    harness,
-    wait_until,
-)
-
-__all__ = ["embedded_transport", "harness"]  # pytest fixtures
 
 _MAIN = "import sys; from daq_backend.writer.{module} import {main}; sys.exit({main}(sys.argv[1:]))"
 

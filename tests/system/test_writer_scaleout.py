@@ -39,24 +39,14 @@ from daq_backend.broker.protocol import Action
 from daq_backend.config import DetectorConfig
 from daq_backend.messages import ImageAccounting
 from daq_backend.simulator.pattern import expected_image
+from daq_backend.testing import assert_no_leftovers, free_tcp_port, healthy, make_config, pid_alive, wait_for
+from daq_backend.testing.writer import Harness, expected_pixels
+from daq_backend.testing.writer import make_config as writer_config
 from daq_backend.topology import h5_writer_name
 from daq_backend.writer import layout, master
 from std_daq_ophyd.sim import EmbeddedDaq, LocalDaq, simulated_config
+from std_daq_ophyd.testing import RABBITMQ_URL, Recorder, check_run, make_detector
 from tests.fault.test_writer_faults import CLI, Broker, Daq, Detector, submit
-from tests.ophyd_fixtures import RABBITMQ_URL, Recorder, check_run, make_detector
-from tests.readout_fixtures import (
-    assert_no_leftovers,
-    free_tcp_port,
-    ipc_env,
-    make_config,
-    pid_alive,
-    wait_for,
-)
-from tests.test_rest_server import healthy
-from tests.writer_fixtures import Harness, embedded_transport, expected_pixels
-from tests.writer_fixtures import make_config as writer_config
-
-__all__ = ["embedded_transport", "ipc_env"]
 
 N_IMAGES = 120
 
@@ -237,7 +227,14 @@ def test_ophyd_async_fly_scan_and_tiled_read_the_master(ipc_env: str, tmp_path: 
     writers: one StreamResource per data key, naming the master, and Tiled reads it pixel-exact."""
     from ophyd_async.core import TriggerInfo
 
-    from tests.test_ophyd_async import EXPOSURE_TIMEOUT, EXPTIME, PERIOD, check_file, fly, make_async_detector
+    from tests.system.test_ophyd_async import (
+        EXPOSURE_TIMEOUT,
+        EXPTIME,
+        PERIOD,
+        check_file,
+        fly,
+        make_async_detector,
+    )
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()

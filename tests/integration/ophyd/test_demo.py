@@ -13,9 +13,7 @@ from ophyd.sim import SynAxis
 
 from daq_backend.demo import check_run, demo_main
 from std_daq_ophyd.sim import EmbeddedDaq
-from tests.ophyd_fixtures import RE, Recorder, daq, data_dir, ipc_dir, make_detector, recorder
-
-__all__ = ["RE", "daq", "data_dir", "ipc_dir", "recorder"]
+from std_daq_ophyd.testing import Recorder, make_detector
 
 
 def test_demo_runs_and_reports(tmp_path: Path, ipc_dir: str, capsys: pytest.CaptureFixture[str]) -> None:

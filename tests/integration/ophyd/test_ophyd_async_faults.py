@@ -24,6 +24,7 @@ from ophyd_async.core import (
 )
 from ophyd_async.testing import assert_emitted, assert_value
 
+from daq_backend.testing import free_tcp_port
 from std_daq_ophyd.async_devices import (
     AcquisitionStalled,
     AcquisitionStepError,
@@ -32,10 +33,7 @@ from std_daq_ophyd.async_devices import (
 )
 from std_daq_ophyd.readback import stream_data
 from std_daq_ophyd.sim import EmbeddedDaq
-from tests.ophyd_fixtures import RE, Recorder, assert_pattern, daq, data_dir, file_rows, ipc_dir, recorder
-from tests.readout_fixtures import free_tcp_port
-
-__all__ = ["RE", "daq", "data_dir", "ipc_dir", "recorder"]
+from std_daq_ophyd.testing import Recorder, assert_pattern, file_rows
 
 TIMEOUTS = AsyncTimeouts(open_file=120.0, idle=120.0, missing=3.0, disarm=60.0, close_file=120.0)
 

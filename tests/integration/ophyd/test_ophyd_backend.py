@@ -13,9 +13,6 @@ import h5py
 
 from std_daq_ophyd.client import StdDaqClient
 from std_daq_ophyd.sim import EmbeddedDaq
-from tests.ophyd_fixtures import daq, data_dir, ipc_dir
-
-__all__ = ["daq", "data_dir", "ipc_dir"]
 
 OPEN_ENDED = 2**31 - 1
 

@@ -24,9 +24,7 @@ from daq_backend.epics.writer import read_file
 from std_daq_ophyd import EpicsBuffer, EpicsBufferSupplement, epics_buffer_wrapper
 from std_daq_ophyd.readback import stream_data
 from std_daq_ophyd.sim import EmbeddedDaq
-from tests.ophyd_fixtures import RE, Recorder, daq, data_dir, ipc_dir, make_detector, recorder
-
-__all__ = ["RE", "daq", "data_dir", "ipc_dir", "recorder"]
+from std_daq_ophyd.testing import Recorder, make_detector
 
 SUFFIXES = ("FLOAT", "INT", "WAVEFORM", "STRING")
 

@@ -19,24 +19,11 @@ from std_daq_ophyd.acquisition import AcquisitionCancelled
 from std_daq_ophyd.client import StdDaqClient
 from std_daq_ophyd.documents import uri_path
 from std_daq_ophyd.readback import stream_data
-from tests.ophyd_fixtures import (
-    RE,
-    Daq,
-    Recorder,
-    assert_pattern,
-    daq_threads_and_processes,
-    data_dir,
-    file_rows,
-    ipc_dir,
-    make_detector,
-    recorder,
-)
-
-__all__ = ["RE", "daq_threads_and_processes", "data_dir", "ipc_dir", "recorder"]
+from std_daq_ophyd.testing import Daq, Recorder, assert_pattern, file_rows, make_detector
 
 
 @pytest.fixture(scope="module")
-def daq(daq_threads_and_processes: Daq) -> Daq:  # noqa: F811
+def daq(daq_threads_and_processes: Daq) -> Daq:
     """Every test here runs against the DAQ in threads and as the processes of `std-daq up`."""
     return daq_threads_and_processes
 

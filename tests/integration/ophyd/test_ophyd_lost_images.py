@@ -18,9 +18,7 @@ from std_daq_ophyd import LostImagesError, LostImagesWarning, Timeouts
 from std_daq_ophyd.documents import uri_path
 from std_daq_ophyd.readback import stream_data
 from std_daq_ophyd.sim import EmbeddedDaq
-from tests.ophyd_fixtures import RE, Recorder, daq, data_dir, file_rows, ipc_dir, make_detector, recorder
-
-__all__ = ["RE", "daq", "data_dir", "ipc_dir", "recorder"]
+from std_daq_ophyd.testing import Recorder, file_rows, make_detector
 
 FRAMES = 3
 

@@ -13,20 +13,7 @@ import pytest
 from bluesky import RunEngine
 from ophyd.sim import SynAxis
 
-from tests.ophyd_fixtures import (
-    RABBITMQ_URL,
-    RE,
-    Daq,
-    Recorder,
-    check_run,
-    data_dir,
-    ipc_dir,
-    make_detector,
-    recorder,
-    start_daq,
-)
-
-__all__ = ["RE", "data_dir", "ipc_dir", "recorder"]
+from std_daq_ophyd.testing import RABBITMQ_URL, Daq, Recorder, check_run, make_detector, start_daq
 
 
 @pytest.fixture(scope="module", params=["threads", "processes",

@@ -13,9 +13,7 @@ from bluesky import RunEngine
 from std_daq_ophyd import SettingsError, StdDaqDetector, StdDaqError, StdDaqUnreachable
 from std_daq_ophyd.client import StdDaqClient
 from std_daq_ophyd.sim import EmbeddedDaq
-from tests.ophyd_fixtures import RE, Recorder, daq, data_dir, ipc_dir, make_detector, recorder
-
-__all__ = ["RE", "daq", "data_dir", "ipc_dir", "recorder"]
+from std_daq_ophyd.testing import Recorder, make_detector
 
 
 def assert_nothing_started(daq: EmbeddedDaq, data_dir: Path, first_id: int) -> None:

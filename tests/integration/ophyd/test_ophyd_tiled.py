@@ -15,9 +15,7 @@ from bluesky.callbacks.tiled_writer import TiledWriter
 from ophyd.sim import SynAxis
 
 from std_daq_ophyd.sim import EmbeddedDaq
-from tests.ophyd_fixtures import Recorder, check_run, daq, data_dir, ipc_dir, make_detector
-
-__all__ = ["daq", "data_dir", "ipc_dir"]
+from std_daq_ophyd.testing import Recorder, check_run, make_detector
 
 
 def test_tiled_reads_the_images_through_the_documents(daq: EmbeddedDaq, data_dir: Path,

@@ -46,7 +46,7 @@ from daq_backend.broker import (
 )
 from daq_backend.broker.embedded_hub import hub_directory, hub_is_running
 from daq_backend.broker.transport import resolve_broker_url
-from tests.fault.broker_proxy import BrokerProxy
+from daq_backend.testing.broker_proxy import BrokerProxy
 
 WAIT_S = 60.0  # generous: the test machine's cores are shared
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from daq_backend.component import Component
 
@@ -64,7 +64,7 @@ def test_run_service_stops_on_sigterm_and_closes(tmp_path) -> None:
         sys.exit(run_service(Waiter()))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                            cwd=Path(__file__).resolve().parents[3])
     assert proc.stdout is not None and proc.stdout.readline().strip() == "running"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0

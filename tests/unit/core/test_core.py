@@ -38,7 +38,7 @@ from daq_backend.ram_buffer import (
     shm_path,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 JUNGFRAU_1M = {
     "detector_name": "JF01T01V01",

@@ -15,7 +15,7 @@ import pytest
 from daq_backend import futex
 from daq_backend.futex import SharedWord
 from daq_backend.ram_buffer import FollowerGroup, RingBuffer, RingFollower, ShmWatcher, shm_path
-from tests.readout_fixtures import wait_for
+from daq_backend.testing import wait_for
 
 
 @pytest.fixture

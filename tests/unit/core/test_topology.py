@@ -9,8 +9,8 @@ import pytest
 
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, parse_config
+from daq_backend.testing import make_config
 from daq_backend.topology import Role, ServiceSpec, Topology, restart_set
-from tests.readout_fixtures import make_config
 
 
 def changed(config: DetectorConfig, **fields: object) -> DetectorConfig:

@@ -24,7 +24,7 @@ from daq_backend.detectors.jungfrau import convert
 from daq_backend.formats import GF_HEADER_DTYPE, SLS_HEADER_DTYPE
 from daq_backend.simulator.pattern import expected_image, module_datagrams, module_frame_bytes
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.json"))
+CONFIGS = sorted((Path(__file__).resolve().parents[3] / "configs").glob("*.json"))
 IDS = (1, 2, 999, 2**32 - 1)
 
 

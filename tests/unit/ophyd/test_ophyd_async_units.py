@@ -19,6 +19,7 @@ from ophyd_async.core import DetectorTrigger, PathInfo, init_devices, set_mock_v
 
 from daq_backend.messages import RequestState
 from daq_backend.rest.models import HealthResponse, RequestStatus
+from daq_backend.testing import free_tcp_port
 from std_daq_ophyd.async_devices import (
     DEADTIME_S,
     TIMING_OF_TRIGGER,
@@ -30,7 +31,6 @@ from std_daq_ophyd.async_devices.data_logic import make_directories
 from std_daq_ophyd.async_devices.steps import in_step, poll_until
 from std_daq_ophyd.async_devices.trigger_logic import deadtime_of
 from std_daq_ophyd.client import AsyncStdDaqClient, StdDaqClient, StdDaqError, StdDaqUnreachable
-from tests.readout_fixtures import free_tcp_port
 
 REQUEST = {
     "request_id": "r1", "kind": "detector", "state": "running", "n_written": 7, "n_images": 10,

@@ -26,16 +26,7 @@ from daq_backend.ram_buffer import RingBuffer
 from daq_backend.readout import mmsg
 from daq_backend.readout.receiver import COALESCE, ModuleReceiver, default_coalesce
 from daq_backend.simulator.sender import DetectorSimulator
-from tests.readout_fixtures import (
-    EIGER_HALF_POSITIONS,
-    UdpSender,
-    ipc_env,
-    make_config,
-    shm_segments,
-    wait_for,
-)
-
-__all__ = ["ipc_env"]
+from daq_backend.testing import EIGER_HALF_POSITIONS, UdpSender, make_config, shm_segments, wait_for
 
 needs_recvmmsg = pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg on this platform")
 

@@ -14,17 +14,14 @@ from daq_backend.readout.direct import direct_possible
 from daq_backend.readout.receiver import ModuleReceiver
 from daq_backend.simulator.pattern import expected_image, module_datagrams
 from daq_backend.simulator.sender import DetectorSimulator
-from tests.readout_fixtures import (
+from daq_backend.testing import (
     EIGER_HALF_POSITIONS,
     InProcessReadout,
     UdpSender,
     assert_no_leftovers,
-    ipc_env,
     make_config,
     wait_for,
 )
-
-__all__ = ["ipc_env"]
 
 
 def send(config, ids: range) -> None:  # type: ignore[no-untyped-def]

@@ -19,10 +19,8 @@ from daq_backend.readout.window import CONFIRM_FRAMES, MAX_FRAME_GAP
 from daq_backend.simulator.pattern import expected_image, module_datagrams, module_frame_bytes
 from daq_backend.simulator.sender import DetectorSimulator
 from daq_backend.simulator.spoof import Spoofer, SpoofKind
-from tests.readout_fixtures import InProcessReadout, ipc_env, make_config, shm_segments, wait_for
-from tests.test_readout_receiver import ReceiverHarness
-
-__all__ = ["ipc_env"]
+from daq_backend.testing import InProcessReadout, make_config, shm_segments, wait_for
+from tests.unit.readout.test_readout_receiver import ReceiverHarness
 
 REJECTED = ("rejected_module_id", "rejected_out_of_range", "rejected_out_of_window")
 
@@ -184,7 +182,7 @@ def test_lost_frames_are_a_gap_and_a_jump_beyond_the_window_a_new_numbering(jf2:
 
 def test_eiger_headers_of_the_other_half_module_are_foreign(ipc_env: str) -> None:
     """slsDetectorPackage's virtual Eiger sends module id N on one port and N + 1 on the other."""
-    from tests.readout_fixtures import EIGER_HALF_POSITIONS
+    from daq_backend.testing import EIGER_HALF_POSITIONS
 
     config = make_config("eiger", n_modules=2, image_pixel_height=514, image_pixel_width=514,
                          module_positions=EIGER_HALF_POSITIONS, header_module_ids={"0": 31, "1": 32})

@@ -25,17 +25,14 @@ from daq_backend.readout.assembler import ImageAssembler
 from daq_backend.readout.receiver import ModuleReceiver
 from daq_backend.simulator.pattern import expected_image, module_datagrams
 from daq_backend.simulator.sender import DetectorSimulator
-from tests.readout_fixtures import (
+from daq_backend.testing import (
     EIGER_HALF_POSITIONS,
     JF4_POSITIONS,
     InProcessReadout,
     assert_no_leftovers,
-    ipc_env,
     make_config,
     wait_for,
 )
-
-__all__ = ["ipc_env"]
 
 N_IMAGES = 20
 

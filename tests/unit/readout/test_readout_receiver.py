@@ -17,9 +17,7 @@ from daq_backend.detectors import layout_for
 from daq_backend.formats import ModuleFrame
 from daq_backend.ram_buffer import RingBuffer
 from daq_backend.readout.receiver import ModuleReceiver, set_receive_buffer
-from tests.readout_fixtures import UdpSender, ipc_env, make_config, shm_segments
-
-__all__ = ["ipc_env"]
+from daq_backend.testing import UdpSender, make_config, shm_segments
 
 
 class ReceiverHarness:

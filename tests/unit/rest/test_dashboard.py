@@ -37,10 +37,8 @@ from daq_backend.rest.dashboard import (
 )
 from daq_backend.rest.dashboard_image import NO_VALUE_COLOR, ImageRenderer, colour_scale, encode_png, shrink
 from daq_backend.rest.models import StatsResponse
-from tests.readout_fixtures import ipc_env, make_config, wait_for
-from tests.rest_fixtures import WAIT_S, RestHarness
-
-__all__ = ["ipc_env"]
+from daq_backend.testing import make_config, wait_for
+from daq_backend.testing.rest import WAIT_S, RestHarness
 
 
 def supervisor_status(now: float, **overrides: Any) -> dict[str, Any]:

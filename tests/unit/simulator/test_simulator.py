@@ -25,7 +25,7 @@ from daq_backend.detectors import layout_for, unpack_12bit
 from daq_backend.simulator.pattern import module_datagrams, pattern_source
 from daq_backend.simulator.sender import DetectorSimulator, main
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 TIMEOUT = 60.0
 
 

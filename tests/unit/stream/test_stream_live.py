@@ -12,7 +12,7 @@ import zmq
 
 from daq_backend.config import DetectorConfig
 from daq_backend.stream.live import LiveStream, Selection
-from tests.test_stream_support import Host, Producer, expected_image, make_config, wait_for
+from daq_backend.testing.stream import Host, Producer, expected_image, make_config, wait_for
 
 
 class FakeClock:

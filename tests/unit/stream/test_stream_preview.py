@@ -14,7 +14,7 @@ from matplotlib.image import imread
 
 from daq_backend.config import DetectorConfig
 from daq_backend.stream.preview import NoImageError, latest_image, main, preview_png_bytes, render_png
-from tests.test_stream_support import Host, Producer, expected_image, make_config
+from daq_backend.testing.stream import Host, Producer, expected_image, make_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -17,18 +17,10 @@ import zmq
 
 from daq_backend import ipc
 from daq_backend.broker import REQUEST_EXCHANGE, Action, Message
+from daq_backend.testing.writer import Harness, expected_pixels, wait_until
 from daq_backend.writer import layout
 from daq_backend.writer.agent import WriterAgent
 from daq_backend.writer.layout import ImageFile, open_image_file
-from tests.writer_fixtures import (
-    Harness,
-    embedded_transport,
-    expected_pixels,
-    harness,
-    wait_until,
-)
-
-__all__ = ["embedded_transport", "harness"]  # pytest fixtures
 
 
 def check_file(

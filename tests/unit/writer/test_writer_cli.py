@@ -13,16 +13,8 @@ from pathlib import Path
 import h5py
 import pytest
 
+from daq_backend.testing.writer import WAIT_S, Harness, wait_until
 from daq_backend.writer import client, layout
-from tests.writer_fixtures import (
-    WAIT_S,
-    Harness,
-    embedded_transport,
-    harness,
-    wait_until,
-)
-
-__all__ = ["embedded_transport", "harness"]  # pytest fixtures
 
 
 def _write(h: Harness, *args: str) -> tuple[int, str, str]:

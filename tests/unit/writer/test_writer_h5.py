@@ -19,10 +19,10 @@ import zmq
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig
 from daq_backend.formats import ImageMetadata, StoreOp, StoreStream
+from daq_backend.testing.writer import WAIT_S, FakeAssembler, expected_pixels, make_config, wait_until
 from daq_backend.writer import layout
 from daq_backend.writer.h5_writer import H5Writer, journal_path
 from daq_backend.writer.layout import ImageFile
-from tests.writer_fixtures import WAIT_S, FakeAssembler, expected_pixels, make_config, wait_until
 
 
 class Driver:

@@ -13,14 +13,11 @@ import h5py
 import pytest
 
 from daq_backend.formats import StoreOp
+from daq_backend.testing.writer import FakeAssembler, make_config
 from daq_backend.writer import layout, roots
 from daq_backend.writer.h5_writer import H5Writer, journal_path
 from daq_backend.writer.layout import ImageFile
-from tests.readout_fixtures import ipc_env
-from tests.test_writer_h5 import Driver
-from tests.writer_fixtures import FakeAssembler, make_config
-
-__all__ = ["ipc_env"]
+from tests.unit.writer.test_writer_h5 import Driver
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from daq_backend.config import DetectorConfig
+from daq_backend.testing.writer import expected_pixels, make_config
 from daq_backend.writer import layout
 from daq_backend.writer.layout import FileCreateError, ImageFile, open_image_file, recover_file, written_rows
-from tests.writer_fixtures import expected_pixels, make_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _write(file: ImageFile, ids: range, config: DetectorConfig) -> None:
@@ -194,7 +194,7 @@ _READER = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, sys.argv[2])
     from daq_backend.writer.layout import open_image_file, written_rows, DATA, IMAGE_ID
-    from tests.writer_fixtures import expected_pixels, make_config
+    from daq_backend.testing.writer import expected_pixels, make_config
     config = make_config("reader")
     h5 = open_image_file(sys.argv[1])
     for line in sys.stdin:
@@ -242,7 +242,7 @@ _CRASHER = textwrap.dedent("""
     import os, sys, numpy as np
     sys.path.insert(0, sys.argv[2])
     from daq_backend.writer.layout import ImageFile
-    from tests.writer_fixtures import expected_pixels, make_config
+    from daq_backend.testing.writer import expected_pixels, make_config
     config = make_config("crasher")
     file = ImageFile.create(sys.argv[1], config, n_images=100, compression=sys.argv[3])
     for image_id in range(20):

@@ -20,8 +20,8 @@ import pytest
 
 from daq_backend.config import DetectorConfig
 from daq_backend.simulator.pattern import expected_image
+from daq_backend.testing import make_config
 from daq_backend.writer import layout, master
-from tests.readout_fixtures import make_config
 
 FIRST_ID = 1000
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from daq_backend.testing.writer import make_config
 from daq_backend.writer.layout import ImageFile
 from daq_backend.writer.request import (
     OUTPUT_ROOTS_ENV,
@@ -14,7 +15,6 @@ from daq_backend.writer.request import (
     WriteRequest,
     parse_write_request,
 )
-from tests.writer_fixtures import make_config
 
 
 def _nested(levels: int) -> list[object]:
