@@ -8,7 +8,9 @@
 - Leftovers: ``shm_segments`` lists a detector's rings in ``/dev/shm``, ``assert_no_leftovers``
   checks that neither rings nor ipc sockets of a detector remain.
 - The readout in this process: ``UdpSender`` sends chosen datagrams to a detector's ports,
-  ``InProcessReadout`` runs its receivers and assembler as threads and reads the image ring.
+  ``ReceiverHarness`` runs one module receiver and records every frame it commits,
+  ``InProcessReadout`` runs the receivers and the assembler as threads and reads the image ring;
+  ``run_simulator`` sends the built-in simulator's images, ``check_images`` compares the ring with them.
 
 Submodules: ``daq_backend.testing.writer`` (a stand-in assembler and a writer on an embedded broker),
 ``daq_backend.testing.rest`` (a whole DAQ behind a live REST API in this process),
@@ -24,6 +26,7 @@ A process's ipc directory comes from ``STD_DAQ_IPC_DIR``: point it at a short pr
 from __future__ import annotations
 
 import os
+import queue
 import random
 import socket
 import threading
@@ -39,10 +42,13 @@ import zmq
 
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, parse_config
-from daq_backend.formats import ImageMetadata
+from daq_backend.detectors import layout_for
+from daq_backend.formats import ImageMetadata, ImageStatus, ModuleFrame
 from daq_backend.ram_buffer import SHM_DIR, RingBuffer
 from daq_backend.readout.assembler import ImageAssembler
 from daq_backend.readout.receiver import ModuleReceiver
+from daq_backend.simulator.pattern import expected_image
+from daq_backend.simulator.sender import DetectorSimulator
 
 JF4_POSITIONS = {"0": [0, 0, 1023, 511], "1": [0, 512, 1023, 1023], "2": [1024, 0, 2047, 511],
                  "3": [1024, 512, 2047, 1023]}
@@ -51,16 +57,25 @@ EIGER_POSITIONS = {"0": [0, 0, 513, 255], "1": [516, 0, 1029, 255], "2": [0, 513
 EIGER_HALF_POSITIONS = {"0": [0, 0, 513, 255], "1": [0, 513, 513, 258]}  # one module's two halves
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy (the machine may be 10x slower than usual)."""
+#: how long ``wait_for`` waits by default: generous, a shared test machine may be ten times slower
+WAIT_S = 120.0
+
+
+def wait_for(predicate: Callable[[], Any], what: str = "condition", timeout: float = WAIT_S, *,
+             interval: float = 0.01) -> Any:
+    """Call ``predicate`` every ``interval`` seconds until it returns something truthy, and return that.
+
+    Raises ``AssertionError("timed out after <timeout> s waiting for <what>")`` once ``timeout`` seconds
+    have passed, so a test that waits for a condition fails naming it. The predicate is called one last
+    time after the deadline: a condition met just then still counts."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 def free_udp_base(n: int) -> int:
@@ -189,7 +204,7 @@ class InProcessReadout:
                 self.metadata.append(ImageMetadata.unpack(self._sub.recv()))
 
     def wait_images(self, n: int, timeout: float = 120.0) -> None:
-        wait_for(lambda: self.assembler.stats.images >= n, timeout, f"{n} images ({self.assembler.stats})")
+        wait_for(lambda: self.assembler.stats.images >= n, f"{n} images ({self.assembler.stats})", timeout)
 
     def image(self, image_id: int) -> tuple[ImageMetadata, np.ndarray]:
         """(slot metadata, copy of the image) of ``image_id`` from the image ring."""
@@ -220,6 +235,84 @@ class InProcessReadout:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ReceiverHarness:
+    """A receiver in a thread and its frame ring. ``next_frame`` returns the receiver's commits in
+    order, as the ``ModuleFrame`` each carried as slot metadata when it was committed (recorded at the
+    commit: the tests' tiny rings are lapped before a reader could look), checked against the ring's
+    commit log, which is what the assembler follows."""
+
+    def __init__(self, config: DetectorConfig, module_id: int = 0, **kwargs: object) -> None:
+        self.config = config
+        self.layout = layout_for(config)
+        self.receiver = ModuleReceiver(config, module_id, stats_interval=0.2, **kwargs)  # type: ignore[arg-type]
+        self.ring = RingBuffer.attach(ipc.frame_ring_name(config.detector_name, module_id), timeout=5)
+        self.commits: queue.Queue[tuple[int, bytes]] = queue.Queue()
+        own = self.receiver.ring
+        commit = own.commit
+
+        def recording_commit(image_id: int, meta: bytes = b"") -> None:
+            seq = own.committed
+            commit(image_id, meta)
+            self.commits.put((seq, meta[: ModuleFrame.FORMAT.size]))
+
+        own.commit = recording_commit  # type: ignore[method-assign]
+        self.thread = self.receiver.start()
+        self.sender = UdpSender(config)
+        self.module_id = module_id
+
+    def frame(self, image_id: int, fill: int) -> bytes:
+        """A frame whose 16-bit words are ``fill`` + the word index (so misplaced packets show)."""
+        words = (np.arange(self.layout.frame_nbytes // 2, dtype=np.uint32) + fill) % 65000 + 1
+        return words.astype("<u2").tobytes()
+
+    def datagrams(self, image_id: int, fill: int, **kwargs: int) -> list[bytes]:
+        return self.layout.encode_datagrams(self.module_id, self.frame(image_id, fill), image_id, **kwargs)
+
+    def send(self, datagrams: list[bytes]) -> None:
+        self.sender.send(self.module_id, datagrams)
+
+    def next_frame(self, timeout: float = 60.0) -> ModuleFrame:
+        try:
+            seq, meta = self.commits.get(timeout=timeout)
+        except queue.Empty:
+            stats = self.receiver.stats
+            raise AssertionError(f"no module frame within {timeout} s; receiver stats {stats}") from None
+        frame = ModuleFrame.unpack(meta)
+        if self.ring.committed - seq <= self.ring.n_slots:  # its log entry is not reused yet
+            assert self.ring.logged_ids(seq, seq + 1).tolist() == [frame.id]
+        return frame
+
+    def slot(self, image_id: int) -> bytes:
+        return self.ring.read(image_id)
+
+    def close(self) -> None:
+        self.receiver.stop()
+        self.thread.join(30)
+        self.sender.close()
+        self.ring.close()
+        self.receiver.close()
+
+
+def run_simulator(config: DetectorConfig, rate_hz: float, n_images: int, **faults: Any) -> DetectorSimulator:
+    """Send ``n_images`` of the built-in simulator's pattern at ``rate_hz`` (with ``faults``: dropped
+    packets, ...) to ``config``'s ports; returns the finished simulator (its counts)."""
+    with DetectorSimulator(config, rate_hz=rate_hz, n_images=n_images, **faults) as sim:
+        sim.run()
+    return sim
+
+
+def check_images(readout: InProcessReadout, ids: range | list[int], good: bool = True) -> None:
+    """Every image of ``ids`` in the readout's image ring is the simulator's pattern pixel for pixel
+    (and, with ``good``, complete)."""
+    for image_id in ids:
+        meta, image = readout.image(image_id)
+        assert meta.id == image_id
+        if good:
+            assert (meta.status, meta.n_missing_packets) == (ImageStatus.GOOD, 0), f"image {image_id}"
+        want = expected_image(readout.config, image_id)
+        np.testing.assert_array_equal(image, want, err_msg=f"image {image_id}")
 
 
 def assert_no_leftovers(config: DetectorConfig, ipc_dir: str | os.PathLike[str]) -> None:

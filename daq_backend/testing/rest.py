@@ -19,14 +19,14 @@ from daq_backend.config import DetectorConfig
 from daq_backend.control.base import DetectorControl
 from daq_backend.control.simulated import SimulatedDetectorControl
 from daq_backend.rest import DaqBackend, RestServer, create_app
-from daq_backend.testing import make_config, wait_for
+from daq_backend.testing import WAIT_S, make_config, wait_for
 from daq_backend.testing.writer import FakeAssembler
 from daq_backend.writer.agent import DetectorWriter
 from daq_backend.writer.h5_writer import journal_path
 
 __all__ = ["RestHarness", "WAIT_S"]
 
-WAIT_S = 120.0  # generous: two shared cores
+
 
 
 class RestHarness:
@@ -86,7 +86,7 @@ class RestHarness:
             answer = self.http.get(f"/requests/{request_id}").json()
             return answer.get("state") in states
 
-        wait_for(reached, timeout, f"request {request_id} to reach {states} (last: {answer})")
+        wait_for(reached, f"request {request_id} to reach {states} (last: {answer})", timeout)
         return answer
 
     def wait_writing(self, request_id: str, timeout: float = WAIT_S) -> dict[str, Any]:
@@ -99,7 +99,7 @@ class RestHarness:
             answer = self.http.get(f"/requests/{request_id}").json()
             return "request_progress" in answer.get("services", {}).values() or answer.get("n_written", 0) > 0
 
-        wait_for(ready, timeout, f"request {request_id} to take images (last: {answer})")
+        wait_for(ready, f"request {request_id} to take images (last: {answer})", timeout)
         return answer
 
     def stop_writer(self) -> None:

@@ -8,12 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zmq
@@ -53,17 +51,6 @@ def expected_image(config: DetectorConfig, image_id: int) -> np.ndarray:
     h, w = config.image_shape
     pixels = (np.arange(h * w, dtype=np.uint64) * (2 * image_id + 1) + image_id) % 65521
     return pixels.astype(np.uint16).reshape(h, w)
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Producer:

@@ -9,10 +9,10 @@ PUBlishes the same bytes on ``ipc.image_metadata_address``. Image pixels are a f
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,11 @@ from daq_backend.broker import (
     Transport,
 )
 from daq_backend.config import DetectorConfig, parse_config
-from daq_backend.formats import DTYPE_CODES, ImageMetadata, ImageStatus
+from daq_backend.formats import DTYPE_CODES, ImageMetadata, ImageStatus, StoreOp, StoreStream
 from daq_backend.ram_buffer import RingBuffer
+from daq_backend.testing import WAIT_S
 from daq_backend.writer.agent import DetectorWriter
 from daq_backend.writer.h5_writer import journal_path
-
-WAIT_S = 120.0  # generous: the test machine's two cores are shared with other test runs
 
 
 def unique(prefix: str) -> str:
@@ -62,14 +61,6 @@ def expected_pixels(config: DetectorConfig, image_id: int) -> np.ndarray:
     h, w = config.image_shape
     ramp = np.arange(h * w, dtype=np.uint32).reshape(h, w)
     return ((ramp + image_id * 7919) % 65521).astype(config.image_dtype)
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class FakeAssembler:
@@ -145,6 +136,53 @@ class FakeAssembler:
         self.pub.close()
         ipc.unlink_ipc(ipc.image_metadata_address(self.config.detector_name))
         self.ring.close()
+
+
+class Driver:
+    """Plays the writer agent for an h5 writer under test: PUSHes StoreStream messages to it and reads
+    its status events."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.push: zmq.Socket[bytes] = ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.bind(ipc.writer_agent_address(config.detector_name))
+        self.sub: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(ipc.writer_status_address(config.detector_name))
+        self.run_id = 0
+
+    def event(self, wanted: str, request_id: str | None = None) -> dict[str, Any]:
+        """The next status event named ``wanted`` (of ``request_id``, if given); fails after ``WAIT_S``."""
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if self.sub.poll(100):
+                event = json.loads(self.sub.recv())
+                if event["event"] == wanted and (request_id is None or event.get("request_id") == request_id):
+                    return event
+        raise AssertionError(f"no {wanted!r} event within {WAIT_S} s")
+
+    def send(self, op: StoreOp, request_id: str, output_file: str, n_images: int, i_image: int = 0,
+             meta: ImageMetadata | None = None, **extra: Any) -> None:
+        self.push.send(StoreStream(
+            output_file=output_file, run_id=self.run_id, n_images=n_images,
+            image_id=meta.id if meta else 0, i_image=i_image, op=op, request_id=request_id,
+            metadata=meta.pack().hex() if meta else "", **extra,
+        ).to_json())
+
+    def start(self, output_file: Path, n_images: int, **request: Any) -> str:
+        self.run_id += 1
+        request_id = str(uuid.uuid4())
+        body = {"output_file": str(output_file), "n_images": n_images, **request}
+        self.send(StoreOp.START, request_id, str(output_file), n_images, request=body)
+        return request_id
+
+    def close(self) -> None:
+        self.push.close()
+        self.sub.close()
+        ipc.unlink_ipc(ipc.writer_agent_address(self.config.detector_name))
 
 
 class Harness:

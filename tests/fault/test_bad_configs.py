@@ -122,7 +122,7 @@ def test_a_receiver_that_cannot_start_is_failed_once_not_restarted(
                 service = next(s for s in sup.status()["services"] if s["name"] == "receiver-1")
                 return service if service["failed"] else None
 
-            service = wait_for(failed, 120, "receiver-1 reported failed")
+            service = wait_for(failed, "receiver-1 reported failed", 120)
             assert service["exit_code"] == EXIT_CANNOT_START and not service["alive"]
             assert f"cannot bind UDP 127.0.0.1:{config.udp_port(1)}" in service["failed"]
             for _ in range(20):  # it stays down: nothing restarts it

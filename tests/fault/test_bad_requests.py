@@ -128,7 +128,7 @@ def test_requests_at_the_limits_are_served_and_the_writer_survives(up: Up) -> No
         r = up.post("/write_async", {"output_file": "huge.h5", "n_images": 10**12})
         assert r.status_code == 200, r.text
         request_id = r.json()["request_id"]
-        wait_for(lambda: up.request_status(request_id)["n_written"] >= 2, 120, "the huge request writing")
+        wait_for(lambda: up.request_status(request_id)["n_written"] >= 2, "the huge request writing", 120)
         kill = up.post("/write_kill", {"request_id": request_id})
         assert kill.status_code == 200, kill.text
         assert kill.json()["response"]["state"] == "interrupted"

@@ -96,9 +96,9 @@ def daq(ipc_env: str, tmp_path: Path, broker_proxy: BrokerProxy) -> Iterator[Daq
                 return [s["pid"] for s in services]
             return None
 
-        pids = wait_for(services_up, WAIT_S, "every service of std-daq up alive")
+        pids = wait_for(services_up, "every service of std-daq up alive", WAIT_S)
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: healthy(url), WAIT_S, "REST API healthy")
+        wait_for(lambda: healthy(url), "REST API healthy", WAIT_S)
         yield Daq(config, path, url, env, tmp_path, broker_proxy)
     finally:
         broker_proxy.restore()
@@ -143,7 +143,7 @@ def test_broker_stopped_while_idle(daq: Daq, listener: tuple[StatusAggregator, B
 
     daq.proxy.cut()
     cut = time.monotonic()
-    body = wait_for(lambda: (r := daq.health()).status_code == 503 and r.json(), FAULT_BOUND, "/health: 503")
+    body = wait_for(lambda: (r := daq.health()).status_code == 503 and r.json(), "/health: 503", FAULT_BOUND)
     seen_down = time.monotonic() - cut
     assert body["status"] == "unavailable" and body["broker"] == "down" and body["broker_kind"] == "amqp"
     assert body["broker_where"].startswith(f"127.0.0.1:{daq.proxy.port}") and body["broker_error"]
@@ -172,7 +172,7 @@ def test_broker_stopped_while_idle(daq: Daq, listener: tuple[StatusAggregator, B
     late_output = daq.tmp / "late.h5"
     deadline = time.time() + 1.0
     late_id = client.request({"n_images": 5, "output_file": str(late_output)}, deadline=deadline)
-    wait_for(lambda: time.time() > deadline + 1.0, WAIT_S, "the request's deadline to pass")
+    wait_for(lambda: time.time() > deadline + 1.0, "the request's deadline to pass", WAIT_S)
 
     daq.proxy.restore()
     restored = time.monotonic()
@@ -181,10 +181,10 @@ def test_broker_stopped_while_idle(daq: Daq, listener: tuple[StatusAggregator, B
     expired_after = time.monotonic() - restored
     assert action is Action.FAIL and message.startswith(f"expired: request {late_id} reached"), message
     assert [a for a, _ in done["services"]["writer_agent"]] == [Action.FAIL]  # never started
-    wait_for(lambda: daq.health().status_code == 200, FAULT_BOUND, "/health: 200 after the restore")
+    wait_for(lambda: daq.health().status_code == 200, "/health: 200 after the restore", FAULT_BOUND)
     healthy_after = time.monotonic() - restored
-    late = wait_for(lambda: (s := daq.request(late_id))["state"] in FINAL and s, FAULT_BOUND,
-                    "REST: the expired request")
+    late = wait_for(lambda: (s := daq.request(late_id))["state"] in FINAL and s, "REST: the expired request",
+                    FAULT_BOUND)
     assert late["state"] == "failed" and late["message"] == message
     for record in (late, daq.request(refused_id)):  # neither wrote a row: all 5 images not written
         accounting = ImageAccounting(n_requested=5, n_written=record["n_written"], n_not_written=5)
@@ -197,7 +197,7 @@ def test_broker_stopped_while_idle(daq: Daq, listener: tuple[StatusAggregator, B
 
     # and the DAQ writes again
     with Detector(daq.config, list(range(1, 10**6)), rate=50) as detector:
-        wait_for(lambda: len(detector.sent) >= 3, WAIT_S, "the detector streaming")
+        wait_for(lambda: len(detector.sent) >= 3, "the detector streaming", WAIT_S)
         ok = daq.tmp / "after.h5"
         answer = requests.post(f"{daq.url}/write_async", json={"n_images": 5, "output_file": str(ok)},
                                timeout=WAIT_S)
@@ -216,19 +216,19 @@ def test_broker_stopped_mid_write(daq: Daq, listener: tuple[StatusAggregator, Br
     n_images = 150
     output = daq.tmp / "through-outage.h5"
     with Detector(daq.config, list(range(1, 10**6)), rate=50) as detector:
-        wait_for(lambda: len(detector.sent) >= 3, WAIT_S, "the detector streaming")
+        wait_for(lambda: len(detector.sent) >= 3, "the detector streaming", WAIT_S)
         answer = requests.post(f"{daq.url}/write_async",
                                json={"n_images": n_images, "output_file": str(output), "timeout": 60},
                                timeout=WAIT_S)
         assert answer.status_code == 200, answer.text
         request_id = answer.json()["request_id"]
-        wait_for(lambda: daq.request(request_id)["n_written"] >= 10, WAIT_S, "the write under way")
+        wait_for(lambda: daq.request(request_id)["n_written"] >= 10, "the write under way", WAIT_S)
         daq.proxy.cut()
-        wait_for(lambda: daq.health().status_code == 503, FAULT_BOUND, "/health: 503")
+        wait_for(lambda: daq.health().status_code == 503, "/health: 503", FAULT_BOUND)
         at_cut = daq.request(request_id)
         assert at_cut["state"] == "running" and at_cut["n_written"] < n_images
         # the write goes on without the broker: the file is completed and closed while it is away
-        attrs = wait_for(lambda: file_state(output), WAIT_S, "the file completed during the outage")
+        attrs = wait_for(lambda: file_state(output), "the file completed during the outage", WAIT_S)
         assert daq.proxy.is_cut
     assert attrs["status"] == "completed" and attrs["n_written"] == n_images
 
@@ -238,8 +238,8 @@ def test_broker_stopped_mid_write(daq: Daq, listener: tuple[StatusAggregator, Br
     broker_after = time.monotonic() - restored
     (action, message), = [reports[-1] for reports in done["services"].values()]
     assert action is Action.SUCCESS, message
-    final = wait_for(lambda: (s := daq.request(request_id))["state"] in FINAL and s, FAULT_BOUND,
-                     "REST final state")
+    final = wait_for(lambda: (s := daq.request(request_id))["state"] in FINAL and s, "REST final state",
+                     FAULT_BOUND)
     rest_after = time.monotonic() - restored
     assert rest_after <= FAULT_BOUND
     with h5py.File(output, "r") as f:
@@ -267,13 +267,13 @@ def test_network_partition_while_idle(daq: Daq, listener: tuple[StatusAggregator
     request_id = answer.json()["request_id"]
     assert daq.request(request_id)["state"] == "failed"
     heartbeat_bound = 2 * (DEFAULT_HEARTBEAT_S + 5)
-    wait_for(lambda: daq.health().status_code == 503, heartbeat_bound + FAULT_BOUND, "/health: 503")
+    wait_for(lambda: daq.health().status_code == 503, "/health: 503", heartbeat_bound + FAULT_BOUND)
     noticed = time.monotonic() - frozen
     assert "DOWN" in status_command(daq).stdout
 
     daq.proxy.restore()
     restored = time.monotonic()
-    wait_for(lambda: daq.health().status_code == 200, FAULT_BOUND, "/health: 200 after the partition")
+    wait_for(lambda: daq.health().status_code == 200, "/health: 200 after the partition", FAULT_BOUND)
     healthy_after = time.monotonic() - restored
     with pytest.raises(KeyError):
         aggregator.status(request_id)  # it never reached the broker

@@ -67,14 +67,14 @@ class Up:
         assert answer.status_code == 200, answer.text
         request_id = answer.json()["request_id"]
         # the writer takes images once its file is open (it then reports progress): "the next n images"
-        wait_for(lambda: "request_progress" in self.request(request_id)["services"].values(), WAIT_S,
-                 "the writer taking images")
+        wait_for(lambda: "request_progress" in self.request(request_id)["services"].values(),
+                 "the writer taking images", WAIT_S)
         answer = self.post(f"/detector/{self.config.detector_name}",
                            {"config": {"frames": n, "period": 0.02}, "cmd": "START"})
         assert answer.status_code == 200, answer.text
         final = wait_for(lambda: (r := self.request(request_id))["state"] in ("completed", "failed",
                                                                                "interrupted") and r,
-                         WAIT_S, "the write ended")
+                         "the write ended", WAIT_S)
         with h5py.File(output, "r") as h5:
             n_rows = layout.written_rows(h5)
             assert int(h5.attrs["n_written"]) == n_rows == final["n_written"]  # file and REST agree
@@ -104,7 +104,7 @@ def start_up(config: DetectorConfig, folder: str, data: Path) -> Up:
         except requests.ConnectionError:
             return False
 
-    wait_for(ready, WAIT_S, "std-daq up ready")
+    wait_for(ready, "std-daq up ready", WAIT_S)
     return up
 
 
@@ -216,4 +216,4 @@ def test_a_dr_change_on_the_detector_is_applied_to_the_daq(up: Up) -> None:
     assert final["state"] == "completed" and data.dtype == np.uint32
     assert_pattern(new, data, ids, 3)
     # within the bound, every process of the new config reports (status agrees with the answer)
-    wait_for(lambda: all(s["alive"] for s in up.services().values()), FAULT_BOUND, "every service alive")
+    wait_for(lambda: all(s["alive"] for s in up.services().values()), "every service alive", FAULT_BOUND)

@@ -80,9 +80,9 @@ def daq(ipc_env: str, tmp_path: Path) -> Iterator[Daq]:
                 return [s["pid"] for s in services]
             return None
 
-        pids = wait_for(services_up, 120, "every service of std-daq up alive")
+        pids = wait_for(services_up, "every service of std-daq up alive", 120)
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: healthy(url), 120, "REST API healthy")
+        wait_for(lambda: healthy(url), "REST API healthy", 120)
         yield Daq(config, url, env, tmp_path)
     finally:
         proc.send_signal(signal.SIGINT)
@@ -145,12 +145,12 @@ def write(
         def rest() -> dict[str, Any]:
             return requests.get(f"{daq.url}/requests/{request_id}", timeout=30).json()
 
-        wait_for(lambda: rest()["state"] != "queued", 120, "the write running")
+        wait_for(lambda: rest()["state"] != "queued", "the write running", 120)
         if during is not None:
             during()
         done = aggregator.wait_for_complete(request_id, timeout=300)
         broker_final = time.monotonic()
-        final = wait_for(lambda: (s := rest())["state"] in FINAL and s, FAULT_BOUND, "REST final state")
+        final = wait_for(lambda: (s := rest())["state"] in FINAL and s, "REST final state", FAULT_BOUND)
         assert time.monotonic() - broker_final <= FAULT_BOUND
         (action, message), = [reports[-1] for reports in done["services"].values()]
         return final, {"action": action, "message": message}, output
@@ -169,7 +169,7 @@ def test_spoofed_and_absurd_packets_during_a_write_never_reach_the_file(daq: Daq
     config = daq.config
     n_images = 100
     with Detector(config, list(range(1, 10**6)), rate=50) as detector:
-        wait_for(lambda: len(detector.sent) >= 5, 60, "the detector streaming")
+        wait_for(lambda: len(detector.sent) >= 5, "the detector streaming", 60)
         spoofer = Spoofer(config, 1500, 4000, list(SpoofKind), near=lambda: detector.last)
         final, broker, path = write(daq, n_images, "hostile.h5", during=spoofer.start)
         assert spoofer.wait(120) and spoofer.error is None
@@ -193,8 +193,8 @@ def test_spoofed_and_absurd_packets_during_a_write_never_reach_the_file(daq: Daq
     for module in (0, 1):
         expected = spoofer.expected_rejections(module)
         assert sum(expected.values()) == 2000
-        wait_for(lambda m=module, e=expected: {k: daq.counters(f"receiver-{m}").get(k) for k in e} == e, 60,
-                 f"receiver-{module} counts {expected}")
+        wait_for(lambda m=module, e=expected: {k: daq.counters(f"receiver-{m}").get(k) for k in e} == e,
+                 f"receiver-{module} counts {expected}", 60)
         counters = daq.counters(f"receiver-{module}")
         assert counters["bad_datagrams"] == counters["frames_incomplete"] == 0
         assert counters["numbering_restarts"] == 0
@@ -215,7 +215,7 @@ def test_restarted_numberings_and_lost_frames_during_a_write_are_written_as_sent
     sequence = [*range(1, 41), *range(1, 21), *range(500, 520)]
     n_images = 150
     with Detector(config, sequence, rate=50) as detector:
-        wait_for(lambda: len(detector.sent) >= 5, 60, "the detector streaming")
+        wait_for(lambda: len(detector.sent) >= 5, "the detector streaming", 60)
         final, broker, path = write(daq, n_images, "restarts.h5")
         sent = list(detector.sent)
     attrs, ids, status, data = read_file(path)
@@ -237,6 +237,6 @@ def test_restarted_numberings_and_lost_frames_during_a_write_are_written_as_sent
     for module in (0, 1):
         # counters are reported once a second: the last restarts reach the status within the bound
         wait_for(lambda m=module: daq.counters(f"receiver-{m}")["numbering_restarts"] >= restarts,
-                 FAULT_BOUND, f"receiver-{module} to report {restarts} numbering restarts")
+                 f"receiver-{module} to report {restarts} numbering restarts", FAULT_BOUND)
         counters = daq.counters(f"receiver-{module}")
         assert counters["frames_skipped"] > 0 and counters["rejected_out_of_window"] == 0

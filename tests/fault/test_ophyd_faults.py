@@ -54,7 +54,7 @@ def test_a_trigger_fails_within_the_bound_when_a_writer_process_dies(
     try:
         status = det.trigger()
         request_id = det.writer.request_id.get()
-        wait_for(lambda: rest(daq, request_id).get("n_written", 0) >= 50, 120, "50 images written")
+        wait_for(lambda: rest(daq, request_id).get("n_written", 0) >= 50, "50 images written", 120)
         pid = service_pid(daq, process)
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -68,8 +68,8 @@ def test_a_trigger_fails_within_the_bound_when_a_writer_process_dies(
         assert status.done and not status.success, f"the Status is not done {took:.1f} s after the kill"
         assert reason.value in str(failure), failure
         # REST says the same, and the file (closed or recovered) holds what REST counts
-        record = wait_for(lambda: (r := rest(daq, request_id))["state"] == "failed" and r, FAULT_BOUND,
-                          "REST final")
+        record = wait_for(lambda: (r := rest(daq, request_id))["state"] == "failed" and r, "REST final",
+                          FAULT_BOUND)
         assert record["message"].startswith(reason.value), record
         path = det.writer.file_name.get()
 
@@ -78,7 +78,7 @@ def test_a_trigger_fails_within_the_bound_when_a_writer_process_dies(
                 attrs = dict(h5.attrs)
                 return attrs if attrs["status"] != layout.FILE_WRITING else None
 
-        attrs = wait_for(closed, FAULT_BOUND, "the file closed or recovered")
+        attrs = wait_for(closed, "the file closed or recovered", FAULT_BOUND)
         assert attrs["status"] == layout.FILE_INTERRUPTED
         assert str(attrs["end_reason"]).startswith(reason.value)
         with h5py.File(path, "r") as h5:
@@ -92,7 +92,7 @@ def test_a_trigger_fails_within_the_bound_when_a_writer_process_dies(
         service = next(x for x in daq.supervisor.status()["services"] if x["name"] == process)
         return bool(service["alive"] and service["counters"])
 
-    wait_for(restarted, 120, f"{process} restarted")
+    wait_for(restarted, f"{process} restarted", 120)
     det.frames_per_trigger.put(5)
     det.stage()
     try:

@@ -76,14 +76,14 @@ def wait_status(config: DetectorConfig, n_services: int) -> dict[str, Any]:
             return status
         return None
 
-    return wait_for(ready, WAIT_S, f"{n_services} services alive and reporting")
+    return wait_for(ready, f"{n_services} services alive and reporting", WAIT_S)
 
 
 def kill_and_time(pid: int, pids: list[int]) -> float:
     """SIGKILL ``pid``; seconds until every one of ``pids`` is gone (AssertionError beyond the bound)."""
     os.kill(pid, signal.SIGKILL)
     start = time.monotonic()
-    wait_for(lambda: all(gone(p) for p in pids), FAULT_BOUND + 5, "every child gone after the kill")
+    wait_for(lambda: all(gone(p) for p in pids), "every child gone after the kill", FAULT_BOUND + 5)
     took = time.monotonic() - start
     assert took <= FAULT_BOUND, f"children lived {took:.1f} s after the supervisor died"
     return took
@@ -123,12 +123,12 @@ def test_kill_9_of_std_daq_up_during_a_write(detector: tuple[DetectorConfig, Pat
             except OSError:
                 return 0
 
-        wait_for(lambda: rows() >= 10, WAIT_S, "the write under way")
+        wait_for(lambda: rows() >= 10, "the write under way", WAIT_S)
         children = [s["pid"] for s in read_status(ipc.status_file(config.detector_name))["services"]]
         guardian = status["guardian_pid"]
         kill_and_time(up.pid, children)
         up.wait(30)
-        wait_for(lambda: gone(guardian), FAULT_BOUND, "the guardian done")
+        wait_for(lambda: gone(guardian), "the guardian done", FAULT_BOUND)
     finally:
         for proc in (sender, writer, up):
             if proc is not None and proc.poll() is None:
@@ -183,7 +183,7 @@ def test_processes_that_ignore_sigterm_and_their_own_children_go_too(
         status = wait_status(config, 4)
         pids = {s["name"]: s["pid"] for s in status["services"]}
         grandchild = wait_for(lambda: [p for p in group_members(pids["parent"]) if p != pids["parent"]],
-                              WAIT_S, "the parent's own child")
+                              "the parent's own child", WAIT_S)
         took = kill_and_time(sup.pid, [*pids.values(), *grandchild])
         sup.wait(30)
     finally:
@@ -192,7 +192,7 @@ def test_processes_that_ignore_sigterm_and_their_own_children_go_too(
             sup.wait(30)
     # SIGTERM was ignored: the guardian waited its grace period, then SIGKILLed them
     assert took <= FAULT_BOUND
-    wait_for(lambda: gone(status["guardian_pid"]), FAULT_BOUND, "the guardian done")
+    wait_for(lambda: gone(status["guardian_pid"]), "the guardian done", FAULT_BOUND)
     ended = read_status(ipc.status_file(config.detector_name))["ended"]
     assert "SIGKILLed after" in ended and "sleeper" in ended and "what parent started" in ended
     Path(ipc.status_file(config.detector_name)).unlink()
@@ -214,18 +214,18 @@ def test_the_next_up_stops_what_a_dead_supervisor_left_running(
         status = wait_status(config, 4)
         pids = {s["name"]: s["pid"] for s in status["services"]}
         grandchild, = wait_for(lambda: [p for p in group_members(pids["parent"]) if p != pids["parent"]],
-                               WAIT_S, "the parent's own child")
+                               "the parent's own child", WAIT_S)
         pids["grandchild"] = grandchild
         os.kill(pids["assembler"], signal.SIGKILL)  # its image ring stays (backoff: not restarted)
-        wait_for(lambda: gone(pids["assembler"]), WAIT_S, "the assembler gone")
+        wait_for(lambda: gone(pids["assembler"]), "the assembler gone", WAIT_S)
         ring = shm_path(ipc.image_ring_name(config.detector_name))
         assert ring.exists()
         os.kill(pids["receiver-0"], signal.SIGSTOP)  # cannot act on SIGTERM until continued
         os.kill(status["guardian_pid"], signal.SIGKILL)
-        wait_for(lambda: gone(status["guardian_pid"]), WAIT_S, "the guardian gone")
+        wait_for(lambda: gone(status["guardian_pid"]), "the guardian gone", WAIT_S)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(30)
-        wait_for(lambda: gone(pids["parent"]), WAIT_S, "the parent gone (its death signal)")
+        wait_for(lambda: gone(pids["parent"]), "the parent gone (its death signal)", WAIT_S)
         assert not gone(pids["receiver-0"]) and not gone(pids["sleeper"]) and not gone(grandchild)
         assert read_status(ipc.status_file(config.detector_name))["stale"]
 

@@ -190,5 +190,5 @@ def test_output_roots_reach_every_writing_process(tmp_path: Path) -> None:
 
 def test_the_h5_writer_status_shows_no_failure(default_up: Up) -> None:
     services = wait_for(lambda: (s := default_up.services()) and all(x["alive"] for x in s.values()) and s,
-                        30, "every process alive")
+                        "every process alive", 30)
     assert all(s["restarts"] == 0 for s in services.values()), services

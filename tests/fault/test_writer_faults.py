@@ -102,8 +102,8 @@ def running_daq(ipc_dir: str, folder: Path, output: Path) -> Iterator[Daq]:
                 return [s["pid"] for s in services.values()]
             return None
 
-        pids = wait_for(up, 180, "every service of std-daq up alive")
-        wait_for(lambda: healthy(daq.url), 120, "REST API healthy")
+        pids = wait_for(up, "every service of std-daq up alive", 180)
+        wait_for(lambda: healthy(daq.url), "REST API healthy", 120)
         yield daq
         pids = [s["pid"] for s in daq.services().values()]
     finally:
@@ -140,7 +140,7 @@ class Detector:
 
     def __enter__(self) -> Detector:
         self._thread.start()
-        wait_for(lambda: self.sent >= 5, 60, "the detector streaming")
+        wait_for(lambda: self.sent >= 5, "the detector streaming", 60)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -201,12 +201,12 @@ def final_everywhere(daq: Daq, broker: Broker, request_id: str, since: float,
     """REST, broker status and ``/writer/status`` all final within ``bound`` s of ``since``; returns the
     REST status, the broker's last (action, message) and the seconds until REST was final."""
     rest = wait_for(lambda: (s := daq.rest(request_id))["state"] in FINAL and s,
-                    max(1.0, since + bound - time.monotonic()), f"REST final within {bound:g} s")
+                    f"REST final within {bound:g} s", max(1.0, since + bound - time.monotonic()))
     took = time.monotonic() - since
     assert took <= bound, f"REST final after {took:.1f} s"
     action, message = broker.final(request_id, timeout=max(1.0, since + bound - time.monotonic()))
-    wait_for(lambda: daq.writer_state() == "READY", max(1.0, since + bound - time.monotonic()),
-             "/writer/status READY")
+    wait_for(lambda: daq.writer_state() == "READY", "/writer/status READY",
+             max(1.0, since + bound - time.monotonic()))
     assert time.monotonic() - since <= bound
     return rest, (action, message), took
 
@@ -261,11 +261,11 @@ def report(scenario: str, **numbers: Any) -> None:
 def test_kill_9_of_the_assembler_mid_write_the_writer_follows_the_new_ring(daq: Daq) -> None:
     with Detector(daq.config), Broker(daq.config.detector_name) as broker:
         request_id, path = submit(daq, "assembler.h5", N_IMAGES)
-        wait_for(lambda: rows(path) >= KILL_AT, 180, f"{KILL_AT} images written")
+        wait_for(lambda: rows(path) >= KILL_AT, f"{KILL_AT} images written", 180)
         old = daq.services()["assembler"]["pid"]
         killed = kill_service(daq, "assembler")
-        wait_for(lambda: (s := daq.services()["assembler"])["alive"] and s["pid"] != old, 60,
-                 "the assembler restarted")
+        wait_for(lambda: (s := daq.services()["assembler"])["alive"] and s["pid"] != old,
+                 "the assembler restarted", 60)
         rest, (action, message), _ = final_everywhere(daq, broker, request_id, time.monotonic(), 180)
         took = time.monotonic() - killed
     attrs, counts, ids = file_state(path)
@@ -332,8 +332,8 @@ def test_kill_9_of_the_h5_writer_mid_write_ends_the_request_within_the_bound(daq
     with Detector(daq.config), Broker(daq.config.detector_name) as broker:
         path = daq.output / "writer.h5"
         caller = SyncCaller(daq, path, N_IMAGES)
-        wait_for(lambda: rows(path) >= KILL_AT, 180, f"{KILL_AT} images written")
-        request_id = wait_for(lambda: broker.seen and broker.seen[0], 30, "the request's status")
+        wait_for(lambda: rows(path) >= KILL_AT, f"{KILL_AT} images written", 180)
+        request_id = wait_for(lambda: broker.seen and broker.seen[0], "the request's status", 30)
         killed = kill_service(daq, "h5-writer")
         rest, (action, message), took = final_everywhere(daq, broker, request_id, killed)
         sync = caller.wait(killed)
@@ -358,8 +358,8 @@ def test_kill_9_of_the_writer_agent_mid_write_ends_the_request_within_the_bound(
     with Detector(daq.config), Broker(daq.config.detector_name) as broker:
         path = daq.output / "agent.h5"
         caller = SyncCaller(daq, path, N_IMAGES)
-        wait_for(lambda: rows(path) >= KILL_AT, 180, f"{KILL_AT} images written")
-        request_id = wait_for(lambda: broker.seen and broker.seen[0], 30, "the request's status")
+        wait_for(lambda: rows(path) >= KILL_AT, f"{KILL_AT} images written", 180)
+        request_id = wait_for(lambda: broker.seen and broker.seen[0], "the request's status", 30)
         killed = kill_service(daq, "writer-agent")
         rest, (action, message), took = final_everywhere(daq, broker, request_id, killed)
         sync = caller.wait(killed)
@@ -411,7 +411,7 @@ def test_disk_full_mid_write_keeps_every_flushed_image_in_an_openable_file(full_
     n_images = 100  # 100 MiB into 20 MiB
     with Detector(daq.config), Broker(daq.config.detector_name) as broker:
         request_id, path = submit(daq, "full.h5", n_images)
-        warned = wait_for(lambda: daq.rest(request_id).get("warning"), 60, "the free-space warning")
+        warned = wait_for(lambda: daq.rest(request_id).get("warning"), "the free-space warning", 60)
         assert "MiB free" in warned and "no space left on device" in warned
         action, message = broker.final(request_id, timeout=180)
         rest, _, _ = final_everywhere(daq, broker, request_id, time.monotonic())

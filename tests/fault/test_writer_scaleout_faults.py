@@ -30,12 +30,12 @@ def test_kill_9_of_one_of_two_writers_ends_the_request_with_the_leading_rows(ipc
     with scaled_daq(ipc_env, tmp_path, N_WRITERS) as daq, Detector(daq.config), \
             Broker(daq.config.detector_name) as broker:
         request_id, output = submit(daq, "run.h5", N_IMAGES)
-        wait_for(lambda: output.exists() and leading(output) >= KILL_AT, 180, f"{KILL_AT} rows written")
+        wait_for(lambda: output.exists() and leading(output) >= KILL_AT, f"{KILL_AT} rows written", 180)
         old = daq.services()["h5-writer-1"]["pid"]
         killed = kill_service(daq, "h5-writer-1")
         rest, (action, message), took = final_everywhere(daq, broker, request_id, killed)
-        wait_for(lambda: (s := daq.services()["h5-writer-1"])["alive"] and s["pid"] != old, 60,
-                 "h5-writer-1 restarted")
+        wait_for(lambda: (s := daq.services()["h5-writer-1"])["alive"] and s["pid"] != old,
+                 "h5-writer-1 restarted", 60)
         answer = requests.post(f"{daq.url}/write_sync", json={
             "output_file": str(daq.output / "after.h5"), "n_images": 20, "timeout": 60}, timeout=300)
     assert rest["state"] == "failed" and rest["message"].startswith(EndReason.WRITER_DIED.value), rest
@@ -72,7 +72,7 @@ def test_kill_9_of_the_writer_agent_over_two_writers_ends_every_part_and_the_mas
     with scaled_daq(ipc_env, tmp_path, N_WRITERS) as daq, Detector(daq.config), \
             Broker(daq.config.detector_name) as broker:
         request_id, output = submit(daq, "run.h5", N_IMAGES)
-        wait_for(lambda: output.exists() and leading(output) >= KILL_AT, 180, f"{KILL_AT} rows written")
+        wait_for(lambda: output.exists() and leading(output) >= KILL_AT, f"{KILL_AT} rows written", 180)
         killed = kill_service(daq, "writer-agent")
         rest, (action, message), took = final_everywhere(daq, broker, request_id, killed)
     assert rest["state"] == "failed" and rest["message"].startswith(EndReason.AGENT_DIED.value), rest

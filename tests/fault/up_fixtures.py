@@ -89,8 +89,8 @@ class Up:
         return requests.get(f"{self.url}/requests/{request_id}", timeout=WAIT_S).json()
 
     def rest_final(self, request_id: str, timeout: float = WAIT_S) -> dict[str, Any]:
-        return wait_for(lambda: (s := self.request_status(request_id))["state"] in FINAL and s, timeout,
-                        f"request {request_id} final in REST")
+        return wait_for(lambda: (s := self.request_status(request_id))["state"] in FINAL and s,
+                        f"request {request_id} final in REST", timeout)
 
     def services(self) -> dict[str, dict[str, Any]]:
         return {s["name"]: s for s in read_status(ipc.status_file(self.config.detector_name))["services"]}
@@ -149,9 +149,9 @@ def running_up(tmp_path: Path, *options: str, env: Mapping[str, str] | None = No
                 return [s["pid"] for s in services]
             return None
 
-        pids = wait_for(services_up, WAIT_S, "every service of std-daq up alive")
+        pids = wait_for(services_up, "every service of std-daq up alive", WAIT_S)
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: healthy(url), WAIT_S, "REST API healthy")
+        wait_for(lambda: healthy(url), "REST API healthy", WAIT_S)
         up = Up(config, url, full_env, pids)
         previous = os.environ.get("STD_DAQ_IPC_DIR")
         os.environ["STD_DAQ_IPC_DIR"] = ipc_dir  # read_status / ipc names of this test process

@@ -230,7 +230,7 @@ def test_up_passes_the_listen_address_and_the_token(ipc_env: str, tmp_path: Path
                     return None
                 return answer.json() if answer.status_code == 200 else None
 
-            assert wait_for(health, WAIT_S, "the REST API of std-daq up")["commands_need_token"] is True
+            assert wait_for(health, "the REST API of std-daq up", WAIT_S)["commands_need_token"] is True
             command = {"config": {"frames": 7}}
             r = http.post(f"/detector/{config.detector_name}", json=command)
             assert r.status_code == 401 and "only with its token" in r.json()["detail"]

@@ -122,7 +122,7 @@ def test_a_busy_service_refuses_concurrent_requests_on_rabbitmq() -> None:
                     return None
                 return reports[-1] if reports else None
 
-            return wait_for(final_or_running, WAIT_S, f"a status of {request_id}")
+            return wait_for(final_or_running, f"a status of {request_id}", WAIT_S)
 
         outcomes = {request_id: last(request_id) for request_id, _ in sent}
         running = [rid for rid, (action, _) in outcomes.items() if action is Action.START]
@@ -161,7 +161,7 @@ def test_a_request_no_service_ever_answers_does_not_block_the_writer(
         lost = rest.http.post("/write_async", json={"n_images": 1, "output_file": rest.file("lost.h5")})
         assert lost.status_code == 200, lost.text
         lost_id = lost.json()["request_id"]
-        wait_for(lambda: swallowed == [lost_id], WAIT_S, "the request to vanish into the swallowing consumer")
+        wait_for(lambda: swallowed == [lost_id], "the request to vanish into the swallowing consumer", WAIT_S)
         busy = rest.http.post("/write_async", json={"n_images": 1, "output_file": rest.file("next.h5")})
         assert busy.status_code == 409 and busy.json()["running_request_id"] == lost_id
         monkeypatch.setattr(backend_module, "UNSTARTED_BOUND", 0.0)

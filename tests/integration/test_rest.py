@@ -94,8 +94,8 @@ def test_write_async_answers_at_once_and_progress_is_visible(rest: RestHarness) 
     rest.assembler.start(rate_hz=20)
     midway = wait_for(
         lambda: (a := rest.http.get(f"/requests/{request_id}").json())["n_written"] > 0 and a,
-        WAIT_S,
         "progress",
+        WAIT_S,
     )
     assert midway["state"] in ("running", "completed")
     done = rest.wait_state(request_id, "completed")
@@ -114,7 +114,7 @@ def wait_for_rows(path: str, n: int) -> None:
         except (OSError, KeyError):
             return False
 
-    wait_for(rows, WAIT_S, f"{n} images in {path}")
+    wait_for(rows, f"{n} images in {path}", WAIT_S)
 
 
 def test_write_sync_waits_as_long_as_the_acquisition_needs(rest: RestHarness) -> None:
@@ -140,7 +140,7 @@ def test_write_sync_waits_as_long_as_the_acquisition_needs(rest: RestHarness) ->
 
 
 def wait_for_active(rest: RestHarness) -> str:
-    active = wait_for(lambda: rest.backend.tracker.active(), WAIT_S, "an active request")
+    active = wait_for(lambda: rest.backend.tracker.active(), "an active request", WAIT_S)
     return rest.wait_writing(active[0].request_id)["request_id"]
 
 
@@ -650,8 +650,8 @@ def dead_writer_daq(ipc_env: str, tmp_path: Path) -> Iterator[tuple[RestHarness,
             lambda: (
                 post(harness, "/write_async", {"n_images": 10, "output_file": harness.file("dead.h5")}).ok
             ),
-            WAIT_S,
             "the writer process to serve requests",
+            WAIT_S,
         )
         request_id = harness.backend.tracker.active()[0].request_id
         harness.wait_writing(request_id)
@@ -691,7 +691,7 @@ def test_epics_write_requests_through_the_api(rest: RestHarness, monkeypatch: py
     from daq_backend.epics.service import EpicsWriterService
     from daq_backend.epics.store import make_store
     from daq_backend.epics.writer import WriterSettings
-    from tests.unit.epics.test_epics_writer import _fill
+    from daq_backend.testing.epics import fill_buffer
 
     body = {"start_pulse_id": 1450, "stop_pulse_id": 1650, "channels": ["FLOAT", "TEXT"]}
     r = post(rest, "/epics/write_async", {**body, "output_file": rest.file("epics.h5")})
@@ -703,7 +703,7 @@ def test_epics_write_requests_through_the_api(rest: RestHarness, monkeypatch: py
 
     monkeypatch.delenv("REDIS_HOST", raising=False)
     with make_store(None) as store:
-        _fill(store, "")
+        fill_buffer(store, "")
         service = EpicsWriterService(rest.transport, store, settings=WriterSettings(stop_wait_s=60))
         service.start()
         try:

@@ -92,7 +92,7 @@ def test_configure_start_and_write_through_the_api(daq: RestHarness) -> None:
     assert done["state"] == "completed", done
     assert done["n_written"] == N_FRAMES
     wait_for(lambda: http.post(f"/detector/{name}", json={"cmd": "STATUS"}).json()["status"] == "IDLE",
-             WAIT_S, "the detector to finish")  # fmt: skip
+             "the detector to finish", WAIT_S)  # fmt: skip
 
     with h5py.File(daq.file("run.h5"), "r") as h5:
         ids = h5[layout.IMAGE_ID][:]
@@ -114,7 +114,7 @@ def test_configure_start_and_write_through_the_api(daq: RestHarness) -> None:
         )
         return stats if done and all(c.get("frames", 0) >= N_FRAMES for c in receivers) else None
 
-    stats = wait_for(counted, WAIT_S, "the readout's counters")
+    stats = wait_for(counted, "the readout's counters", WAIT_S)
     assert stats["pipeline"] == "up"
     assert stats["lost"]["packets"] == 0 and stats["lost"]["images_missing_packets"] == 0
     assert stats["processes"]["assembler"]["counters"]["images"] == N_FRAMES

@@ -12,8 +12,8 @@ import numpy as np
 from daq_backend.broker import Action, BrokerClient, StatusAggregator, Transport
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.simulator.sender import DetectorSimulator
-from daq_backend.testing import InProcessReadout, assert_no_leftovers, make_config
-from daq_backend.testing.writer import WAIT_S, wait_until
+from daq_backend.testing import InProcessReadout, assert_no_leftovers, make_config, wait_for
+from daq_backend.testing.writer import WAIT_S
 from daq_backend.writer import layout
 from daq_backend.writer.agent import DetectorWriter
 
@@ -32,7 +32,7 @@ def test_simulator_to_hdf5_pixel_exact_without_loss(ipc_env: str, embedded_trans
         try:
             client = BrokerClient(embedded_transport, config.detector_name)
             rid = client.request({"output_file": str(path), "n_images": N_IMAGES})
-            wait_until(path.exists, "the file")
+            wait_for(path.exists, "the file")
             with DetectorSimulator(config, rate_hz=RATE_HZ, n_images=N_IMAGES) as sim:
                 sender = threading.Thread(target=sim.run)
                 sender.start()

@@ -20,7 +20,7 @@ import requests
 
 from daq_backend.broker import EmbeddedTransport
 from daq_backend.config import parse_config
-from daq_backend.testing import EIGER_HALF_POSITIONS
+from daq_backend.testing import EIGER_HALF_POSITIONS, wait_for
 from daq_backend.testing.writer import FakeAssembler
 from daq_backend.writer.agent import DetectorWriter
 
@@ -41,23 +41,10 @@ def report(example: str, status: int, body: Any) -> None:
     print(json.dumps({"example": example, "status": status, "body": body}), flush=True)
 
 
-def wait_until(predicate: Any, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if predicate():
-                return
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 def finished(request_id: str) -> None:
     """Wait for an async request to end, then free /tmp/test.h5 for the next example."""
     final = ("completed", "interrupted", "failed")
-    wait_until(lambda: requests.get(f"{BASE}/requests/{request_id}").json()["state"] in final, "request end")
+    wait_for(lambda: requests.get(f"{BASE}/requests/{request_id}").json()["state"] in final, "request end")
     Path("/tmp/test.h5").unlink(missing_ok=True)
 
 
@@ -137,7 +124,7 @@ def main() -> int:
                              "--output-root", "/tmp"])
     assembler = writer = transport = None
     try:
-        wait_until(lambda: requests.get(f"{BASE}/health").ok, "the REST API (and its embedded broker hub)")
+        wait_for(lambda: requests.get(f"{BASE}/health").ok, "the REST API (and its embedded broker hub)")
         transport = EmbeddedTransport("default")
         writer = DetectorWriter(config, transport, output_roots=[Path("/tmp")]).start()
         assembler = FakeAssembler(config).start(rate_hz=2.0)  # 10 images take 5 s: the kill lands mid-file

@@ -67,7 +67,7 @@ def start_up(config: DetectorConfig, folder: str, *args: str) -> Up:
         services = up.status()["services"]
         return len(services) == n and all(s["alive"] and s["counters"] for s in services)
 
-    wait_for(ready, WAIT_S, "std-daq up ready")
+    wait_for(ready, "std-daq up ready", WAIT_S)
     return up
 
 
@@ -139,7 +139,7 @@ def test_a_write_ended_by_sigterm_or_sighup_ends_its_request(up: Up, tmp_path: P
     sender = None
     try:
         # the writer agent took the request at once (nothing queued in front of it)
-        wait_for(lambda: second.exists(), WAIT_S, "the second file opened")
+        wait_for(lambda: second.exists(), "the second file opened", WAIT_S)
         sender = subprocess.Popen([*CLI, "simulate", str(up.path), "--rate", "20", "--n-images", "100000",
                                    "--no-progress"], env=up.env, stdout=subprocess.DEVNULL)
         out, err = write.communicate(timeout=WAIT_S)
@@ -192,8 +192,8 @@ def test_readme_quick_start_runs_top_to_bottom(ipc_env: str, tmp_path: Path) -> 
     try:
         read_until(up.stderr, "up \\(", WAIT_S)  # what the user waits for in terminal 1
         wait_for(lambda: all(s["alive"] and s["counters"] for s in
-                             read_status(ipc.status_file(config.detector_name))["services"]), WAIT_S,
-                 "every process reporting")
+                             read_status(ipc.status_file(config.detector_name))["services"]),
+                 "every process reporting", WAIT_S)
         script = "set -e\n" + adapt(terminal_2)
         run = subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
                              timeout=WAIT_S)

@@ -46,8 +46,8 @@ def test_up_serves_cli_and_rest_writes_then_stops_cleanly(ipc_env: str, tmp_path
                 return [s["pid"] for s in services]
             return None
 
-        child_pids = wait_for(services_up, 120, "receiver, assembler, h5 writer, writer agent and rest alive")
-        wait_for(lambda: healthy(url), 120, "REST API healthy")
+        child_pids = wait_for(services_up, "receiver, assembler, h5 writer, writer agent and rest alive", 120)
+        wait_for(lambda: healthy(url), "REST API healthy", 120)
 
         # the detector runs continuously; every write takes the next N images, whatever their ids
         sender = subprocess.Popen([*CLI, "simulate", str(path), "--rate", "40", "--n-images", "1000000",
@@ -104,7 +104,7 @@ def test_up_runs_the_optional_streams_of_the_topology(ipc_env: str, tmp_path: Pa
             ready = ok and all(s["alive"] and s["counters"] for s in services)
             return [s["pid"] for s in services] if ready else None
 
-        pids = wait_for(streams_up, 120, "receiver, assembler, stream-send and live-stream reporting")
+        pids = wait_for(streams_up, "receiver, assembler, stream-send and live-stream reporting", 120)
         assert os.path.exists(live.removeprefix("ipc://"))
     finally:
         up.send_signal(signal.SIGINT)

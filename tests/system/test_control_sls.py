@@ -6,8 +6,7 @@ import json
 import socket
 import struct
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -28,20 +27,13 @@ from daq_backend.control.virtual import (
     allocate_shm_id,
     remove_sysv_shm,
 )
+from daq_backend.testing import wait_for
 
 pytestmark = pytest.mark.sls
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SLS_HEADER = struct.Struct("<QII")  # frameNumber, expLength, packetNumber (sls_detector_header start)
 WAIT = 60.0  # generous: the two cores are shared with other test sessions
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def udp_socket(port: int = 0) -> socket.socket:
@@ -245,7 +237,7 @@ def test_start_while_running_and_stop_while_idle(jungfrau: SlsDetectorControl, i
         with pytest.raises(DetectorStateError, match="cannot START: detector status is (RUNNING|WAITING)"):
             jungfrau.start()
         jungfrau.stop()
-        wait_for(lambda: jungfrau.status() in ("IDLE", "STOPPED"), what="detector idle after STOP")
+        wait_for(lambda: jungfrau.status() in ("IDLE", "STOPPED"), "detector idle after STOP")
         with pytest.raises(DetectorStateError):
             jungfrau.stop()
     finally:
@@ -289,7 +281,7 @@ def test_silent_detector_times_out_instead_of_hanging() -> None:
     try:
         with pytest.raises(DetectorUnreachableError, match="no answer from .* to connect within 3 s"):
             control.status()
-        wait_for(lambda: bool(accepted), what="the control's connection attempt")
+        wait_for(lambda: bool(accepted), "the control's connection attempt")
         worker = control._proc  # noqa: SLF001 - the killed worker must not linger
         assert worker is None
     finally:
@@ -329,8 +321,8 @@ def test_virtual_jungfrau_sends_n_frames_of_128_packets(jungfrau: SlsDetectorCon
         jungfrau.set_config({"frames": n_frames, "period": 0.01, "exptime": 1e-5, "timing": "AUTO_TIMING",
                              "triggers": 1})
         jungfrau.start()
-        wait_for(lambda: len(capture.packets) >= n_frames * 128, what=f"{n_frames * 128} packets")
-        wait_for(lambda: jungfrau.status() in ("IDLE", "RUN_FINISHED"), what="end of acquisition")
+        wait_for(lambda: len(capture.packets) >= n_frames * 128, f"{n_frames * 128} packets")
+        wait_for(lambda: jungfrau.status() in ("IDLE", "RUN_FINISHED"), "end of acquisition")
     finally:
         capture.close()
     packets = capture.packets
@@ -354,8 +346,8 @@ def test_virtual_eiger_sends_4144_byte_packets_to_two_ports(eiger: SlsDetectorCo
                           "timing": "AUTO_TIMING", "triggers": 1})
         eiger.start()
         # 16 bit: each port carries 256 x 512 pixels = 64 packets of 4096 data bytes per frame
-        wait_for(lambda: all(len(c.packets) >= n_frames * 64 for c in captures), what="Eiger packets")
-        wait_for(lambda: eiger.status() == "IDLE", what="end of acquisition")
+        wait_for(lambda: all(len(c.packets) >= n_frames * 64 for c in captures), "Eiger packets")
+        wait_for(lambda: eiger.status() == "IDLE", "end of acquisition")
     finally:
         for capture in captures:
             capture.close()

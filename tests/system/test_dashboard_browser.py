@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from daq_backend import ipc
 from daq_backend.supervisor import read_status
-from daq_backend.testing import assert_no_leftovers, free_tcp_port, make_config, pid_alive
+from daq_backend.testing import assert_no_leftovers, free_tcp_port, make_config, pid_alive, wait_for
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 CHROMIUM = "/usr/bin/chromium"
@@ -63,17 +62,9 @@ READ_PAGE = """() => {
 }"""
 
 
-def poll(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S, every: float = 0.2) -> Any:
-    """Call ``predicate`` until it returns something truthy (page reads are not free: every 0.2 s)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
+def poll(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    """``wait_for`` at a slower pace: page reads are not free (every 0.2 s)."""
+    return wait_for(predicate, what, timeout, interval=0.2)
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

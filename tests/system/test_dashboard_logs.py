@@ -125,7 +125,7 @@ def test_supervisor_status_file_carries_each_childs_lines_across_restarts(
                 return got
             return None
 
-        got = wait_for(logs, 120, "both children's lines and a restart in the status file")
+        got = wait_for(logs, "both children's lines and a restart in the status file", 120)
     finally:
         supervisor.shutdown()
     talker = got["talker"]

@@ -180,7 +180,7 @@ def wait_request(http: httpx.Client, request_id: str, *states: str) -> dict[str,
         answer = http.get(f"/requests/{request_id}").json()
         return answer.get("state") in states
 
-    wait_for(reached, WAIT_S, f"request {request_id} to reach {states} (last: {answer})")
+    wait_for(reached, f"request {request_id} to reach {states} (last: {answer})", WAIT_S)
     return answer
 
 
@@ -191,7 +191,7 @@ def wait_writing(http: httpx.Client, request_id: str) -> None:
         answer = http.get(f"/requests/{request_id}").json()
         return "request_progress" in answer.get("services", {}).values() or answer.get("n_written", 0) > 0
 
-    wait_for(ready, WAIT_S, f"request {request_id} to take images")
+    wait_for(ready, f"request {request_id} to take images", WAIT_S)
 
 
 def acquire(
@@ -224,7 +224,7 @@ def acquire(
     assert done["state"] == "completed", done
     assert done["n_written"] == N_FRAMES
     wait_for(lambda: http.post(f"/detector/{name}", json={"cmd": "STATUS"}).json()["status"] not in ACTIVE,
-             WAIT_S, "the detector to finish")  # fmt: skip
+             "the detector to finish", WAIT_S)  # fmt: skip
     assert capture.wait_count(expected_datagrams, WAIT_S), (
         f"capture incomplete: { {p: capture.count(p) for p in expected_datagrams} } of {expected_datagrams}"
     )

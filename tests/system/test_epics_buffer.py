@@ -14,9 +14,8 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,21 +29,11 @@ from daq_backend.epics.records import PULSE_ID_STREAM, Event, decode_record, ent
 from daq_backend.epics.sim_ioc import SimIocProcess
 from daq_backend.epics.store import EmbeddedRedisServer, Store, make_store
 from daq_backend.epics.writer import EpicsWriter, WriterSettings, read_file
+from daq_backend.testing import wait_for
 
 REAL_REDIS = "redis://127.0.0.1:6379"
 PVS = ("FLOAT", "INT", "WAVEFORM", "STRING")
 LINE = re.compile(r"^epics_buffer,service_name=\S+ (\w+=[^, ]+)(,\w+=[^, ]+)* \d+$")
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +94,9 @@ def recorded(ioc: SimIocProcess) -> Iterator[tuple[Running, int]]:
     with make_store(REAL_REDIS) as store:
         running = start_buffer(ioc, store)
         try:
-            wait_until(running.newest_pulse, 120, "the first pulse id in Redis")
+            wait_for(running.newest_pulse, "the first pulse id in Redis", 120)
             first = running.pulses()[0][0]
-            wait_until(lambda: running.newest_pulse() >= first + 1000, 300, "10 s of pulse ids")
+            wait_for(lambda: running.newest_pulse() >= first + 1000, "10 s of pulse ids", 300)
             yield running, first
         finally:
             running.buffer.stop()
@@ -195,8 +184,8 @@ def test_ioc_restart_is_recorded_as_disconnect_and_reconnect(
     last_before = running.newest_pulse()
     ioc.stop()
     for suffix in PVS:
-        wait_until(
-            lambda s=suffix: running.entries(ioc, s)[-1].event is Event.DISCONNECT, 60, f"{suffix} down"
+        wait_for(
+            lambda s=suffix: running.entries(ioc, s)[-1].event is Event.DISCONNECT, f"{suffix} down", 60
         )
     ioc.start()
     for suffix in PVS:
@@ -206,11 +195,11 @@ def test_ioc_restart_is_recorded_as_disconnect_and_reconnect(
             tail = events[events.index(Event.DISCONNECT) :]
             return tail[:2] == [Event.DISCONNECT, Event.CONNECT] and Event.UPDATE in tail
 
-        wait_until(reconnected, 120, f"{suffix} reconnected")
-    first_after = wait_until(
-        lambda: next((p for p, _ in running.pulses() if p > last_before), None), 60, "new pulse ids"
+        wait_for(reconnected, f"{suffix} reconnected", 120)
+    first_after = wait_for(
+        lambda: next((p for p, _ in running.pulses() if p > last_before), None), "new pulse ids", 60
     )
-    wait_until(lambda: running.newest_pulse() >= first_after + 60, 60, "pulse ids after the restart")
+    wait_for(lambda: running.newest_pulse() >= first_after + 60, "pulse ids after the restart", 60)
     body = {
         "start_pulse_id": last_before - 50,
         "stop_pulse_id": first_after + 50,
@@ -241,17 +230,17 @@ def test_redis_outage_is_logged_and_recovered(
     running = start_buffer(ioc, store, stats_file=stats, stats_interval_s=0.5)
     restarted: EmbeddedRedisServer | None = None
     try:
-        wait_until(lambda: running.newest_pulse() > 0 and running.buffer.sink.redis_ok, 60, "pulse ids")
+        wait_for(lambda: running.newest_pulse() > 0 and running.buffer.sink.redis_ok, "pulse ids", 60)
         first = running.pulses()[0][0]
         server.stop()
-        wait_until(lambda: not running.buffer.sink.redis_ok, 60, "the buffer to notice the outage")
-        wait_until(lambda: running.buffer.sink.backlog > 200, 60, "events piling up in memory")
+        wait_for(lambda: not running.buffer.sink.redis_ok, "the buffer to notice the outage", 60)
+        wait_for(lambda: running.buffer.sink.backlog > 200, "events piling up in memory", 60)
         assert any("unreachable" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
         restarted = EmbeddedRedisServer(port=server.port, backend=server.backend)
-        wait_until(lambda: running.buffer.sink.redis_ok and running.buffer.sink.backlog == 0, 120, "recovery")
+        wait_for(lambda: running.buffer.sink.redis_ok and running.buffer.sink.backlog == 0, "recovery", 120)
         assert any("reachable again" in r.getMessage() for r in caplog.records)
         newest = running.newest_pulse()
-        wait_until(lambda: running.newest_pulse() > newest + 100, 60, "the buffer to keep going")
+        wait_for(lambda: running.newest_pulse() > newest + 100, "the buffer to keep going", 60)
         ids = [p for p, _ in running.pulses()]
         assert ids == list(range(first, ids[-1] + 1)), "pulse ids lost across the outage"
         assert running.buffer.counters.snapshot()["n_dropped"] == 0
@@ -273,9 +262,9 @@ def test_embedded_store_end_to_end(
         assert store.embedded is not None
         running = start_buffer(ioc, store, stream_prefix="")
         try:
-            wait_until(running.newest_pulse, 60, "pulse ids")
+            wait_for(running.newest_pulse, "pulse ids", 60)
             first = running.pulses()[0][0]
-            wait_until(lambda: running.newest_pulse() >= first + 400, 120, "4 s of pulse ids")
+            wait_for(lambda: running.newest_pulse() >= first + 400, "4 s of pulse ids", 120)
         finally:
             running.buffer.stop()
         assert store.redis.exists(ioc.pv("FLOAT"), PULSE_ID_STREAM) == 2  # the seed's exact stream names
@@ -293,8 +282,8 @@ def test_cli_runs_until_sigterm(ioc: SimIocProcess, tmp_path: Path) -> None:
     process = subprocess.Popen(command + ["--stats-file", str(tmp_path / "perf.log")])
     with make_store(REAL_REDIS) as store:
         try:
-            wait_until(lambda: store.redis.xlen(prefix + PULSE_ID_STREAM) > 50, 120, "the CLI buffering")
-            wait_until(lambda: store.redis.xlen(prefix + ioc.pv("FLOAT")) > 2, 60, "FLOAT updates")
+            wait_for(lambda: store.redis.xlen(prefix + PULSE_ID_STREAM) > 50, "the CLI buffering", 120)
+            wait_for(lambda: store.redis.xlen(prefix + ioc.pv("FLOAT")) > 2, "FLOAT updates", 60)
             process.send_signal(signal.SIGTERM)
             assert process.wait(60) == 0
             assert LINE.match((tmp_path / "perf.log").read_text().splitlines()[-1])

@@ -285,8 +285,8 @@ def daq_up(ipc_env: str, tmp_path: Path) -> Iterator[tuple[str, DetectorConfig, 
             services = read_status(status_path)["services"]
             return len(services) == 5 and all(s["alive"] for s in services)
 
-        wait_for(services_up, 120, "receiver, assembler, h5 writer, writer agent and rest alive")
-        wait_for(lambda: healthy(url), 120, "REST API healthy")
+        wait_for(services_up, "receiver, assembler, h5 writer, writer agent and rest alive", 120)
+        wait_for(lambda: healthy(url), "REST API healthy", 120)
         sender = subprocess.Popen([*CLI, "simulate", str(path), "--rate", "40", "--n-images", "1000000",
                                    "--no-progress"], env=env, stdout=subprocess.DEVNULL)
         yield url, config, env

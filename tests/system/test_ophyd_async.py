@@ -111,8 +111,8 @@ def up_daq() -> Iterator[UpDaq]:
                 return [s["pid"] for s in services]
             return None
 
-        pids = wait_for(services_up, 180, "the processes of std-daq up")
-        wait_for(lambda: healthy(url), 180, "the REST API of std-daq up")
+        pids = wait_for(services_up, "the processes of std-daq up", 180)
+        wait_for(lambda: healthy(url), "the REST API of std-daq up", 180)
         yield UpDaq(url, config, process)
     finally:
         process.send_signal(signal.SIGINT)

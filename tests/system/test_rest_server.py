@@ -72,7 +72,7 @@ def test_rest_main_serves_starts_its_broker_hub_and_stops_on_sigterm(ipc_env: st
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: healthy(url) or proc.poll() is not None, WAIT_S, "the REST process")
+        wait_for(lambda: healthy(url) or proc.poll() is not None, "the REST process", WAIT_S)
         assert proc.poll() is None
         assert hub_is_running(hub)  # no hub was running: the API started one
         health = requests.get(f"{url}/health", timeout=WAIT_S).json()
@@ -146,7 +146,7 @@ def test_supervisor_runs_the_api_as_a_service(ipc_env: str, tmp_path: Path) -> N
             stats = requests.get(f"{url}/stats", timeout=WAIT_S).json()
             return stats if "rest" in stats["processes"] else None
 
-        stats = wait_for(api_sees_itself, WAIT_S, "the supervised API")
+        stats = wait_for(api_sees_itself, "the supervised API", WAIT_S)
         assert stats["pipeline"] == "up"
         assert stats["processes"]["rest"]["alive"] is True
         assert stats["processes"]["rest"]["pid"] == supervisor.pids()["rest"]

@@ -25,6 +25,7 @@ from daq_backend.ram_buffer import SLOT_META_BYTES, RingBuffer, SlotOverwritten
 from daq_backend.stream.recv import ReceiverBusy, StreamReceiver
 from daq_backend.stream.send import StreamSender
 from daq_backend.stream.wire import HEADER_BYTES, Kind, StreamHeader, WireError
+from daq_backend.testing import wait_for
 from daq_backend.testing.stream import (
     Host,
     MetadataWatcher,
@@ -32,7 +33,6 @@ from daq_backend.testing.stream import (
     expected_image,
     make_config,
     receiver_alive,
-    wait_for,
     write_file,
 )
 from daq_backend.writer import layout
@@ -77,7 +77,7 @@ class Rig:
             self.producer.publish(next_id)
             next_id += 1
             try:
-                wait_for(lambda: watcher.drain() > seen, "B to republish", timeout=0.5)
+                wait_for(lambda: watcher.drain() > seen, "B to republish", 0.5)
                 return next_id
             except AssertionError:
                 continue

@@ -55,7 +55,7 @@ class SupervisorThread:
                 pids[name] = s["pid"]
             return pids
 
-        return wait_for(ready, timeout, f"{names} running")
+        return wait_for(ready, f"{names} running", timeout)
 
     def stop(self) -> None:
         self.supervisor.stop()
@@ -74,7 +74,7 @@ def send_and_check(config: DetectorConfig, ring: RingBuffer, start_id: int, n: i
     with DetectorSimulator(config, rate_hz=20, n_images=n, start_id=start_id) as sim:
         sim.run()
     last = start_id + n - 1
-    wait_for(lambda: ring.holds(last), 120, f"image {last} in the ring")
+    wait_for(lambda: ring.holds(last), f"image {last} in the ring", 120)
     for image_id in range(start_id, last + 1):
         meta = ImageMetadata.unpack(ring.meta(image_id, ImageMetadata.FORMAT.size))
         assert (meta.status, meta.n_missing_packets) == (ImageStatus.GOOD, 0)
@@ -98,14 +98,14 @@ def test_supervisor_runs_restarts_a_killed_receiver_and_stops_cleanly(
             assert os.sched_getscheduler(pids["assembler"]) == os.SCHED_OTHER
 
         os.kill(pids["receiver-1"], signal.SIGKILL)
-        wait_for(lambda: sup.service("receiver-1")["restarts"] == 1, 60, "receiver-1 restarted")
+        wait_for(lambda: sup.service("receiver-1")["restarts"] == 1, "receiver-1 restarted", 60)
         new_pids = sup.wait_running(names)
         assert new_pids["receiver-1"] != pids["receiver-1"]
         assert new_pids["receiver-0"] == pids["receiver-0"] and new_pids["assembler"] == pids["assembler"]
         send_and_check(config, ring, 4, 3)
 
         wait_for(lambda: read_status(ipc.status_file(config.detector_name))["services"][0]["counters"]
-                 .get("frames", 0) >= 3, 30, "receiver counters in the status file")
+                 .get("frames", 0) >= 3, "receiver counters in the status file", 30)
         status = read_status(ipc.status_file(config.detector_name))
         assert not status["stale"]
         assert {s["name"]: s["restarts"] for s in status["services"]} == {
@@ -123,7 +123,7 @@ def test_leftovers_of_a_killed_owner_are_removed_on_stop(jf2: tuple[DetectorConf
     try:
         pids = sup.wait_running(["receiver-0", "receiver-1", "assembler"])
         os.kill(pids["assembler"], signal.SIGKILL)
-        wait_for(lambda: not sup.service("assembler")["alive"], 60, "assembler seen dead")
+        wait_for(lambda: not sup.service("assembler")["alive"], "assembler seen dead", 60)
         assert ipc.image_ring_name(config.detector_name) in shm_segments(config.detector_name)
     finally:
         sup.stop()
@@ -140,9 +140,10 @@ def test_crashing_services_are_restarted_with_backoff_unless_told_not_to(ipc_env
     sup = SupervisorThread(Supervisor(config, extra_services=services, readout=False,
                                       backoff_initial=0.05, backoff_max=0.2, status_interval=0.2))
     try:
-        wait_for(lambda: sup.service("crasher")["restarts"] >= 3, 120, "three restarts")
-        wait_for(lambda: sup.service("one-shot")["exit_code"] == 4, 60, "one-shot exit")
-        sleeper = wait_for(lambda: sup.service("sleeper")["alive"] and sup.service("sleeper")["pid"], 60)
+        wait_for(lambda: sup.service("crasher")["restarts"] >= 3, "three restarts", 120)
+        wait_for(lambda: sup.service("one-shot")["exit_code"] == 4, "one-shot exit", 60)
+        sleeper = wait_for(lambda: sup.service("sleeper")["alive"] and sup.service("sleeper")["pid"],
+                           timeout=60)
         assert sup.service("one-shot")["restarts"] == 0 and not sup.service("one-shot")["alive"]
         assert sup.service("sleeper")["restarts"] == 0
     finally:
@@ -177,7 +178,7 @@ def test_std_daq_up_status_and_sigterm(ipc_env: str, capsys: pytest.CaptureFixtu
             ok = all(s["alive"] and s["counters"] for s in services)
             return status if ok and len(services) == 2 else None
 
-        status = wait_for(all_up, 120, "std-daq up: every service alive and reporting")
+        status = wait_for(all_up, "std-daq up: every service alive and reporting", 120)
         child_pids = [s["pid"] for s in status["services"]]
         monkeypatch.setenv("COLUMNS", "250")
         assert cli_main(["status", str(path)]) == 0
@@ -217,14 +218,14 @@ def test_children_die_with_a_killed_supervisor_and_status_says_stale(
     try:
         status = wait_for(
             lambda: status_path.exists() and all(s["alive"] for s in read_status(status_path)["services"])
-            and read_status(status_path), 120, "every service alive",
+            and read_status(status_path), "every service alive", 120,
         )
     finally:
         proc.kill()
         proc.wait(60)
     child_pids = [s["pid"] for s in status["services"]]
-    wait_for(lambda: not any(pid_alive(p) for p in child_pids), 60, "children gone")
-    wait_for(lambda: shm_segments(config.detector_name) == [], 30, "rings unlinked by their owners")
+    wait_for(lambda: not any(pid_alive(p) for p in child_pids), "children gone", 60)
+    wait_for(lambda: shm_segments(config.detector_name) == [], "rings unlinked by their owners", 30)
     assert read_status(status_path)["stale"]
     assert cli_main(["status", str(path)]) == 3
     assert "STALE" in capsys.readouterr().out
@@ -268,10 +269,10 @@ def test_stats_collector_keeps_latest_snapshot_and_rates(ipc_env: str) -> None:
             report = collector.latest.get("background")
             return None if report is None else report["counters"]["frames"]
 
-        wait_for(lambda: latest_frames() == 7, 30, "a background report")
+        wait_for(lambda: latest_frames() == 7, "a background report", 30)
         counters["frames"] = 8
         reporter.close()  # sends a final snapshot
-        wait_for(lambda: latest_frames() == 8, 30, "the final report")
+        wait_for(lambda: latest_frames() == 8, "the final report", 30)
         assert collector.latest["background"]["pid"] == os.getpid()
     finally:
         collector.close()

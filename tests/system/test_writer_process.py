@@ -15,7 +15,8 @@ import numpy as np
 
 from daq_backend.broker import Action
 from daq_backend.config import DetectorConfig
-from daq_backend.testing.writer import Harness, expected_pixels, wait_until
+from daq_backend.testing import wait_for
+from daq_backend.testing.writer import Harness, expected_pixels
 from daq_backend.writer import layout
 from daq_backend.writer.agent import WriterAgent
 from daq_backend.writer.h5_writer import journal_path
@@ -49,7 +50,7 @@ def test_sigkill_of_the_h5_writer_process_mid_run(harness: Harness) -> None:
         h.assembler.start(rate_hz=100)
         path = h.tmp_path / "crash.h5"
         rid = h.request(output_file=str(path), n_images=100_000, compression="bitshuffle-lz4")
-        wait_until(lambda: any(p["n_written"] >= 10 for p in h.progress(rid)), "10 images written")
+        wait_for(lambda: any(p["n_written"] >= 10 for p in h.progress(rid)), "10 images written")
         _stop(writer, signal.SIGKILL)
         action, message = h.final(rid)
         assert action is Action.FAIL
@@ -68,7 +69,7 @@ def test_sigkill_of_the_h5_writer_process_mid_run(harness: Harness) -> None:
         assert journal_path(h.config.detector_name).exists()
 
         writer = _spawn("h5_writer", "h5_writer_main", str(config_file), "--log_level", "WARNING")
-        wait_until(lambda: not journal_path(h.config.detector_name).exists(), "the new writer's recovery")
+        wait_for(lambda: not journal_path(h.config.detector_name).exists(), "the new writer's recovery")
         with h5py.File(path, "r") as h5:  # recovered: a plain reader opens it
             assert (h5.attrs["status"], h5.attrs["n_written"]) == ("interrupted", n)
             assert h5[layout.DATA].shape[0] == n
@@ -94,7 +95,7 @@ def test_writer_agent_main_with_its_h5_writer(harness: Harness) -> None:
         h.assembler.start(rate_hz=100)
         path = h.tmp_path / "main.h5"
         sent: list[str] = []
-        wait_until(lambda: _request_reaches(h, str(path), sent), "the agent process to serve")
+        wait_for(lambda: _request_reaches(h, str(path), sent), "the agent process to serve")
         action, result = h.final(sent[0])
         assert action is Action.SUCCESS, result
         with h5py.File(path, "r") as h5:

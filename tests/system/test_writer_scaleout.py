@@ -82,8 +82,8 @@ def scaled_daq(ipc_dir: str, folder: Path, n_writers: int) -> Iterator[Daq]:
                 return [s["pid"] for s in services.values()]
             return None
 
-        pids = wait_for(up, 180, "every service of std-daq up alive")
-        wait_for(lambda: healthy(daq.url), 120, "REST API healthy")
+        pids = wait_for(up, "every service of std-daq up alive", 180)
+        wait_for(lambda: healthy(daq.url), "REST API healthy", 120)
         yield daq
         pids = [s["pid"] for s in daq.services().values()]
     finally:
@@ -132,7 +132,7 @@ def test_master_reads_in_image_order_while_written_and_after(ipc_env: str, tmp_p
             Broker(daq.config.detector_name) as broker:
         request_id, output = submit(daq, "run.h5", N_IMAGES, compression=compression)
         # while writing: a SWMR reader of the master sees the rows the parts flushed, after refresh()
-        wait_for(lambda: output.exists() and leading(output) >= N_IMAGES // 4, 180, "a quarter written")
+        wait_for(lambda: output.exists() and leading(output) >= N_IMAGES // 4, "a quarter written", 180)
         with h5py.File(output, "r", swmr=True) as reader:
             seen = []
             for _ in range(2):
@@ -142,10 +142,10 @@ def test_master_reads_in_image_order_while_written_and_after(ipc_env: str, tmp_p
                 assert reader[layout.DATA].shape[0] >= n
                 assert_rows(daq.config, reader, n)
                 seen.append(n)
-                wait_for(lambda n=n: leading(output) > n or leading(output) == N_IMAGES, 180, "more rows")
+                wait_for(lambda n=n: leading(output) > n or leading(output) == N_IMAGES, "more rows", 180)
         assert seen[0] >= N_IMAGES // 4 and seen[1] > seen[0] or seen[1] == N_IMAGES
-        rest = wait_for(lambda: (s := daq.rest(request_id))["state"] in ("completed", "failed") and s, 180,
-                        "the request final")
+        rest = wait_for(lambda: (s := daq.rest(request_id))["state"] in ("completed", "failed") and s,
+                        "the request final", 180)
         action, message = broker.final(request_id, 60)
     assert rest["state"] == "completed" and action is Action.SUCCESS, (rest, message)
     with h5py.File(output, "r") as h5:  # a plain reader, after the request
@@ -274,7 +274,7 @@ def test_a_lost_image_keeps_its_row_so_the_rows_stay_in_image_order(tmp_path: Pa
         h.start_writer()
         output = tmp_path / "lost.h5"
         rid = h.request(output_file=str(output), n_images=10)
-        wait_for(output.exists, 60, "the master")
+        wait_for(output.exists, "the master", 60)
         slots = h.config.image_ring_slots
         for image_id in range(1, 11):
             if image_id == 6:  # its slot already holds a later image: lost when a writer reads it

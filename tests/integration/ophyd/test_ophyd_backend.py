@@ -4,27 +4,15 @@ is written."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import h5py
 
+from daq_backend.testing import wait_for
 from std_daq_ophyd.client import StdDaqClient
 from std_daq_ophyd.sim import EmbeddedDaq
 
 OPEN_ENDED = 2**31 - 1
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def acquire(client: StdDaqClient, daq: EmbeddedDaq, path: Path, n: int) -> str:

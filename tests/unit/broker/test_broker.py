@@ -46,6 +46,7 @@ from daq_backend.broker import (
 )
 from daq_backend.broker.embedded_hub import hub_directory, hub_is_running
 from daq_backend.broker.transport import resolve_broker_url
+from daq_backend.testing import wait_for
 from daq_backend.testing.broker_proxy import BrokerProxy
 
 WAIT_S = 60.0  # generous: the test machine's cores are shared
@@ -57,14 +58,6 @@ def _unique(prefix: str) -> str:
 
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=180)
-
-
-def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +333,7 @@ def test_kill_of_a_queued_request_refuses_it_when_it_arrives(bus: Bus) -> None:
     gate.set()
 
     assert aggregator.wait_for_complete(first, timeout=WAIT_S)["status"] == Action.SUCCESS
-    _wait_until(lambda: len(aggregator.status(queued)["services"]["svc"]) == 2, "the refusal")
+    wait_for(lambda: len(aggregator.status(queued)["services"]["svc"]) == 2, "the refusal")
     assert aggregator.status(queued)["services"]["svc"] == [
         (Action.FAIL, f"Unknown request id {queued}: nothing to kill"),
         (Action.FAIL, f"Request {queued} was killed before it started"),
@@ -440,7 +433,7 @@ def test_listener_prints_one_coloured_line_per_update(bus: Bus) -> None:
         request_id = client.request({"output_file": "/tmp/x.h5"})
         aggregator.wait_for_complete(request_id, timeout=WAIT_S)
         short = f"[{request_id[:4]}..{request_id[-4:]}]"
-        _wait_until(lambda: f"{short} [+] writer_agent" in out.getvalue(), "the success line")
+        wait_for(lambda: f"{short} [+] writer_agent" in out.getvalue(), "the success line")
     finally:
         listener.stop()
     assert out.getvalue().splitlines() == [f"{short} [*] writer_agent", f"{short} [+] writer_agent"]
@@ -454,12 +447,12 @@ def test_run_listener_prints_until_stopped(hub: EmbeddedBrokerHub) -> None:
     thread.start()
     transport = EmbeddedTransport(hub.name)
     try:
-        _wait_until(lambda: "Listening for status messages" in out.getvalue(), "the listener to start")
+        wait_for(lambda: "Listening for status messages" in out.getvalue(), "the listener to start")
         request_id = str(uuid.uuid4())
         headers = {"action": "request_fail", "source": "writer_agent", "message": "disk full"}
         transport.publish(Message(STATUS_EXCHANGE, tag, b"{}", request_id, headers))
         expected = f"[{request_id[:4]}..{request_id[-4:]}] [-] writer_agent  writer_agent: disk full"
-        _wait_until(lambda: expected in out.getvalue(), "the fail line")
+        wait_for(lambda: expected in out.getvalue(), "the fail line")
     finally:
         stop.set()
         thread.join(WAIT_S)
@@ -761,7 +754,7 @@ def test_rabbitmq_rebinds_a_consumer_channel_the_broker_closed(rabbit_url: str) 
             future.set_result(None)
 
         service_transport._submit(provoke_channel_close)
-        _wait_until(lambda: consumer.channel is not old_channel, "the consumer to be bound again")
+        wait_for(lambda: consumer.channel is not old_channel, "the consumer to be bound again")
         gate.set()
         assert aggregator.wait_for_complete(first, timeout=WAIT_S)["status"] == Action.SUCCESS
         second = client.request({"n": 2})
@@ -835,7 +828,7 @@ def _outage_during_idle_period(rabbit_url: str, proxy: BrokerProxy) -> None:
                 BrokerClient(impatient, tag).request({"n": 0})
             with pytest.raises(ConnectionError, match="Cannot connect to RabbitMQ"):
                 RabbitMQTransport(rabbit_url, connect_timeout=5)
-            _wait_until(lambda: not client_transport.connected, "the client to see the outage")
+            wait_for(lambda: not client_transport.connected, "the client to see the outage")
             thread.start()  # retries until the broker is back
         finally:
             proxy.restore()

@@ -117,7 +117,7 @@ def test_follower_moves_to_a_recreated_ring_from_its_first_commit(ring_name: str
         ring = RingBuffer.create(ring_name, slot_nbytes=16, n_slots=8)  # ... and its restart re-creates it
         _commit(ring, 101)
         _commit(ring, 102)
-        assert wait_for(lambda: follower.wait(0.05), what="the follower to notice the new ring")
+        assert wait_for(lambda: follower.wait(0.05), "the follower to notice the new ring")
         taken = follower.take()
         assert taken.reattached
         assert taken.ids == [101, 102]  # everything the restarted producer made, nothing lost
@@ -168,7 +168,7 @@ def test_follower_wakes_on_commits_made_by_another_process(ring_name: str) -> No
                 seen.extend(follower.take().ids)
             return len(seen) >= 20
 
-        wait_for(more, what="20 commits from the other process")
+        wait_for(more, "20 commits from the other process")
         assert seen == list(range(20))
     finally:
         proc.join(30)

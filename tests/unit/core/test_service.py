@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import fakeredis
@@ -27,16 +27,9 @@ from daq_backend.service import (
     setup_service,
     status_key,
 )
+from daq_backend.testing import wait_for
 
 REAL_REDIS = "127.0.0.1:6379"
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(params=[pytest.param("real", marks=pytest.mark.redis), "embedded"])
@@ -169,13 +162,13 @@ def test_heartbeat_refreshes_expiry_and_lapses_after_stop(redis_client: redis.Re
     try:
         redis_client.persist(key)  # drop the TTL: only a later beat can set it again
         assert redis_client.ttl(key) == -1
-        wait_for(lambda: redis_client.ttl(key) > 0, what="heartbeat to restore the expiry")
+        wait_for(lambda: redis_client.ttl(key) > 0, "heartbeat to restore the expiry")
         beats = heartbeat.n_beats
-        wait_for(lambda: heartbeat.n_beats >= beats + 3, what="three more beats")
+        wait_for(lambda: heartbeat.n_beats >= beats + 3, "three more beats")
         assert redis_client.exists(key)
     finally:
         heartbeat.stop()
-    wait_for(lambda: not redis_client.exists(key), what="status hash to expire after the heartbeat stopped")
+    wait_for(lambda: not redis_client.exists(key), "status hash to expire after the heartbeat stopped")
 
 
 def test_heartbeat_stop_can_clear(redis_client: redis.Redis, name: str) -> None:
@@ -200,7 +193,7 @@ def test_heartbeat_survives_a_failing_redis(name: str) -> None:
         assert heartbeat._thread is not None and heartbeat._thread.is_alive()
         server.connected = True
         beats = heartbeat.n_beats
-        wait_for(lambda: heartbeat.n_beats > beats, what="beats after Redis came back")
+        wait_for(lambda: heartbeat.n_beats > beats, "beats after Redis came back")
     finally:
         heartbeat.stop()
 

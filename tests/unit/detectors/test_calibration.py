@@ -15,8 +15,13 @@ import pytest
 from daq_backend.config import ConfigError, DetectorConfig, parse_config
 from daq_backend.detectors import layout_for
 from daq_backend.simulator.pattern import expected_image, module_frame_bytes
-from daq_backend.testing import InProcessReadout, assert_no_leftovers, make_config
-from tests.unit.readout.test_readout_pipeline import check_images, run_simulator
+from daq_backend.testing import (
+    InProcessReadout,
+    assert_no_leftovers,
+    check_images,
+    make_config,
+    run_simulator,
+)
 
 H, W = 512, 1024
 G0, G1, G2, HG0 = 0, 1, 3, 0  # gain codes in the two top bits (HG0 pixels report code 0)

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import bisect
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +18,8 @@ import numpy as np
 import pytest
 
 from daq_backend.broker import BrokerClient, EmbeddedBrokerHub, StatusAggregator, make_transport
-from daq_backend.epics.records import CHANNELS_KEY, PULSE_ID_STREAM, encode_pulse, encode_state, encode_update
 from daq_backend.epics.service import EpicsWriterService
-from daq_backend.epics.sink import Entry, StreamSink
-from daq_backend.epics.stats import BufferCounters
-from daq_backend.epics.store import Store, make_store
+from daq_backend.epics.store import make_store
 from daq_backend.epics.writer import (
     EpicsRequestError,
     EpicsWriter,
@@ -33,128 +28,21 @@ from daq_backend.epics.writer import (
     parse_request,
     read_file,
 )
+from daq_backend.testing import wait_for
+from daq_backend.testing.epics import (
+    Buffer,
+    Event,
+    fill_buffer,
+    pulse_time,
+)
 
 REAL_REDIS = "redis://127.0.0.1:6379"
-MS = 1_000_000
-T0 = 1_700_000_000_000_000_000 + 123_456  # not on a millisecond boundary
-FIRST_PULSE, LAST_PULSE = 1000, 1999  # contiguous, 10 ms apart
-LATE_PULSES = range(3500, 3601)  # after a gap of 1500 pulse ids
-
-
-def pulse_time(pulse: int) -> int:
-    return T0 + (pulse - FIRST_PULSE) * 10 * MS
-
-
-@dataclass
-class Event:
-    time_ns: int
-    value: Any  # None = disconnect
-
-
-@dataclass
-class Buffer:
-    store: Store
-    prefix: str
-    pulses: list[int]
-    events: dict[str, list[Event]]
-
-    @property
-    def pulse_times(self) -> list[int]:
-        return [pulse_time(p) for p in self.pulses]
-
-    def writer(self, **settings: Any) -> EpicsWriter:
-        return EpicsWriter(self.store, WriterSettings(stream_prefix=self.prefix, **settings))
-
-
-def _scalar(value: float) -> np.ndarray:
-    return np.array([value], dtype=">f8")
-
-
-def _fill(store: Store, prefix: str) -> Buffer:
-    sink = StreamSink(store, BufferCounters())
-    pulses = [*range(FIRST_PULSE, LAST_PULSE + 1), *LATE_PULSES]
-    for pulse in pulses:
-        entry = Entry(prefix + PULSE_ID_STREAM, pulse, encode_pulse(pulse_time(pulse), 0), 10**6, True)
-        sink.put(entry)
-    sink.put(Entry(prefix + PULSE_ID_STREAM, 1500, encode_pulse(0, 0), 10**6, True))  # repeated: dropped
-    events: dict[str, list[Event]] = {
-        "FLOAT": [],
-        "WAVE": [],
-        "TEXT": [],
-        "NEVER": [],
-        "VAR": [],
-        "MIXED": [],
-    }
-    # FLOAT: an update exactly on every 7th pulse, one long before the rest, a disconnect + reconnect.
-    events["FLOAT"].append(Event(pulse_time(FIRST_PULSE) + 2 * MS, 1.5))
-    for pulse in range(1400, 1800, 7):
-        events["FLOAT"].append(Event(pulse_time(pulse), pulse / 7))
-    events["FLOAT"].insert(30, Event(events["FLOAT"][29].time_ns + 1 * MS, None))
-    events["FLOAT"].append(Event(pulse_time(3550) + 5 * MS, -1.0))
-    # WAVE: int16 (2, 3) arrays between pulses (3 ms after them), every 20 pulses.
-    for pulse in range(1010, 2000, 20):
-        events["WAVE"].append(
-            Event(pulse_time(pulse) + 3 * MS, np.arange(6, dtype=">i2").reshape(2, 3) + pulse)
-        )
-    # TEXT: strings every 100 pulses.
-    for pulse in range(1000, 2000, 100):
-        events["TEXT"].append(Event(pulse_time(pulse) + 1, f"text \u00e9 {pulse}"))
-    # VAR: a waveform whose length changes; MIXED: a PV that turns from a number into a string.
-    events["VAR"] += [
-        Event(pulse_time(1100), np.arange(3, dtype=">i4")),
-        Event(pulse_time(1150), np.arange(5, dtype=">i4")),
-    ]
-    events["MIXED"] += [Event(pulse_time(1100), 2.5), Event(pulse_time(1150), "now text")]
-    for name, series in events.items():
-        for event in series:
-            if event.value is None:
-                fields = encode_state(False, event.time_ns)
-            elif isinstance(event.value, str):
-                fields = encode_update(
-                    [event.value.encode()],
-                    scalar=True,
-                    timestamp_ns=event.time_ns,
-                    status="NO_ALARM",
-                    severity="NO_ALARM",
-                )
-            else:
-                value = event.value if isinstance(event.value, np.ndarray) else _scalar(event.value)
-                fields = encode_update(
-                    value.ravel(),
-                    scalar=value.size == 1,
-                    timestamp_ns=event.time_ns,
-                    status="HIHI" if name == "FLOAT" else "NO_ALARM",
-                    severity="MAJOR",
-                )
-                if value.ndim == 2:  # a 2-D shape is not something CA delivers, but the format carries it
-                    fields["shape"] = ",".join(map(str, value.shape))
-            sink.put(Entry(prefix + name, event.time_ns // MS, fields, 10**6))
-            if event.value is None:  # the reconnect that follows a disconnect
-                sink.put(Entry(prefix + name, event.time_ns // MS, encode_state(True, event.time_ns), 10**6))
-    # An old value re-sent out of order: keeps its timestamp, indexed at the stream's newest millisecond.
-    late = Event(pulse_time(1200), 99.0)
-    sink.put(
-        Entry(
-            prefix + "FLOAT",
-            late.time_ns // MS,
-            encode_update(
-                _scalar(99.0), scalar=True, timestamp_ns=late.time_ns, status="NO_ALARM", severity="NO_ALARM"
-            ),
-            10**6,
-        )
-    )
-    sink.start()
-    sink.stop(drain_timeout=60)
-    store.redis.sadd(prefix + CHANNELS_KEY, *events)
-    return Buffer(store, prefix, pulses, events)
-
-
 @pytest.fixture(scope="module")
 def buffer() -> Iterator[Buffer]:
     prefix = f"test_epics_writer:{uuid.uuid4().hex}:"
     with make_store(REAL_REDIS) as store:
         try:
-            yield _fill(store, prefix)
+            yield fill_buffer(store, prefix)
         finally:
             keys = list(store.redis.scan_iter(match=prefix + "*"))
             if keys:
@@ -406,21 +294,12 @@ def test_writer_on_the_embedded_store(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.delenv("REDIS_HOST", raising=False)
     with make_store(None) as store:
         assert store.embedded is not None
-        small = _fill(store, "")
+        small = fill_buffer(store, "")
         body = request(tmp_path, 1450, 1650, ["FLOAT", "WAVE", "TEXT"])
         small.writer().write(body)
         content = read_file(body["output_file"])
         for name in ("FLOAT", "WAVE", "TEXT"):
             check_channel(small, content[name], name, pulse_time(1450), pulse_time(1650))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _started(aggregator: StatusAggregator, request_id: str) -> bool:
@@ -480,7 +359,7 @@ def test_writer_service_on_the_embedded_broker(
         # Killed while waiting for a stop pulse id the buffer has not reached yet.
         waiting = request(tmp_path, 3550, 9000, ["FLOAT"])
         request_id = client.request(waiting)
-        assert wait_until(lambda: _started(aggregator, request_id), timeout=60)
+        assert wait_for(lambda: _started(aggregator, request_id), timeout=60)
         client.kill(request_id)
         status = aggregator.wait_for_complete(request_id, timeout=60)
         assert status["status"] == "request_fail"

@@ -72,7 +72,7 @@ def receive(config: DetectorConfig, send: Callable[[], int], recv_batch: int,
             pytest.skip(f"a socket buffer of {receiver.rcvbuf} bytes cannot queue the test's datagrams "
                         "(root or a larger net.core.rmem_max needed)")
         thread = receiver.start()
-        wait_for(lambda: receiver.stats.packets == n_sent, what=f"{n_sent} datagrams ({receiver.stats})")
+        wait_for(lambda: receiver.stats.packets == n_sent, f"{n_sent} datagrams ({receiver.stats})")
         receiver.stop()  # flushes the open frame, as the idle flush would
         thread.join(30)
         assert not thread.is_alive()
@@ -388,7 +388,7 @@ def test_recv_batch_reports_socket_errors_and_goes_on() -> None:
         s.send(b"x")  # to a port nobody listens on: the kernel queues ECONNREFUSED on s
         batch = mmsg.RecvBatch(2, 16)
         with pytest.raises(OSError) as info:
-            wait_for(lambda: batch.recv(s.fileno()) or None, timeout=10, what="the ICMP error")
+            wait_for(lambda: batch.recv(s.fileno()) or None, "the ICMP error", 10)
         assert info.value.errno == errno.ECONNREFUSED
         assert batch.recv(s.fileno()) == 0
 

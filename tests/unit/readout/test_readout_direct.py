@@ -116,11 +116,11 @@ def test_receiver_started_first_copies_until_the_image_ring_appears(ipc_env: str
         assembler_thread = assembler.start()
         images = RingBuffer.attach(ipc.image_ring_name(config.detector_name))
         send(config, range(1, 3))  # whether copied or direct: every image arrives
-        wait_for(lambda: assembler.stats.images == 2, what="images 1-2")
-        wait_for(lambda: mapped(receiver), what="the receiver to map the image ring")
+        wait_for(lambda: assembler.stats.images == 2, "images 1-2")
+        wait_for(lambda: mapped(receiver), "the receiver to map the image ring")
         direct_before = receiver.stats.frames_direct
         send(config, range(3, 6))
-        wait_for(lambda: assembler.stats.images == 5, what="images 3-5")
+        wait_for(lambda: assembler.stats.images == 5, "images 3-5")
         assert receiver.stats.frames_direct == direct_before + 3
         for image_id in range(1, 6):
             np.testing.assert_array_equal(image_of(images, image_id)[1], expected_image(config, image_id))
@@ -144,18 +144,18 @@ def test_a_restarted_assemblers_new_image_ring_is_taken_over(ipc_env: str) -> No
     assembler = ImageAssembler(config, stats_interval=0.2)
     try:
         assembler_thread = assembler.start()
-        wait_for(lambda: mapped(receiver), what="the receiver to map the image ring")
+        wait_for(lambda: mapped(receiver), "the receiver to map the image ring")
         send(config, range(1, 3))
-        wait_for(lambda: assembler.stats.images_direct == 2, what="images 1-2, direct")
+        wait_for(lambda: assembler.stats.images_direct == 2, "images 1-2, direct")
         assembler.stop()
         assembler_thread.join(30)
         assembler.close()  # unlinks the image ring; the new assembler creates a new one
         assembler = ImageAssembler(config, stats_interval=0.2)
         assembler_thread = assembler.start()
-        wait_for(lambda: mapped(receiver), what="the receiver to map the new image ring")
+        wait_for(lambda: mapped(receiver), "the receiver to map the new image ring")
         with RingBuffer.attach(ipc.image_ring_name(config.detector_name)) as images:
             send(config, range(3, 6))
-            wait_for(lambda: assembler.stats.images == 3, what="images 3-5 in the new ring")
+            wait_for(lambda: assembler.stats.images == 3, "images 3-5 in the new ring")
             assert assembler.stats.images_direct == 3 and assembler.stats.lapped_frames == 0
             assert receiver._direct is not None and receiver._direct.attachments == 2
             for image_id in range(3, 6):

@@ -19,8 +19,7 @@ from daq_backend.readout.window import CONFIRM_FRAMES, MAX_FRAME_GAP
 from daq_backend.simulator.pattern import expected_image, module_datagrams, module_frame_bytes
 from daq_backend.simulator.sender import DetectorSimulator
 from daq_backend.simulator.spoof import Spoofer, SpoofKind
-from daq_backend.testing import InProcessReadout, make_config, shm_segments, wait_for
-from tests.unit.readout.test_readout_receiver import ReceiverHarness
+from daq_backend.testing import InProcessReadout, ReceiverHarness, make_config, shm_segments, wait_for
 
 REJECTED = ("rejected_module_id", "rejected_out_of_range", "rejected_out_of_window")
 
@@ -61,8 +60,8 @@ def test_spoofed_and_absurd_packets_in_a_stream_never_reach_an_image(jf2: Detect
         for module, receiver in readout.receivers.items():
             expected = spoofer.expected_rejections(module)
             assert sum(expected.values()) == 1200
-            wait_for(lambda r=receiver, e=expected: {k: getattr(r.stats, k) for k in e} == e, 60,
-                     f"module {module}: {expected}, got {receiver.stats}")
+            wait_for(lambda r=receiver, e=expected: {k: getattr(r.stats, k) for k in e} == e,
+                     f"module {module}: {expected}, got {receiver.stats}", 60)
             st = receiver.stats
             assert (st.frames, st.frames_incomplete, st.bad_datagrams, st.numbering_restarts) == (85, 0, 0, 0)
         assert readout.assembler.stats.images_good == 85
@@ -79,8 +78,8 @@ def test_a_pinned_module_id_takes_nothing_else_and_a_blind_port_names_the_fix(
         with caplog.at_level(logging.WARNING, logger="daq_backend.readout.receiver"):
             for image_id in (1, 2, 3):
                 h.send(module_datagrams(other, 0, image_id))
-            wait_for(lambda: h.receiver.stats.rejected_module_id == 3 * 128, 60, "rejections counted")
-            wait_for(lambda: '"header_module_ids": {"0": 0}' in caplog.text, 60, "the blind-port warning")
+            wait_for(lambda: h.receiver.stats.rejected_module_id == 3 * 128, "rejections counted", 60)
+            wait_for(lambda: '"header_module_ids": {"0": 0}' in caplog.text, "the blind-port warning", 60)
         assert "receives only packets it rejects" in caplog.text and "it says 1234" in caplog.text
         assert h.receiver.ring.committed == 0  # no frame was committed
         for image_id in (4, 5):
@@ -196,7 +195,7 @@ def test_eiger_headers_of_the_other_half_module_are_foreign(ipc_env: str) -> Non
         readout.wait_images(5)
         assert [m.id for m in readout.metadata][-5:] == [1, 2, 3, 5, 6]
         check_images(readout, [5, 6])
-        wait_for(lambda: readout.receivers[0].stats.rejected_module_id == len(crossed), 60, "rejections")
+        wait_for(lambda: readout.receivers[0].stats.rejected_module_id == len(crossed), "rejections", 60)
 
 
 def test_spoofing_needs_a_detector_with_slsdetector_headers(ipc_env: str) -> None:

@@ -30,33 +30,19 @@ from daq_backend.testing import (
     JF4_POSITIONS,
     InProcessReadout,
     assert_no_leftovers,
+    check_images,
     make_config,
+    run_simulator,
     wait_for,
 )
 
 N_IMAGES = 20
 
 
-def run_simulator(config: DetectorConfig, rate_hz: float, n_images: int, **faults: Any) -> DetectorSimulator:
-    with DetectorSimulator(config, rate_hz=rate_hz, n_images=n_images, **faults) as sim:
-        sim.run()
-    return sim
-
-
-def check_images(readout: InProcessReadout, ids: range | list[int], good: bool = True) -> None:
-    for image_id in ids:
-        meta, image = readout.image(image_id)
-        assert meta.id == image_id
-        if good:
-            assert (meta.status, meta.n_missing_packets) == (ImageStatus.GOOD, 0), f"image {image_id}"
-        want = expected_image(readout.config, image_id)
-        np.testing.assert_array_equal(image, want, err_msg=f"image {image_id}")
-
-
 def check_published(readout: InProcessReadout) -> None:
     """What the assembler PUBlished equals the slot metadata (the SUB may have missed the first)."""
     wait_for(lambda: readout.metadata and readout.metadata[-1].id == readout.assembler.stats.last_image_id,
-             what="published metadata")
+             "published metadata")
     for meta in readout.metadata:
         assert ImageMetadata.unpack(readout.ring.meta(meta.id, ImageMetadata.FORMAT.size)) == meta
 
@@ -320,7 +306,7 @@ def test_assembler_survives_a_failing_image(ipc_env: str, monkeypatch: pytest.Mo
         monkeypatch.setattr(layout, "assemble", failing)
         run_simulator(config, rate_hz=50, n_images=3)
         wait_for(lambda: readout.assembler.stats.errors == 1 and readout.assembler.stats.images == 2,
-                 60, "image 2 failing, 1 and 3 assembled")
+                 "image 2 failing, 1 and 3 assembled", 60)
         check_images(readout, [1, 3])
 
 
@@ -379,7 +365,7 @@ def test_image_metadata_is_published_only_while_somebody_subscribes(ipc_env: str
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(ipc.image_metadata_address(config.detector_name))
         wait_for(lambda: (assembler._read_subscriptions(), assembler.stats.metadata_subscribers == 1)[1],
-                 what="the subscription counted")
+                 "the subscription counted")
         image(2)
         assert sub.poll(60_000), "image 2's metadata was not published"
         published = ImageMetadata.unpack(sub.recv())
@@ -387,7 +373,7 @@ def test_image_metadata_is_published_only_while_somebody_subscribes(ipc_env: str
         assert assembler.stats.images_published == 1
         sub.close()
         wait_for(lambda: (assembler._read_subscriptions(), assembler.stats.metadata_subscribers == 0)[1],
-                 what="the unsubscription counted")
+                 "the unsubscription counted")
         image(3)
         assert (assembler.stats.images, assembler.stats.images_published) == (3, 1)
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import socket
 from collections.abc import Iterator
@@ -11,71 +10,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from daq_backend import ipc
-from daq_backend.config import DetectorConfig
-from daq_backend.detectors import layout_for
 from daq_backend.formats import ModuleFrame
-from daq_backend.ram_buffer import RingBuffer
 from daq_backend.readout.receiver import ModuleReceiver, set_receive_buffer
-from daq_backend.testing import UdpSender, make_config, shm_segments
-
-
-class ReceiverHarness:
-    """A receiver in a thread and its frame ring. ``next_frame`` returns the receiver's commits in
-    order, as the ``ModuleFrame`` each carried as slot metadata when it was committed (recorded at the
-    commit: the tests' tiny rings are lapped before a reader could look), checked against the ring's
-    commit log, which is what the assembler follows."""
-
-    def __init__(self, config: DetectorConfig, module_id: int = 0, **kwargs: object) -> None:
-        self.config = config
-        self.layout = layout_for(config)
-        self.receiver = ModuleReceiver(config, module_id, stats_interval=0.2, **kwargs)  # type: ignore[arg-type]
-        self.ring = RingBuffer.attach(ipc.frame_ring_name(config.detector_name, module_id), timeout=5)
-        self.commits: queue.Queue[tuple[int, bytes]] = queue.Queue()
-        own = self.receiver.ring
-        commit = own.commit
-
-        def recording_commit(image_id: int, meta: bytes = b"") -> None:
-            seq = own.committed
-            commit(image_id, meta)
-            self.commits.put((seq, meta[: ModuleFrame.FORMAT.size]))
-
-        own.commit = recording_commit  # type: ignore[method-assign]
-        self.thread = self.receiver.start()
-        self.sender = UdpSender(config)
-        self.module_id = module_id
-
-    def frame(self, image_id: int, fill: int) -> bytes:
-        """A frame whose 16-bit words are ``fill`` + the word index (so misplaced packets show)."""
-        words = (np.arange(self.layout.frame_nbytes // 2, dtype=np.uint32) + fill) % 65000 + 1
-        return words.astype("<u2").tobytes()
-
-    def datagrams(self, image_id: int, fill: int, **kwargs: int) -> list[bytes]:
-        return self.layout.encode_datagrams(self.module_id, self.frame(image_id, fill), image_id, **kwargs)
-
-    def send(self, datagrams: list[bytes]) -> None:
-        self.sender.send(self.module_id, datagrams)
-
-    def next_frame(self, timeout: float = 60.0) -> ModuleFrame:
-        try:
-            seq, meta = self.commits.get(timeout=timeout)
-        except queue.Empty:
-            stats = self.receiver.stats
-            raise AssertionError(f"no module frame within {timeout} s; receiver stats {stats}") from None
-        frame = ModuleFrame.unpack(meta)
-        if self.ring.committed - seq <= self.ring.n_slots:  # its log entry is not reused yet
-            assert self.ring.logged_ids(seq, seq + 1).tolist() == [frame.id]
-        return frame
-
-    def slot(self, image_id: int) -> bytes:
-        return self.ring.read(image_id)
-
-    def close(self) -> None:
-        self.receiver.stop()
-        self.thread.join(30)
-        self.sender.close()
-        self.ring.close()
-        self.receiver.close()
+from daq_backend.testing import ReceiverHarness, make_config, shm_segments
 
 
 @pytest.fixture

@@ -304,15 +304,15 @@ def test_two_viewers_share_one_computation_and_get_new_images(
         def both_watch() -> bool:
             return all(any(s["viewers"] == 2 for s in v.of("snapshot")) for v in viewers)
 
-        wait_for(both_watch, WAIT_S, "snapshots that count two viewers")
-        first_images = [wait_for(lambda v=v: v.of("image"), WAIT_S, "an image event")[0] for v in viewers]
+        wait_for(both_watch, "snapshots that count two viewers", WAIT_S)
+        first_images = [wait_for(lambda v=v: v.of("image"), "an image event", WAIT_S)[0] for v in viewers]
         for image in first_images:
             assert image["info"]["image_id"] == 5 and image["info"]["status_name"] == "missing packets"
             png = Image.open(io.BytesIO(base64.b64decode(image["png"])))
             assert png.size == (image["info"]["shown_width"], image["info"]["shown_height"]) == (512, 256)
         rest.assembler.produce(6)
         for v in viewers:
-            wait_for(lambda v=v: any(i["info"]["image_id"] == 6 for i in v.of("image")), WAIT_S, "image 6")
+            wait_for(lambda v=v: any(i["info"]["image_id"] == 6 for i in v.of("image")), "image 6", WAIT_S)
         seqs = [{s["seq"] for s in v.of("snapshot")} for v in viewers]
         computed = len(calls)
         # every snapshot either viewer saw was computed once: the stats were read once per snapshot
@@ -323,7 +323,7 @@ def test_two_viewers_share_one_computation_and_get_new_images(
     finally:
         for v in viewers:
             v.close()
-    wait_for(lambda: dashboard.viewers == 0 and dashboard._producer is None, WAIT_S, "the producer to stop")
+    wait_for(lambda: dashboard.viewers == 0 and dashboard._producer is None, "the producer to stop", WAIT_S)
     assert dashboard._renderer is None  # the ring is no longer mapped
     stopped_at = len(calls)
     snapshot = rest.http.get("/ui/snapshot").json()  # computed on demand, without an image
@@ -348,7 +348,7 @@ def test_stopping_the_server_ends_open_streams(harness: tuple[RestHarness, list[
     rest, _ = harness
     viewer = Viewer(rest.url)
     try:
-        wait_for(lambda: viewer.of("snapshot"), WAIT_S, "a first snapshot")
+        wait_for(lambda: viewer.of("snapshot"), "a first snapshot", WAIT_S)
         rest.server.stop()
         assert viewer.ended.wait(WAIT_S), "the event stream did not end when the server stopped"
         assert viewer.error is None

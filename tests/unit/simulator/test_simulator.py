@@ -11,7 +11,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +23,10 @@ from daq_backend.control.simulated import SimulatedDetectorControl
 from daq_backend.detectors import layout_for, unpack_12bit
 from daq_backend.simulator.pattern import module_datagrams, pattern_source
 from daq_backend.simulator.sender import DetectorSimulator, main
+from daq_backend.testing import wait_for
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 TIMEOUT = 60.0
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Collector:
@@ -84,7 +76,7 @@ class Collector:
         sel.close()
 
     def wait_for(self, n: int) -> list[tuple[int, bytes]]:
-        wait_until(lambda: len(self.received) >= n, f"{n} datagrams (have {len(self.received)})")
+        wait_for(lambda: len(self.received) >= n, f"{n} datagrams (have {len(self.received)})")
         time.sleep(0.05)  # anything extra (duplicates, garbage) arrives with the rest
         return list(self.received)
 
@@ -356,7 +348,7 @@ def test_thread_mode_start_stop() -> None:
             assert sim.running
             with pytest.raises(RuntimeError, match="already running"):
                 sim.start()
-            wait_until(lambda: len(collector.received) >= 3 * 128, "three images")
+            wait_for(lambda: len(collector.received) >= 3 * 128, "three images")
             sim.stop()
             assert not sim.running and sim.error is None
             sent = sim.n_sent_images
@@ -489,7 +481,7 @@ def test_simulated_control_acquisitions_continue_ids() -> None:
                 control.start()
             with pytest.raises(DetectorStateError, match="running"):
                 control.set_config({"frames": 1})
-            wait_until(lambda: len(collector.received) >= 8 * 2 * 128, "the third acquisition's first image")
+            wait_for(lambda: len(collector.received) >= 8 * 2 * 128, "the third acquisition's first image")
             control.stop()
             assert control.status() == "IDLE"
             assert control.next_image_id > 8

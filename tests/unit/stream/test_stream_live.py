@@ -12,7 +12,8 @@ import zmq
 
 from daq_backend.config import DetectorConfig
 from daq_backend.stream.live import LiveStream, Selection
-from daq_backend.testing.stream import Host, Producer, expected_image, make_config, wait_for
+from daq_backend.testing import wait_for
+from daq_backend.testing.stream import Host, Producer, expected_image, make_config
 
 
 class FakeClock:

@@ -17,7 +17,8 @@ import zmq
 
 from daq_backend import ipc
 from daq_backend.broker import REQUEST_EXCHANGE, Action, Message
-from daq_backend.testing.writer import Harness, expected_pixels, wait_until
+from daq_backend.testing import wait_for
+from daq_backend.testing.writer import Harness, expected_pixels
 from daq_backend.writer import layout
 from daq_backend.writer.agent import WriterAgent
 from daq_backend.writer.layout import ImageFile, open_image_file
@@ -87,7 +88,7 @@ def test_start_id_takes_images_from_the_ring_then_live(harness: Harness) -> None
     h.assembler.next_id = 41
     path = h.tmp_path / "from-ring.h5"
     rid = h.request(output_file=str(path), n_images=50, start_id=11)
-    wait_until(path.exists, "the file")  # the ring images are on their way: now new ones may come
+    wait_for(path.exists, "the file")  # the ring images are on their way: now new ones may come
     h.assembler.start(rate_hz=50)
     action, result = h.final(rid)
     assert action is Action.SUCCESS, result
@@ -100,14 +101,14 @@ def test_start_id_in_the_future_waits_for_that_image(
     h = harness
     h.start_writer()
     h.assembler.start(rate_hz=100)
-    wait_until(lambda: h.assembler.next_id > 5, "the producer")
+    wait_for(lambda: h.assembler.next_id > 5, "the producer")
     start = h.assembler.next_id + 30
     create = ImageFile.create
 
     def slow_create(*args: Any, **kwargs: Any) -> ImageFile:
         # images arrive while the agent waits for the file to exist: none may be lost
         until = max(start, h.assembler.next_id) + 3
-        wait_until(lambda: h.assembler.next_id > until, "images during the file creation")
+        wait_for(lambda: h.assembler.next_id > until, "images during the file creation")
         return create(*args, **kwargs)
 
     monkeypatch.setattr(ImageFile, "create", slow_create)
@@ -135,7 +136,7 @@ def test_kill_mid_run_closes_a_valid_file_and_reports_interrupted(harness: Harne
     h.assembler.start(rate_hz=100)
     path = h.tmp_path / "killed.h5"
     rid = h.request(output_file=str(path), n_images=100_000)
-    wait_until(lambda: any(p["n_written"] >= 10 for p in h.progress(rid)), "10 images written")
+    wait_for(lambda: any(p["n_written"] >= 10 for p in h.progress(rid)), "10 images written")
     h.client.kill(rid)
     action, message = h.final(rid)
     assert action is Action.FAIL
@@ -281,7 +282,7 @@ def test_a_stopped_service_closes_the_running_file(harness: Harness) -> None:
     h.assembler.start(rate_hz=100)
     path = h.tmp_path / "stopped.h5"
     rid = h.request(output_file=str(path), n_images=100_000)
-    wait_until(lambda: any(p["n_written"] >= 3 for p in h.progress(rid)), "3 images written")
+    wait_for(lambda: any(p["n_written"] >= 3 for p in h.progress(rid)), "3 images written")
     writer.stop()
     h.writer = None
     action, message = h.final(rid)

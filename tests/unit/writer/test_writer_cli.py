@@ -13,7 +13,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from daq_backend.testing.writer import WAIT_S, Harness, wait_until
+from daq_backend.testing import wait_for
+from daq_backend.testing.writer import WAIT_S, Harness
 from daq_backend.writer import client, layout
 
 
@@ -103,7 +104,7 @@ def test_ctrl_c_kills_the_request_and_the_file_stays_valid(harness: Harness) -> 
                              "--output", str(path), "--detector", h.tag, "--broker-url", url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: path.exists() and _rows(path) >= 5, "5 images in the file")
+        wait_for(lambda: path.exists() and _rows(path) >= 5, "5 images in the file")
         os.kill(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=WAIT_S)
     finally:

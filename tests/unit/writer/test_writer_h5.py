@@ -4,8 +4,6 @@ file, lapped slots detected, bad runs ended cleanly, a crashed predecessor's fil
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,60 +12,14 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-import zmq
 
-from daq_backend import ipc
 from daq_backend.config import DetectorConfig
-from daq_backend.formats import ImageMetadata, StoreOp, StoreStream
-from daq_backend.testing.writer import WAIT_S, FakeAssembler, expected_pixels, make_config, wait_until
+from daq_backend.formats import ImageMetadata, StoreOp
+from daq_backend.testing import wait_for
+from daq_backend.testing.writer import Driver, FakeAssembler, expected_pixels, make_config
 from daq_backend.writer import layout
 from daq_backend.writer.h5_writer import H5Writer, journal_path
 from daq_backend.writer.layout import ImageFile
-
-
-class Driver:
-    """Plays the writer agent: PUSHes StoreStream, reads the writer's status events."""
-
-    def __init__(self, config: DetectorConfig) -> None:
-        self.config = config
-        ctx = zmq.Context.instance()
-        self.push = ctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.LINGER, 0)
-        self.push.bind(ipc.writer_agent_address(config.detector_name))
-        self.sub = ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(ipc.writer_status_address(config.detector_name))
-        self.run_id = 0
-
-    def event(self, wanted: str, request_id: str | None = None) -> dict[str, Any]:
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            if self.sub.poll(100):
-                event = json.loads(self.sub.recv())
-                if event["event"] == wanted and (request_id is None or event.get("request_id") == request_id):
-                    return event
-        raise AssertionError(f"no {wanted!r} event within {WAIT_S} s")
-
-    def send(self, op: StoreOp, request_id: str, output_file: str, n_images: int, i_image: int = 0,
-             meta: ImageMetadata | None = None, **extra: Any) -> None:
-        self.push.send(StoreStream(
-            output_file=output_file, run_id=self.run_id, n_images=n_images,
-            image_id=meta.id if meta else 0, i_image=i_image, op=op, request_id=request_id,
-            metadata=meta.pack().hex() if meta else "", **extra,
-        ).to_json())
-
-    def start(self, output_file: Path, n_images: int, **request: Any) -> str:
-        self.run_id += 1
-        request_id = str(uuid.uuid4())
-        body = {"output_file": str(output_file), "n_images": n_images, **request}
-        self.send(StoreOp.START, request_id, str(output_file), n_images, request=body)
-        return request_id
-
-    def close(self) -> None:
-        self.push.close()
-        self.sub.close()
-        ipc.unlink_ipc(ipc.writer_agent_address(self.config.detector_name))
 
 
 @dataclass
@@ -146,7 +98,7 @@ def test_a_lapped_slot_is_reported_never_written_as_good_data(
 
     monkeypatch.setattr(ImageFile, hook, lapping)
     driver.send(StoreOp.WRITE, rid, str(path), 4, 1, assembler.metadata(2))
-    wait_until(lambda: writer.stats.images == 2, "the writer to write the lapped image")
+    wait_for(lambda: writer.stats.images == 2, "the writer to write the lapped image")
     monkeypatch.setattr(ImageFile, hook, original)
     for i, image_id in ((2, 3), (3, 4)):
         assembler.produce(image_id, publish=False)
@@ -224,7 +176,7 @@ def test_a_new_start_supersedes_an_unfinished_run_and_stop_interrupts(rig: Rig, 
     assert superseded["status"] == "interrupted" and "superseded" in superseded["message"]
     driver.event("started", rid2)
     driver.send(StoreOp.WRITE, rid1, str(first), 5, 1, assembler.metadata(1))  # stale run: dropped
-    wait_until(lambda: writer.stats.dropped_messages == 1, "the stale message to be dropped")
+    wait_for(lambda: writer.stats.dropped_messages == 1, "the stale message to be dropped")
     writer.stop()
     with h5py.File(first, "r") as h5:
         assert h5.attrs["status"] == "interrupted" and h5.attrs["n_written"] == 1

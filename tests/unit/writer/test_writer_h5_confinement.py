@@ -13,11 +13,10 @@ import h5py
 import pytest
 
 from daq_backend.formats import StoreOp
-from daq_backend.testing.writer import FakeAssembler, make_config
+from daq_backend.testing.writer import Driver, FakeAssembler, make_config
 from daq_backend.writer import layout, roots
 from daq_backend.writer.h5_writer import H5Writer, journal_path
 from daq_backend.writer.layout import ImageFile
-from tests.unit.writer.test_writer_h5 import Driver
 
 
 @pytest.fixture
