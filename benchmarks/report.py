@@ -3,7 +3,7 @@
 The records (one JSON per benchmark, written by each script's ``--record``) are the only input: no
 figure is typed by hand. A benchmark without a record is listed as *not re-measured*. The README
 table sits between ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->``; the rest of the
-README is left alone. ``tests/test_benchmarks_smoke.py`` fails when either file differs from what this
+README is left alone. ``tests/system/test_benchmarks_smoke.py`` fails when either file differs from what this
 script writes, so a hand edit cannot pass CI.
 
     python benchmarks/report.py            # rewrite RESULTS.md and the README table

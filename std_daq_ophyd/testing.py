@@ -1,6 +1,10 @@
-"""Shared helpers of the ophyd-device tests: a real std-daq (embedded or RabbitMQ broker) — as threads
-of this process or as the processes ``std-daq up`` runs —, detectors pointed at its REST URL, a
-RunEngine that records and validates every document."""
+"""Helpers for testing Bluesky plans and devices against a real std-daq, shipped with the package (as
+``ophyd_async.testing``): ``start_daq`` runs a DAQ of a simulated detector (embedded or RabbitMQ
+broker) as threads of this process or as the processes ``std-daq up`` runs; ``make_detector`` points a
+``StdDaqDetector`` at it; ``Recorder`` subscribes to a RunEngine and validates every document against
+event-model's schema; ``check_run`` and ``assert_pattern`` check a finished scan's documents and
+images. The DAQ-independent helpers (``wait_for``, ``make_config``, ...) are in ``daq_backend.testing``.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,13 @@ import numpy as np
 from event_model import DocumentNames, schema_validators
 
 from daq_backend.simulator.pattern import expected_image
+from daq_backend.testing import RABBITMQ_URL
 from std_daq_ophyd import StdDaqDetector, Timeouts
 from std_daq_ophyd.documents import uri_path
 from std_daq_ophyd.readback import stream_data
 from std_daq_ophyd.sim import EmbeddedDaq, LocalDaq, simulated_config
 
-RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+#: broker URL per transport name: the embedded hub (``None``) and the machine's RabbitMQ
 TRANSPORTS = {"embedded": None, "rabbitmq": RABBITMQ_URL}
 #: generous: two shared cores, other test suites running alongside
 TIMEOUTS = Timeouts(acquisition=120.0, missing=20.0)
@@ -38,6 +43,8 @@ def start_daq(broker_url: str | None = None, run_as: str = "threads", **config: 
 
 def make_detector(daq: Daq, data_dir: Path, frames: int = 2, period: float = 0.02,
                   **kwargs: Any) -> StdDaqDetector:
+    """A ``StdDaqDetector`` of ``daq`` writing into ``data_dir``: ``frames`` images per trigger every
+    ``period`` s, the generous ``TIMEOUTS`` unless given; other keywords go to the detector."""
     det = StdDaqDetector(name=kwargs.pop("name", "det"), url=daq.url, output_dir=str(data_dir),
                          timeouts=kwargs.pop("timeouts", TIMEOUTS), **kwargs)
     det.frames_per_trigger.put(frames)
@@ -60,13 +67,16 @@ class Recorder:
         self.docs.append((name, doc))
 
     def of(self, name: str) -> list[dict[str, Any]]:
+        """The documents of kind ``name`` ("start", "event", ...), in order."""
         return [doc for n, doc in self.docs if n == name]
 
     def names(self) -> list[str]:
+        """The kind of every document, in order."""
         return [n for n, _ in self.docs]
 
 
 def file_rows(path: str) -> dict[str, np.ndarray]:
+    """A detector file's images, image ids, per-image status and file status."""
     with h5py.File(path, "r") as h5:
         return {"data": h5["/entry/data/data"][:], "image_id": h5["/entry/data/image_id"][:],
                 "status": h5["/entry/data/status"][:], "file_status": np.array(str(h5.attrs["status"]))}
@@ -81,6 +91,7 @@ def assert_pattern(daq: Daq, data: np.ndarray, image_ids: np.ndarray) -> None:
 
 
 def unique(prefix: str) -> str:
+    """``prefix`` and six random hex digits (a name no other test uses)."""
     return f"{prefix}{uuid.uuid4().hex[:6]}"
 
 

@@ -57,6 +57,9 @@ EIGER_POSITIONS = {"0": [0, 0, 513, 255], "1": [516, 0, 1029, 255], "2": [0, 513
 EIGER_HALF_POSITIONS = {"0": [0, 0, 513, 255], "1": [0, 513, 513, 258]}  # one module's two halves
 
 
+#: the machine's RabbitMQ (guest account, default vhost)
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
 #: how long ``wait_for`` waits by default: generous, a shared test machine may be ten times slower
 WAIT_S = 120.0
 
@@ -124,7 +127,10 @@ def pid_alive(pid: int) -> bool:
 def make_config(detector_type: str = "jungfrau", n_modules: int = 1, **fields: Any) -> DetectorConfig:
     """A detector with a unique name and free ports, rings that hold a whole test's images (threads
     of one process share the GIL: a burst is received faster than assembled) and a generous sync
-    timeout so a heavily loaded machine does not evict images a test expects complete."""
+    timeout so a heavily loaded machine does not evict images a test expects complete.
+
+    ``fields`` are config fields and override these defaults (``detector_name``, ``start_udp_port``,
+    ``image_ring_slots``, ...); a Jungfrau gets the geometry of ``n_modules`` stacked modules."""
     defaults: dict[str, Any] = {"bit_depth": 16, "frame_ring_slots": 32, "image_ring_slots": 32,
                                 "module_sync_timeout": 8.0}
     if detector_type == "jungfrau":
@@ -134,9 +140,10 @@ def make_config(detector_type: str = "jungfrau", n_modules: int = 1, **fields: A
         "detector_name": f"t{uuid.uuid4().hex[:10]}",
         "detector_type": detector_type,
         "n_modules": n_modules,
-        "start_udp_port": free_udp_base(n_modules),
         **fields,
     }
+    if "start_udp_port" not in data:
+        data["start_udp_port"] = free_udp_base(n_modules)
     return parse_config(data)
 
 

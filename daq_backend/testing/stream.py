@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from daq_backend import ipc
+from daq_backend import ipc, testing
 from daq_backend.broker import Action, BrokerClient, EmbeddedBrokerHub, EmbeddedTransport, StatusAggregator
-from daq_backend.config import DetectorConfig, load_config, parse_config
+from daq_backend.config import DetectorConfig, load_config
 from daq_backend.formats import DTYPE_CODES, ImageMetadata, ImageStatus
 from daq_backend.ram_buffer import RingBuffer, shm_path
 from daq_backend.stream.recv import read_recv_state
@@ -31,19 +31,12 @@ TIMEOUT = 60.0  # generous: the machine is shared
 def make_config(
     name: str | None = None, height: int = 256, width: int = 264, slots: int = 128
 ) -> DetectorConfig:
-    """A small GigaFRoST geometry: 256x264 uint16 = 132 KiB, above pyzmq's zero-copy threshold."""
-    return parse_config(
-        {
-            "detector_name": name or f"st{uuid.uuid4().hex[:8]}",
-            "detector_type": "gigafrost",
-            "n_modules": 8,
-            "bit_depth": 16,
-            "image_pixel_height": height,
-            "image_pixel_width": width,
-            "start_udp_port": 50000,
-            "image_ring_slots": slots,
-        }
-    )
+    """A small GigaFRoST geometry: 256x264 uint16 = 132 KiB, above pyzmq's zero-copy threshold; an image
+    ring of ``slots``. Built by ``daq_backend.testing.make_config``."""
+    return testing.make_config("gigafrost", 8, detector_name=name or f"st{uuid.uuid4().hex[:8]}",
+                               bit_depth=16,
+                               image_pixel_height=height, image_pixel_width=width, start_udp_port=50000,
+                               image_ring_slots=slots)
 
 
 def expected_image(config: DetectorConfig, image_id: int) -> np.ndarray:

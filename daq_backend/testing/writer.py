@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from daq_backend import ipc
+from daq_backend import ipc, testing
 from daq_backend.broker import (
     Action,
     BrokerClient,
@@ -27,7 +27,7 @@ from daq_backend.broker import (
     StatusMessage,
     Transport,
 )
-from daq_backend.config import DetectorConfig, parse_config
+from daq_backend.config import DetectorConfig
 from daq_backend.formats import DTYPE_CODES, ImageMetadata, ImageStatus, StoreOp, StoreStream
 from daq_backend.ram_buffer import RingBuffer
 from daq_backend.testing import WAIT_S
@@ -42,18 +42,12 @@ def unique(prefix: str) -> str:
 def make_config(
     name: str | None = None, *, slots: int = 64, n_modules: int = 1, **extra: Any
 ) -> DetectorConfig:
-    """A Jungfrau of ``n_modules`` stacked modules (1 MiB uint16 images per module)."""
-    return parse_config({
-        "detector_name": name or unique("wtest"),
-        "detector_type": "jungfrau",
-        "n_modules": n_modules,
-        "bit_depth": 16,
-        "image_pixel_height": 512 * n_modules,
-        "image_pixel_width": 1024,
-        "start_udp_port": 50000,
-        "image_ring_slots": slots,
-        **extra,
-    })
+    """A Jungfrau of ``n_modules`` stacked modules (1 MiB uint16 images per module) with an image ring
+    of ``slots``, for the writer's tests (no UDP is received: the port is fixed). Built by
+    ``daq_backend.testing.make_config``; ``extra`` fields override."""
+    return testing.make_config("jungfrau", n_modules, detector_name=name or unique("wtest"),
+                               start_udp_port=50000,
+                               image_ring_slots=slots, **extra)
 
 
 def expected_pixels(config: DetectorConfig, image_id: int) -> np.ndarray:

@@ -46,10 +46,17 @@ from daq_backend.config import DetectorConfig
 from daq_backend.messages import FAULT_BOUND, ImageAccounting
 from daq_backend.rest.backend import BROKER_ANSWER_BOUND
 from daq_backend.supervisor import read_status
-from daq_backend.testing import assert_no_leftovers, free_tcp_port, healthy, make_config, pid_alive, wait_for
+from daq_backend.testing import (
+    RABBITMQ_URL,
+    assert_no_leftovers,
+    free_tcp_port,
+    healthy,
+    make_config,
+    pid_alive,
+    wait_for,
+)
 from daq_backend.testing.broker_proxy import BrokerProxy
 from daq_backend.writer.client import write_main
-from std_daq_ophyd.testing import RABBITMQ_URL
 from tests.fault.test_hostile_packets import Detector
 
 CLI = (sys.executable, "-m", "daq_backend.cli")

@@ -37,8 +37,15 @@ from daq_backend.simulator.pattern import expected_image
 from daq_backend.simulator.sender import DetectorSimulator
 from daq_backend.simulator.spoof import Spoofer, SpoofKind
 from daq_backend.supervisor import read_status
-from daq_backend.testing import assert_no_leftovers, free_tcp_port, healthy, make_config, pid_alive, wait_for
-from std_daq_ophyd.testing import RABBITMQ_URL
+from daq_backend.testing import (
+    RABBITMQ_URL,
+    assert_no_leftovers,
+    free_tcp_port,
+    healthy,
+    make_config,
+    pid_alive,
+    wait_for,
+)
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 SERVICES = {"receiver-0", "receiver-1", "assembler", "h5-writer", "writer-agent", "rest"}

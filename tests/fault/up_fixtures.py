@@ -36,8 +36,15 @@ from daq_backend.broker import (
 from daq_backend.config import DetectorConfig
 from daq_backend.simulator.sender import DetectorSimulator
 from daq_backend.supervisor import read_status
-from daq_backend.testing import assert_no_leftovers, free_tcp_port, healthy, make_config, pid_alive, wait_for
-from std_daq_ophyd.testing import RABBITMQ_URL
+from daq_backend.testing import (
+    RABBITMQ_URL,
+    assert_no_leftovers,
+    free_tcp_port,
+    healthy,
+    make_config,
+    pid_alive,
+    wait_for,
+)
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 SERVICES = {"receiver-0", "assembler", "h5-writer", "writer-agent", "rest"}

@@ -27,9 +27,8 @@ from daq_backend.broker import (
 )
 from daq_backend.broker.service import RequestContext
 from daq_backend.rest import backend as backend_module
-from daq_backend.testing import wait_for
+from daq_backend.testing import RABBITMQ_URL, wait_for
 from daq_backend.testing.rest import WAIT_S, RestHarness
-from std_daq_ophyd.testing import RABBITMQ_URL
 
 N_CLIENTS = 8
 

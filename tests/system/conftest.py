@@ -1,8 +1,9 @@
 """Pytest fixtures for slsDetectorPackage's virtual detectors and the C++ ``slsReceiver``.
 
-Registered through ``pytest_plugins`` in tests/conftest.py. The first use builds the binaries into the
-cache (see daq_backend.control.sls_build); later runs reuse them. Every process is stopped by PID and
-every shared-memory segment removed at teardown, so tests can run alongside other test sessions.
+Used by the system tests of this folder (test_control_sls.py, test_e2e_virtual_detectors.py). The
+first use builds the binaries into the cache (see daq_backend.control.sls_build); later runs reuse
+them. Every process is stopped by PID and every shared-memory segment removed at teardown, so tests
+can run alongside other test sessions.
 """
 
 from __future__ import annotations
