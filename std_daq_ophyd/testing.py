@@ -3,22 +3,31 @@
 broker) as threads of this process or as the processes ``std-daq up`` runs; ``make_detector`` points a
 ``StdDaqDetector`` at it; ``Recorder`` subscribes to a RunEngine and validates every document against
 event-model's schema; ``check_run`` and ``assert_pattern`` check a finished scan's documents and
-images. The DAQ-independent helpers (``wait_for``, ``make_config``, ...) are in ``daq_backend.testing``.
+images. For ``StdDaqAsyncDetector``: ``make_async_detector``, the ``fly`` plan (prepare, kickoff,
+collect while completing) and ``check_file`` (what Tiled read equals the file and the simulator's
+pattern). The DAQ-independent helpers (``wait_for``, ``make_config``, ...) are in ``daq_backend.testing``.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
 import h5py
 import numpy as np
+from bluesky.utils import Msg
 from event_model import DocumentNames, schema_validators
+from ophyd_async.core import StaticPathProvider, TriggerInfo, UUIDFilenameProvider, init_devices
 
+from daq_backend.config import DetectorConfig
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.testing import RABBITMQ_URL
 from std_daq_ophyd import StdDaqDetector, Timeouts
+from std_daq_ophyd.async_devices import AsyncTimeouts, StdDaqAsyncDetector
 from std_daq_ophyd.documents import uri_path
 from std_daq_ophyd.readback import stream_data
 from std_daq_ophyd.sim import EmbeddedDaq, LocalDaq, simulated_config
@@ -144,3 +153,69 @@ def check_run(recorder: Recorder, daq: Daq, n_events: int, frames: int) -> dict[
     np.testing.assert_array_equal(ids, np.arange(ids[0], ids[0] + n_events * frames))
     assert_pattern(daq, rows["data"], ids)
     return rows
+
+
+class DaqLike(Protocol):
+    """What the ophyd-async helpers need of a DAQ: its REST URL and its detector's config."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def config(self) -> DetectorConfig: ...
+
+
+#: generous bounds: other test suites share the machine
+ASYNC_TIMEOUTS = AsyncTimeouts(open_file=120.0, idle=120.0, missing=30.0, disarm=60.0, close_file=120.0)
+#: image period of the ophyd-async scans (50 Hz: quick, and easy on two shared cores)
+PERIOD = 0.02
+#: exposure time of the ophyd-async scans
+EXPTIME = 0.001
+#: how long an exposure may take on a loaded machine
+EXPOSURE_TIMEOUT = 120.0
+
+
+def make_async_detector(daq: DaqLike, data_dir: Path, name: str = "det") -> StdDaqAsyncDetector:
+    """A ``StdDaqAsyncDetector`` of ``daq`` writing into ``data_dir`` with the generous
+    ``ASYNC_TIMEOUTS``."""
+    with init_devices():
+        det = StdDaqAsyncDetector(daq.url, StaticPathProvider(UUIDFilenameProvider(), data_dir),
+                                  timeouts=ASYNC_TIMEOUTS, name=name)
+    return det
+
+
+def check_file(daq: DaqLike, recorder: Recorder, images: np.ndarray, status: np.ndarray, n_rows: int) -> Path:
+    """The arrays Tiled read equal the file, row for row, and the file is what the simulator sent."""
+    assert recorder.invalid == []
+    stop, = recorder.of("stop")
+    assert stop["exit_status"] == "success", stop
+    resources = recorder.of("stream_resource")
+    assert {r["data_key"] for r in resources} == {"det", "det-status"}
+    path = Path(uri_path(resources[0]["uri"]))
+    with h5py.File(path, "r") as h5:
+        assert h5.attrs["status"] == "completed"
+        data, ids, file_status = (h5["/entry/data/data"][:], h5["/entry/data/image_id"][:],
+                                  h5["/entry/data/status"][:])
+    assert data.shape == (n_rows, *daq.config.image_shape)
+    np.testing.assert_array_equal(images, data)
+    np.testing.assert_array_equal(status, file_status)
+    assert not file_status.any()
+    np.testing.assert_array_equal(ids, np.arange(ids[0], ids[0] + n_rows))
+    for image, image_id in zip(data, ids, strict=True):
+        np.testing.assert_array_equal(image, expected_image(daq.config, int(image_id)), err_msg=str(image_id))
+    return path
+
+
+def fly(det: StdDaqAsyncDetector, info: TriggerInfo) -> Generator[Msg, Any, None]:
+    """prepare / kickoff / collect while completing, as ophyd-async fly scans do."""
+
+    @bpp.stage_decorator([det])
+    @bpp.run_decorator()
+    def inner() -> Generator[Msg, Any, None]:
+        yield from bps.prepare(det, info, wait=True)
+        yield from bps.declare_stream(det, name="primary", collect=True)
+        yield from bps.kickoff(det, wait=True)
+        yield from bps.collect_while_completing(flyers=[det], dets=[det], flush_period=0.5,
+                                                stream_name="primary")
+
+    return (yield from inner())

@@ -56,8 +56,8 @@ from daq_backend.testing import (
     wait_for,
 )
 from daq_backend.testing.broker_proxy import BrokerProxy
+from daq_backend.testing.up import SequenceDetector
 from daq_backend.writer.client import write_main
-from tests.fault.test_hostile_packets import Detector
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 SERVICES = {"receiver-0", "assembler", "h5-writer", "writer-agent", "rest"}
@@ -203,7 +203,7 @@ def test_broker_stopped_while_idle(daq: Daq, listener: tuple[StatusAggregator, B
     assert status_command(daq).returncode == 0
 
     # and the DAQ writes again
-    with Detector(daq.config, list(range(1, 10**6)), rate=50) as detector:
+    with SequenceDetector(daq.config, list(range(1, 10**6)), rate=50) as detector:
         wait_for(lambda: len(detector.sent) >= 3, "the detector streaming", WAIT_S)
         ok = daq.tmp / "after.h5"
         answer = requests.post(f"{daq.url}/write_async", json={"n_images": 5, "output_file": str(ok)},
@@ -222,7 +222,7 @@ def test_broker_stopped_mid_write(daq: Daq, listener: tuple[StatusAggregator, Br
     aggregator, _ = listener
     n_images = 150
     output = daq.tmp / "through-outage.h5"
-    with Detector(daq.config, list(range(1, 10**6)), rate=50) as detector:
+    with SequenceDetector(daq.config, list(range(1, 10**6)), rate=50) as detector:
         wait_for(lambda: len(detector.sent) >= 3, "the detector streaming", WAIT_S)
         answer = requests.post(f"{daq.url}/write_async",
                                json={"n_images": n_images, "output_file": str(output), "timeout": 60},

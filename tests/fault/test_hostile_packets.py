@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from daq_backend.broker.protocol import Action
 from daq_backend.config import DetectorConfig
 from daq_backend.messages import FAULT_BOUND, ImageAccounting
 from daq_backend.simulator.pattern import expected_image
-from daq_backend.simulator.sender import DetectorSimulator
 from daq_backend.simulator.spoof import Spoofer, SpoofKind
 from daq_backend.supervisor import read_status
 from daq_backend.testing import (
@@ -46,6 +44,7 @@ from daq_backend.testing import (
     pid_alive,
     wait_for,
 )
+from daq_backend.testing.up import SequenceDetector
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
 SERVICES = {"receiver-0", "receiver-1", "assembler", "h5-writer", "writer-agent", "rest"}
@@ -98,41 +97,6 @@ def daq(ipc_env: str, tmp_path: Path) -> Iterator[Daq]:
     assert_no_leftovers(config, ipc_env)
 
 
-class Detector:
-    """Sends ``sequence`` (image ids, in order, cycled) at ``rate`` until stopped; ``sent``: what went
-    out."""
-
-    def __init__(self, config: DetectorConfig, sequence: list[int], rate: float) -> None:
-        self.sim = DetectorSimulator(config)
-        self.sequence = sequence
-        self.period = 1.0 / rate
-        self.sent: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @property
-    def last(self) -> int:
-        return self.sent[-1] if self.sent else self.sequence[0]
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        i = 0
-        while not self._stop.is_set():
-            self.sim.send_image(self.sequence[i % len(self.sequence)])
-            self.sent.append(self.sequence[i % len(self.sequence)])
-            i += 1
-            self._stop.wait(max(0.0, t0 + i * self.period - time.monotonic()))
-
-    def __enter__(self) -> Detector:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        self.sim.close()
-
-
 def write(
     daq: Daq, n_images: int, name: str, during: Any = None
 ) -> tuple[dict[str, Any], dict[str, Any], Path]:
@@ -175,7 +139,7 @@ def read_file(path: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, h5py.
 def test_spoofed_and_absurd_packets_during_a_write_never_reach_the_file(daq: Daq) -> None:
     config = daq.config
     n_images = 100
-    with Detector(config, list(range(1, 10**6)), rate=50) as detector:
+    with SequenceDetector(config, list(range(1, 10**6)), rate=50) as detector:
         wait_for(lambda: len(detector.sent) >= 5, "the detector streaming", 60)
         spoofer = Spoofer(config, 1500, 4000, list(SpoofKind), near=lambda: detector.last)
         final, broker, path = write(daq, n_images, "hostile.h5", during=spoofer.start)
@@ -221,7 +185,7 @@ def test_restarted_numberings_and_lost_frames_during_a_write_are_written_as_sent
     config = daq.config
     sequence = [*range(1, 41), *range(1, 21), *range(500, 520)]
     n_images = 150
-    with Detector(config, sequence, rate=50) as detector:
+    with SequenceDetector(config, sequence, rate=50) as detector:
         wait_for(lambda: len(detector.sent) >= 5, "the detector streaming", 60)
         final, broker, path = write(daq, n_images, "restarts.h5")
         sent = list(detector.sent)

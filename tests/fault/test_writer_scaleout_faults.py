@@ -16,9 +16,20 @@ import requests
 from daq_backend.broker.protocol import Action
 from daq_backend.messages import FAULT_BOUND, EndReason
 from daq_backend.testing import wait_for
+from daq_backend.testing.up import (
+    Broker,
+    Detector,
+    assert_agree,
+    assert_rows,
+    final_everywhere,
+    kill_service,
+    leading,
+    part_paths,
+    report,
+    scaled_daq,
+    submit,
+)
 from daq_backend.writer import layout, master
-from tests.fault.test_writer_faults import Broker, Detector, final_everywhere, kill_service, report, submit
-from tests.system.test_writer_scaleout import assert_agree, assert_rows, leading, part_paths, scaled_daq
 
 N_IMAGES = 500
 KILL_AT = 200

@@ -24,7 +24,6 @@ import bluesky.plan_stubs as bps
 import bluesky.plans as bp
 import bluesky.preprocessors as bpp
 import h5py
-import numpy as np
 import pytest
 import tiled.catalog
 import tiled.client
@@ -36,9 +35,7 @@ from bluesky.utils import Msg
 from ophyd.sim import SynAxis
 from ophyd_async.core import (
     DetectorTrigger,
-    StaticPathProvider,
     TriggerInfo,
-    UUIDFilenameProvider,
     init_devices,
     observe_value,
 )
@@ -48,27 +45,28 @@ from ophyd_async.testing import StatusWatcher, assert_configuration, assert_emit
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig
 from daq_backend.ram_buffer import SHM_DIR
-from daq_backend.simulator.pattern import expected_image
 from daq_backend.supervisor import read_status
 from daq_backend.testing import free_tcp_port, healthy, make_config, pid_alive, wait_for
 from std_daq_ophyd import StdDaqClient
 from std_daq_ophyd.async_devices import (
     DEADTIME_S,
     AcquisitionStepError,
-    AsyncTimeouts,
-    StdDaqAsyncDetector,
 )
 from std_daq_ophyd.documents import uri_path
-from std_daq_ophyd.testing import TIMEOUTS, Recorder, check_run, make_detector
+from std_daq_ophyd.testing import (
+    EXPOSURE_TIMEOUT,
+    EXPTIME,
+    PERIOD,
+    TIMEOUTS,
+    Recorder,
+    check_file,
+    check_run,
+    fly,
+    make_async_detector,
+    make_detector,
+)
 
 CLI = (sys.executable, "-m", "daq_backend.cli")
-PERIOD = 0.02  # 50 Hz: quick, and easy on two shared cores
-EXPTIME = 0.001
-#: generous bounds: other test suites share the machine
-ASYNC_TIMEOUTS = AsyncTimeouts(open_file=120.0, idle=120.0, missing=30.0, disarm=60.0, close_file=120.0)
-EXPOSURE_TIMEOUT = 120.0
-
-
 @dataclass
 class UpDaq:
     """A DAQ started by ``std-daq up``: what the v1 test helpers need (url, detector_name, config)."""
@@ -156,41 +154,12 @@ def tiled_client(tmp_path: Path, data_dir: Path) -> Iterator[Any]:
         yield tiled.client.from_context(context)
 
 
-def make_async_detector(daq: UpDaq, data_dir: Path, name: str = "det") -> StdDaqAsyncDetector:
-    with init_devices():
-        det = StdDaqAsyncDetector(daq.url, StaticPathProvider(UUIDFilenameProvider(), data_dir),
-                                  timeouts=ASYNC_TIMEOUTS, name=name)
-    return det
-
-
 def emitted(recorder: Recorder) -> dict[str, list[dict[str, Any]]]:
     """Documents by name in order of first appearance (what ``assert_emitted`` takes)."""
     docs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for name, doc in recorder.docs:
         docs[name].append(doc)
     return docs
-
-
-def check_file(daq: UpDaq, recorder: Recorder, images: np.ndarray, status: np.ndarray, n_rows: int) -> Path:
-    """The arrays Tiled read equal the file, row for row, and the file is what the simulator sent."""
-    assert recorder.invalid == []
-    stop, = recorder.of("stop")
-    assert stop["exit_status"] == "success", stop
-    resources = recorder.of("stream_resource")
-    assert {r["data_key"] for r in resources} == {"det", "det-status"}
-    path = Path(uri_path(resources[0]["uri"]))
-    with h5py.File(path, "r") as h5:
-        assert h5.attrs["status"] == "completed"
-        data, ids, file_status = (h5["/entry/data/data"][:], h5["/entry/data/image_id"][:],
-                                  h5["/entry/data/status"][:])
-    assert data.shape == (n_rows, *daq.config.image_shape)
-    np.testing.assert_array_equal(images, data)
-    np.testing.assert_array_equal(status, file_status)
-    assert not file_status.any()
-    np.testing.assert_array_equal(ids, np.arange(ids[0], ids[0] + n_rows))
-    for image, image_id in zip(data, ids, strict=True):
-        np.testing.assert_array_equal(image, expected_image(daq.config, int(image_id)), err_msg=str(image_id))
-    return path
 
 
 def test_count_yields_valid_documents_and_tiled_reads_exact_images(up_daq: UpDaq, data_dir: Path,
@@ -264,21 +233,6 @@ def test_bp_scan_keeps_the_detectors_settings(up_daq: UpDaq, data_dir: Path, RE:
     assert client.detector_settings(up_daq.detector_name).period == pytest.approx(PERIOD)
     with h5py.File(uri_path(docs["stream_resource"][0]["uri"]), "r") as h5:
         assert h5["/entry/data/data"].shape[0] == 6
-
-
-def fly(det: StdDaqAsyncDetector, info: TriggerInfo) -> Generator[Msg, Any, None]:
-    """prepare / kickoff / collect while completing, as ophyd-async fly scans do."""
-
-    @bpp.stage_decorator([det])
-    @bpp.run_decorator()
-    def inner() -> Generator[Msg, Any, None]:
-        yield from bps.prepare(det, info, wait=True)
-        yield from bps.declare_stream(det, name="primary", collect=True)
-        yield from bps.kickoff(det, wait=True)
-        yield from bps.collect_while_completing(flyers=[det], dets=[det], flush_period=0.5,
-                                                stream_name="primary")
-
-    return (yield from inner())
 
 
 def test_fly_scan_collects_every_image(up_daq: UpDaq, data_dir: Path, RE: RunEngine, recorder: Recorder,

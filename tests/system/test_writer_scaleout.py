@@ -13,12 +13,6 @@ The kill -9 of one of several writers is in ``tests/fault/test_writer_scaleout_f
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import bluesky.plans as bp
@@ -33,96 +27,37 @@ from bluesky import RunEngine
 from bluesky.callbacks.tiled_writer import TiledWriter
 from ophyd.sim import SynAxis
 
-from daq_backend import ipc
 from daq_backend.broker import Transport
 from daq_backend.broker.protocol import Action
-from daq_backend.config import DetectorConfig
-from daq_backend.messages import ImageAccounting
-from daq_backend.simulator.pattern import expected_image
-from daq_backend.testing import assert_no_leftovers, free_tcp_port, healthy, make_config, pid_alive, wait_for
+from daq_backend.testing import wait_for
+from daq_backend.testing.up import (
+    Broker,
+    Detector,
+    assert_agree,
+    assert_rows,
+    leading,
+    part_paths,
+    scaled_daq,
+    submit,
+    writer_names,
+)
 from daq_backend.testing.writer import Harness, expected_pixels
 from daq_backend.testing.writer import make_config as writer_config
-from daq_backend.topology import h5_writer_name
 from daq_backend.writer import layout, master
 from std_daq_ophyd.sim import EmbeddedDaq, LocalDaq, simulated_config
-from std_daq_ophyd.testing import RABBITMQ_URL, Recorder, check_run, make_detector
-from tests.fault.test_writer_faults import CLI, Broker, Daq, Detector, submit
+from std_daq_ophyd.testing import (
+    EXPOSURE_TIMEOUT,
+    EXPTIME,
+    PERIOD,
+    Recorder,
+    check_file,
+    check_run,
+    fly,
+    make_async_detector,
+    make_detector,
+)
 
 N_IMAGES = 120
-
-
-def writer_names(n_writers: int) -> set[str]:
-    return {h5_writer_name(index) for index in ipc.writer_indices(n_writers)}
-
-
-@contextlib.contextmanager
-def scaled_daq(ipc_dir: str, folder: Path, n_writers: int) -> Iterator[Daq]:
-    """``std-daq up`` of a 1-module Jungfrau with ``n_writers`` h5 writers on RabbitMQ, every service
-    alive, REST healthy."""
-    output = folder / "data"
-    output.mkdir()
-    config = make_config("jungfrau", frame_ring_slots=64, image_ring_slots=256, module_sync_timeout=2.0,
-                         n_writers=n_writers)
-    path = folder / "detector.json"
-    path.write_text(json.dumps(config.to_json_dict()))
-    port = free_tcp_port()
-    env = dict(os.environ, STD_DAQ_IPC_DIR=ipc_dir)
-    proc = subprocess.Popen([*CLI, "up", str(path), "--rest-port", str(port), "--status-interval", "0.2",
-                             "--broker-url", RABBITMQ_URL, "--output-root", str(output),
-                             "--log-level", "WARNING"], env=env)
-    daq = Daq(config, f"http://127.0.0.1:{port}", output)
-    expected = {"receiver-0", "assembler", "writer-agent", "rest", *writer_names(n_writers)}
-    pids: list[int] = []
-    try:
-        def up() -> list[int] | None:
-            if not os.path.exists(ipc.status_file(config.detector_name)):
-                return None
-            services = daq.services()
-            if set(services) == expected and all(s["alive"] for s in services.values()):
-                return [s["pid"] for s in services.values()]
-            return None
-
-        pids = wait_for(up, "every service of std-daq up alive", 180)
-        wait_for(lambda: healthy(daq.url), "REST API healthy", 120)
-        yield daq
-        pids = [s["pid"] for s in daq.services().values()]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(90) == 0
-    assert pids and not any(pid_alive(p) for p in pids)
-    assert_no_leftovers(config, ipc_dir)
-
-
-def part_paths(output: Path, n_writers: int) -> list[Path]:
-    return [output.with_name(master.part_file_name(output, k)) for k in range(n_writers)]
-
-
-def leading(output: Path) -> int:
-    """The master's complete leading rows now (0 until the master and its parts exist)."""
-    try:
-        return master.leading_rows(master.part_rows(output))
-    except (OSError, KeyError):
-        return 0
-
-
-def assert_rows(config: DetectorConfig, h5: h5py.File, n_rows: int) -> np.ndarray:
-    """The master's first ``n_rows`` rows: consecutive ids, good, each the simulator's image."""
-    ids = h5[layout.IMAGE_ID][:n_rows].astype(np.int64)
-    assert len(ids) == n_rows and np.all(np.diff(ids) == 1), ids
-    assert not h5[layout.STATUS][:n_rows].any()
-    data = h5[layout.DATA]
-    for row in range(n_rows):
-        np.testing.assert_array_equal(data[row], expected_image(config, int(ids[row])), err_msg=f"row {row}")
-    return ids
-
-
-def assert_agree(rest: dict[str, object], counts: dict[str, int], n_requested: int) -> None:
-    assert rest["n_written"] == counts["n_written"]
-    assert rest["n_missing_images"] == counts["n_lost"]
-    assert rest["n_incomplete_images"] == counts["n_incomplete"]
-    assert ImageAccounting(n_requested=n_requested, n_written=counts["n_written"], n_good=counts["n_good"],
-                           n_incomplete=counts["n_incomplete"], n_lost=counts["n_lost"],
-                           n_not_written=n_requested - counts["n_written"]).balanced()
 
 
 @pytest.mark.parametrize(("n_writers", "compression"), [(2, "none"), (4, "none"), (2, "bitshuffle-lz4")])
@@ -227,14 +162,6 @@ def test_ophyd_async_fly_scan_and_tiled_read_the_master(ipc_env: str, tmp_path: 
     writers: one StreamResource per data key, naming the master, and Tiled reads it pixel-exact."""
     from ophyd_async.core import TriggerInfo
 
-    from tests.system.test_ophyd_async import (
-        EXPOSURE_TIMEOUT,
-        EXPTIME,
-        PERIOD,
-        check_file,
-        fly,
-        make_async_detector,
-    )
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
