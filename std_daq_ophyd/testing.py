@@ -69,6 +69,7 @@ class Recorder:
         self.invalid: list[str] = []
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        """Record one document (invalid ones are recorded too, with the reason in ``invalid``)."""
         try:
             schema_validators[DocumentNames[name]].validate(doc)
         except Exception as exc:
@@ -159,10 +160,14 @@ class DaqLike(Protocol):
     """What the ophyd-async helpers need of a DAQ: its REST URL and its detector's config."""
 
     @property
-    def url(self) -> str: ...
+    def url(self) -> str:
+        """The DAQ's REST URL."""
+        ...
 
     @property
-    def config(self) -> DetectorConfig: ...
+    def config(self) -> DetectorConfig:
+        """The detector's config."""
+        ...
 
 
 #: generous bounds: other test suites share the machine

@@ -163,11 +163,13 @@ class UdpSender:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
 
     def send(self, module_id: int, datagrams: Sequence[bytes]) -> None:
+        """Send ``datagrams`` to module ``module_id``'s UDP port, in order."""
         address = (self.config.udp_host, self.config.udp_port(module_id))
         for d in datagrams:
             self.sock.sendto(d, address)
 
     def close(self) -> None:
+        """Close the socket."""
         self.sock.close()
 
 
@@ -211,6 +213,7 @@ class InProcessReadout:
                 self.metadata.append(ImageMetadata.unpack(self._sub.recv()))
 
     def wait_images(self, n: int, timeout: float = 120.0) -> None:
+        """Wait until the assembler has assembled ``n`` images."""
         wait_for(lambda: self.assembler.stats.images >= n, f"{n} images ({self.assembler.stats})", timeout)
 
     def image(self, image_id: int) -> tuple[ImageMetadata, np.ndarray]:
@@ -222,6 +225,7 @@ class InProcessReadout:
         return meta, image
 
     def close(self) -> None:
+        """Stop the threads, then close receivers, assembler, rings and sockets."""
         for r in self.receivers.values():
             r.stop()
         self.assembler.stop()
@@ -275,12 +279,16 @@ class ReceiverHarness:
         return words.astype("<u2").tobytes()
 
     def datagrams(self, image_id: int, fill: int, **kwargs: int) -> list[bytes]:
+        """The datagrams of image ``image_id`` with the ``frame`` of ``fill`` (``kwargs`` go to the
+        layout's encoder)."""
         return self.layout.encode_datagrams(self.module_id, self.frame(image_id, fill), image_id, **kwargs)
 
     def send(self, datagrams: list[bytes]) -> None:
+        """Send ``datagrams`` to the receiver's port."""
         self.sender.send(self.module_id, datagrams)
 
     def next_frame(self, timeout: float = 60.0) -> ModuleFrame:
+        """The next frame the receiver committed (fails after ``timeout`` s, naming its stats)."""
         try:
             seq, meta = self.commits.get(timeout=timeout)
         except queue.Empty:
@@ -292,9 +300,11 @@ class ReceiverHarness:
         return frame
 
     def slot(self, image_id: int) -> bytes:
+        """The bytes of ``image_id``'s slot in the frame ring."""
         return self.ring.read(image_id)
 
     def close(self) -> None:
+        """Stop the receiver and close its socket, ring and the sender."""
         self.receiver.stop()
         self.thread.join(30)
         self.sender.close()

@@ -43,14 +43,17 @@ class BrokerProxy:
 
     @property
     def is_cut(self) -> bool:
+        """Whether the proxy is cut (no listening socket)."""
         return self._listener is None
 
     def start(self) -> BrokerProxy:
+        """Listen and start forwarding in a thread; returns the proxy."""
         self._listen()
         self._thread.start()
         return self
 
     def close(self) -> None:
+        """Stop forwarding and close every connection and socket."""
         self._stop.set()
         self._wake_w.send(b"x")
         self._thread.join(10)

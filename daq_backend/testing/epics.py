@@ -45,6 +45,7 @@ class Buffer:
 
     @property
     def pulse_times(self) -> list[int]:
+        """The EPICS timestamp (ns) of every buffered pulse id."""
         return [pulse_time(p) for p in self.pulses]
 
     def writer(self, **settings: Any) -> EpicsWriter:

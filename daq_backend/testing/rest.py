@@ -68,13 +68,16 @@ class RestHarness:
 
     @property
     def url(self) -> str:
+        """Base URL of the live REST API."""
         return self.server.url
 
     @property
     def control(self) -> DetectorControl:
+        """The detector control of the harness's detector."""
         return self.controls[self.config.detector_name]
 
     def file(self, name: str) -> str:
+        """A path for an output file ``name`` inside the harness's data folder."""
         return str(self.data / name)
 
     def wait_state(self, request_id: str, *states: str, timeout: float = WAIT_S) -> dict[str, Any]:
@@ -103,11 +106,13 @@ class RestHarness:
         return answer
 
     def stop_writer(self) -> None:
+        """Stop the writer (the API then sees no writer)."""
         if self.writer is not None:
             self.writer.stop()
             self.writer = None
 
     def close(self) -> None:
+        """Stop server, backend, writer, assembler and broker; remove the writer's journal."""
         self.http.close()
         self.server.stop()
         self.backend.close()

@@ -63,6 +63,8 @@ class Producer:
         self.order: list[int] = []
 
     def publish(self, image_id: int) -> bytes:
+        """Write ``image_id`` into A's ring and PUBlish its metadata (every third id misses packets);
+        returns the metadata."""
         h, w = self.config.image_shape
         missing = image_id % 3
         status = ImageStatus.MISSING_PACKETS if missing else ImageStatus.GOOD
@@ -76,6 +78,7 @@ class Producer:
         return meta
 
     def close(self) -> None:
+        """Close the PUB socket and the ring."""
         self.pub.close()
         self.ring.close()
 
@@ -93,9 +96,11 @@ class MetadataWatcher:
 
     @property
     def ids(self) -> list[int]:
+        """The image ids of the messages received so far."""
         return [ImageMetadata.unpack(m).id for m in self.messages]
 
     def drain(self) -> int:
+        """Take every message waiting now; returns how many were received in all."""
         while True:
             try:
                 self.messages.append(self.sub.recv(zmq.NOBLOCK))
@@ -103,6 +108,7 @@ class MetadataWatcher:
                 return len(self.messages)
 
     def close(self) -> None:
+        """Close the SUB socket."""
         self.sub.close()
 
 
@@ -121,6 +127,7 @@ class Host:
 
     @contextmanager
     def env(self) -> Iterator[None]:
+        """Within the block, this process uses the host's ipc directory and /dev/shm prefix."""
         saved = {k: os.environ.get(k) for k in ("STD_DAQ_IPC_DIR", "STD_DAQ_SHM_PREFIX")}
         os.environ["STD_DAQ_IPC_DIR"] = str(self.dir)
         os.environ["STD_DAQ_SHM_PREFIX"] = self.prefix
@@ -134,11 +141,14 @@ class Host:
                     os.environ[key] = value
 
     def process_env(self) -> dict[str, str]:
+        """The environment of a process on this host."""
         env = dict(os.environ)
         env.update(STD_DAQ_IPC_DIR=str(self.dir), STD_DAQ_SHM_PREFIX=self.prefix)
         return env
 
     def start_receiver(self, address: str, netns: str | None = None) -> subprocess.Popen[bytes]:
+        """Start stream-recv on this host (optionally in network namespace ``netns``), connected to
+        ``address``."""
         cmd = [sys.executable, "-m", "daq_backend.stream.recv", str(self.config_file), "--address", address,
                "--log-level", "DEBUG"]
         if netns:
@@ -150,23 +160,28 @@ class Host:
         return proc
 
     def state(self) -> dict[str, int]:
+        """stream-recv's state on this host (empty before it wrote one)."""
         with self.env():
             return read_recv_state(self.config) or {}
 
     def attach_ring(self) -> RingBuffer:
+        """Attach to the host's image ring."""
         with self.env():
             return RingBuffer.attach(ipc.image_ring_name(self.config.detector_name), timeout=TIMEOUT)
 
     def watcher(self) -> MetadataWatcher:
+        """A ``MetadataWatcher`` on the host's ImageMetadata stream."""
         with self.env():
             return MetadataWatcher(ipc.image_metadata_address(self.config.detector_name))
 
     def shm_names(self) -> list[str]:
+        """The shared-memory names stream-recv makes on this host."""
         with self.env():
             return [ipc.image_ring_name(self.config.detector_name),
                     ipc.stream_recv_state_name(self.config.detector_name)]
 
     def cleanup(self) -> None:
+        """SIGKILL the host's processes and remove its shared memory."""
         for proc in self.procs:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -175,6 +190,7 @@ class Host:
             shm_path(name).unlink(missing_ok=True)
 
     def tail_log(self) -> str:
+        """The end of stream-recv's log on this host."""
         return self.log.read_text()[-4000:] if self.log.exists() else ""
 
 
@@ -217,5 +233,6 @@ def write_file(host: Host, output: Path, start_id: int, n_images: int) -> subpro
 
 
 def receiver_alive(proc: subprocess.Popen[bytes], host: Host) -> None:
+    """Fail, with its log, if stream-recv ``proc`` exited."""
     if proc.poll() is not None:
         raise AssertionError(f"stream-recv exited with {proc.returncode}:\n{host.tail_log()}")

@@ -61,22 +61,28 @@ FINAL = ("completed", "interrupted", "failed")
 
 @dataclass
 class Daq:
+    """A running ``std-daq up``: its detector config, REST URL and output root."""
     config: DetectorConfig
     url: str
     output: Path
 
     def services(self) -> dict[str, dict[str, Any]]:
+        """Every process's status entry, by name, from the supervisor's status file."""
         status = read_status(ipc.status_file(self.config.detector_name))
         return {s["name"]: s for s in status["services"]}
 
     def rest(self, request_id: str) -> dict[str, Any]:
+        """``GET /requests/{request_id}``."""
         return requests.get(f"{self.url}/requests/{request_id}", timeout=30).json()
 
     def writer_state(self) -> str:
+        """The writer's state from ``GET /writer/status``."""
         return requests.get(f"{self.url}/writer/status", timeout=30).json()["writer"]["state"]
 
 
 def start_daq(ipc_dir: str, folder: Path, output: Path) -> tuple[subprocess.Popen[bytes], Daq]:
+    """Start ``std-daq up`` of a one-module Jungfrau on RabbitMQ in the background; returns the process
+    and its ``Daq``."""
     config = make_config("jungfrau", frame_ring_slots=64, image_ring_slots=256, module_sync_timeout=2.0)
     path = folder / "detector.json"
     path.write_text(json.dumps(config.to_json_dict()))
@@ -162,12 +168,14 @@ class Broker:
         self.transport.close()
 
     def final(self, request_id: str, timeout: float) -> tuple[Action, Any]:
+        """The (action, message) of the request's final broker status."""
         done = self.aggregator.wait_for_complete(request_id, timeout=timeout)
         (action, message), = [reports[-1] for reports in done["services"].values()]
         return action, message
 
 
 def rows(path: Path) -> int:
+    """The rows written to ``path`` so far (0 while it cannot be read)."""
     try:
         with h5py.File(path, "r", swmr=True) as h5:
             return layout.written_rows(h5)
@@ -176,6 +184,8 @@ def rows(path: Path) -> int:
 
 
 def submit(daq: Daq, name: str, n_images: int, **extra: Any) -> tuple[str, Path]:
+    """``POST /write_async`` of ``n_images`` to ``name`` in the output root; returns the request id and
+    the file."""
     output = daq.output / name
     body = {"output_file": str(output), "n_images": n_images, "timeout": 60, **extra}
     answer = requests.post(f"{daq.url}/write_async", json=body, timeout=60)
@@ -216,6 +226,7 @@ def file_state(path: Path) -> tuple[dict[str, Any], dict[str, int], np.ndarray]:
 
 
 def assert_pixels(config: DetectorConfig, path: Path, rows_to_check: list[int]) -> None:
+    """The rows ``rows_to_check`` of the file are the simulator's images of their ids."""
     with h5py.File(path, "r") as h5:
         for row in rows_to_check:
             image_id = int(h5[layout.IMAGE_ID][row])
@@ -245,6 +256,7 @@ def next_write_works(daq: Daq, name: str = "after.h5", n_images: int = 20) -> No
 
 
 def report(scenario: str, **numbers: Any) -> None:
+    """Print a scenario's measured numbers (seen with ``pytest -s``)."""
     print(f"\n[{scenario}] " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
 
 
@@ -262,6 +274,7 @@ class SequenceDetector:
 
     @property
     def last(self) -> int:
+        """The last image id sent (the first of the sequence before any)."""
         return self.sent[-1] if self.sent else self.sequence[0]
 
     def _run(self) -> None:
@@ -284,6 +297,7 @@ class SequenceDetector:
 
 
 def writer_names(n_writers: int) -> set[str]:
+    """The service names of ``n_writers`` h5 writers."""
     return {h5_writer_name(index) for index in ipc.writer_indices(n_writers)}
 
 
@@ -326,6 +340,7 @@ def scaled_daq(ipc_dir: str, folder: Path, n_writers: int) -> Iterator[Daq]:
 
 
 def part_paths(output: Path, n_writers: int) -> list[Path]:
+    """The part files of the master ``output`` written by ``n_writers`` writers."""
     return [output.with_name(master.part_file_name(output, k)) for k in range(n_writers)]
 
 
@@ -349,6 +364,7 @@ def assert_rows(config: DetectorConfig, h5: h5py.File, n_rows: int) -> np.ndarra
 
 
 def assert_agree(rest: dict[str, object], counts: dict[str, int], n_requested: int) -> None:
+    """File and REST agree on the rows, and every requested image is accounted for."""
     assert rest["n_written"] == counts["n_written"]
     assert rest["n_missing_images"] == counts["n_lost"]
     assert rest["n_incomplete_images"] == counts["n_incomplete"]

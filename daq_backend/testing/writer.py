@@ -36,6 +36,7 @@ from daq_backend.writer.h5_writer import journal_path
 
 
 def unique(prefix: str) -> str:
+    """``prefix`` and ten random hex digits (a name no other test uses)."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
@@ -78,10 +79,12 @@ class FakeAssembler:
         self._h, self._w = h, w
 
     def metadata(self, image_id: int, status: int = ImageStatus.GOOD, n_missing: int = 0) -> ImageMetadata:
+        """The ImageMetadata of image ``image_id`` with ``status`` and ``n_missing`` packets."""
         return ImageMetadata(image_id, self._h, self._w, self._code, status, user_1=n_missing)
 
     def produce(self, image_id: int, *, status: int = ImageStatus.GOOD, n_missing: int = 0,
                 publish: bool = True, pixels: np.ndarray | None = None) -> None:
+        """Write image ``image_id`` into its ring slot and (with ``publish``) PUBlish its metadata."""
         packed = self.metadata(image_id, status, n_missing).pack()
         data = expected_pixels(self.config, image_id) if pixels is None else pixels
         with self._lock:
@@ -120,12 +123,14 @@ class FakeAssembler:
         return self
 
     def stop(self) -> None:
+        """Stop the background loop of ``start``."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
             self._thread = None
 
     def close(self) -> None:
+        """Stop, close the PUB socket and the ring."""
         self.stop()
         self.pub.close()
         ipc.unlink_ipc(ipc.image_metadata_address(self.config.detector_name))
@@ -160,6 +165,7 @@ class Driver:
 
     def send(self, op: StoreOp, request_id: str, output_file: str, n_images: int, i_image: int = 0,
              meta: ImageMetadata | None = None, **extra: Any) -> None:
+        """PUSH one StoreStream message of ``op`` for the current run."""
         self.push.send(StoreStream(
             output_file=output_file, run_id=self.run_id, n_images=n_images,
             image_id=meta.id if meta else 0, i_image=i_image, op=op, request_id=request_id,
@@ -167,6 +173,7 @@ class Driver:
         ).to_json())
 
     def start(self, output_file: Path, n_images: int, **request: Any) -> str:
+        """Start a new run writing ``n_images`` to ``output_file``; returns its request id."""
         self.run_id += 1
         request_id = str(uuid.uuid4())
         body = {"output_file": str(output_file), "n_images": n_images, **request}
@@ -174,6 +181,7 @@ class Driver:
         return request_id
 
     def close(self) -> None:
+        """Close the sockets and remove the ipc endpoint."""
         self.push.close()
         self.sub.close()
         ipc.unlink_ipc(ipc.writer_agent_address(self.config.detector_name))
@@ -197,13 +205,16 @@ class Harness:
         self.writer: DetectorWriter | None = None
 
     def start_writer(self, **options: Any) -> DetectorWriter:
+        """Start a ``DetectorWriter`` of the detector on the harness's broker."""
         self.writer = DetectorWriter(self.config, self.transport, tag=self.tag, **options).start()
         return self.writer
 
     def request(self, **body: Any) -> str:
+        """Send a write request; returns its id."""
         return self.client.request(body)
 
     def wait(self, request_id: str, timeout: float = WAIT_S) -> dict[str, Any]:
+        """The request's complete status (every service final)."""
         return self.aggregator.wait_for_complete(request_id, timeout)
 
     def final(self, request_id: str, timeout: float = WAIT_S) -> tuple[Action, Any]:
@@ -212,10 +223,12 @@ class Harness:
         return done["services"]["writer_agent"][-1]
 
     def progress(self, request_id: str) -> list[Any]:
+        """Every progress message of the request received so far."""
         return [s.message for s in list(self.statuses)
                 if s.request_id == request_id and s.action is Action.PROGRESS]
 
     def close(self) -> None:
+        """Stop writer, aggregator and fake assembler; remove the writer's journal."""
         if self.writer is not None:
             self.writer.stop()
         self.aggregator.stop()
