@@ -71,6 +71,8 @@ def wait_for(predicate: Callable[[], Any], what: str = "condition", timeout: flo
     Raises ``AssertionError("timed out after <timeout> s waiting for <what>")`` once ``timeout`` seconds
     have passed, so a test that waits for a condition fails naming it. The predicate is called one last
     time after the deadline: a condition met just then still counts."""
+    if not isinstance(what, str):
+        raise TypeError(f"wait_for(predicate, what, timeout): what must name the condition, got {what!r}")
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
