@@ -11,13 +11,12 @@ from typing import Any
 
 import h5py
 
+from daq_backend.messages import OPEN_ENDED
 from std_daq_ophyd.client import StdDaqClient
 from std_daq_ophyd.sim import EmbeddedDaq
 from tests.ophyd_fixtures import daq, data_dir, ipc_dir
 
 __all__ = ["daq", "data_dir", "ipc_dir"]
-
-OPEN_ENDED = 2**31 - 1
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
