@@ -29,6 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field
 #: Seconds within which every interface reports the final state of a request after a fault.
 FAULT_BOUND = 10.0
 
+#: ``n_images`` of a request that runs until it is stopped (the ophyd devices' one file per run)
+OPEN_ENDED = 2**31 - 1
+
+
+def images_of(n_written: int, n_images: int) -> str:
+    """``"93 of 500 images"``, or ``"93 images (open-ended request)"`` for an :data:`OPEN_ENDED` one."""
+    if n_images >= OPEN_ENDED:
+        return f"{n_written} images (open-ended request)"
+    return f"{n_written} of {n_images} images"
+
 
 class RequestState(str, Enum):
     """Life of one write request."""

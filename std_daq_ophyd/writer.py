@@ -20,14 +20,11 @@ from typing import Any
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
-from daq_backend.messages import FINAL_STATES
+from daq_backend.messages import FINAL_STATES, OPEN_ENDED
 from daq_backend.rest.models import RequestStatus
 from daq_backend.writer.roots import default_data_root
 from std_daq_ophyd.client import StdDaqClient, StdDaqError
 
-#: A write request with no natural end (one file per run, the run's length unknown at stage);
-#: the file is finished on unstage.
-OPEN_ENDED = 2**31 - 1
 DEFAULT_TEMPLATE = "{name}_{date:%Y%m%d-%H%M%S}_{uid}.h5"
 
 

@@ -46,12 +46,16 @@ class StatusAggregator:
     Listener callbacks run on the transport's delivery thread, after the state was updated.
     """
 
-    def __init__(self, transport: Transport, tag: str = "#", max_requests: int = 100) -> None:
+    def __init__(self, transport: Transport, tag: str = "#", max_requests: int = 100,
+                 queue: str | None = None) -> None:
+        """``queue``: a name the status queue keeps across restarts of this process (see
+        ``Transport.consume``): statuses sent while it restarts wait for it (None: a queue of its own)."""
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, got {max_requests}")
         self.transport = transport
         self.tag = tag
         self.max_requests = max_requests
+        self.queue = queue
         self._status: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._condition = threading.Condition()
         self._listeners: list[Callable[[StatusMessage], None]] = []
@@ -59,7 +63,8 @@ class StatusAggregator:
 
     def start(self) -> None:
         if self._cancel is None:
-            self._cancel = self.transport.consume(STATUS_EXCHANGE, self.tag, self._on_message)
+            self._cancel = self.transport.consume(STATUS_EXCHANGE, self.tag, self._on_message,
+                                                  queue=self.queue)
 
     def stop(self) -> None:
         cancel, self._cancel = self._cancel, None

@@ -740,12 +740,14 @@ class DaqBackend:
         idle_grace: float = IDLE_GRACE,
         owns_transport: bool = False,
         owns_controls: bool = False,
+        status_queue: str | None = None,
     ) -> None:
         self.config_store = ConfigStore(config, config_path, on_config_change)
         self.transport = transport
         self.tag = tag or config.detector_name
         self.client = BrokerClient(transport, self.tag)
-        self.aggregator = StatusAggregator(transport, tag=self.tag)
+        # a restarted API (same host and port) finds the statuses sent while it was down in its queue
+        self.aggregator = StatusAggregator(transport, tag=self.tag, queue=status_queue)
         self.tracker = RequestTracker(on_kill_again=self._kill_again)
         self.aggregator.add_listener(self.tracker.on_status)
         self.epics_tag = epics_tag

@@ -287,6 +287,8 @@ class RestService:
                 tag=opts.tag,
                 owns_transport=True,
                 owns_controls=True,
+                status_queue=(f"std-daq-status-{opts.tag or config.detector_name}-rest@"
+                              f"{socket.gethostname()}:{opts.port}" if opts.port else None),
             ).start()
             app = create_app(self.backend, token)
             self.server = RestServer(app, opts.host, opts.port, opts.log_level).start()

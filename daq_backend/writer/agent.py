@@ -81,7 +81,7 @@ from daq_backend.broker import BrokerService, RequestContext, Transport, make_tr
 from daq_backend.broker.protocol import Action
 from daq_backend.config import DetectorConfig, load_config
 from daq_backend.formats import DTYPE_CODES, ImageMetadata, StoreOp, StoreStream
-from daq_backend.messages import FAULT_BOUND, EndReason
+from daq_backend.messages import FAULT_BOUND, EndReason, images_of
 from daq_backend.ram_buffer import RingBuffer, SlotOverwritten
 from daq_backend.stats import Counters, StatsReporter
 from daq_backend.stats import service_name as reported_name
@@ -558,7 +558,7 @@ class WriterAgent:
         routing_key = str(entry.get("routing_key") or self.tag)
         self.service.report(Action.PROGRESS, request_id, routing_key, request, progress)
         self.service.report(Action.FAIL, request_id, routing_key, request,
-                            f"{why}, after {n_written} of {n_images} images; {output_file} holds them "
+                            f"{why}, after {images_of(n_written, n_images)}; {output_file} holds them "
                             f"({counts.get('status', 'status unknown')})")
         log.warning("writer agent: ended request %s left by a dead agent (%d of %d images in %s)", request_id,
                     n_written, n_images, output_file)
@@ -771,8 +771,8 @@ class _Request:
         self.n_incomplete = int(counts.get("n_incomplete_images", self.n_incomplete))
         self._file_closed()
         self._progress(force=True)
-        return WriterFailed(f"{EndReason.WRITER_DIED.value}: the h5 writer died after {self.n_written} of "
-                            f"{req.n_images} images ({exc}); {state}")
+        return WriterFailed(f"{EndReason.WRITER_DIED.value}: the h5 writer died after "
+                            f"{images_of(self.n_written, req.n_images)} ({exc}); {state}")
 
     def _part_writer_died(self, events: queue.Queue[tuple[str, Any]], exc: WriterDied) -> WriterFailed:
         """One of several h5 writers died: the others close their parts (``interrupted``, "writer
@@ -820,7 +820,7 @@ class _Request:
         self._finish_master(FILE_INTERRUPTED, f"{why}; {state}")
         self._file_closed()
         self._progress(force=True)
-        return WriterFailed(f"{why}, after {self.n_written} of {req.n_images} images ({exc}); "
+        return WriterFailed(f"{why}, after {images_of(self.n_written, req.n_images)} ({exc}); "
                             f"{req.output_file} holds them; {state}")
 
     def _dead_channel(self) -> int | None:
@@ -1112,15 +1112,15 @@ class _Request:
         status = str(finished.get("status", ""))
         where = f"file {req.output_file} is valid"
         if status.startswith("failed"):
-            raise WriterFailed(f"Failed after {self.n_written} of {req.n_images} images: "
+            raise WriterFailed(f"Failed after {images_of(self.n_written, req.n_images)}: "
                                f"{finished.get('message') or status}; "
                                f"{req.output_file} holds the images written")
         if reason.startswith(EndReason.SHUTDOWN.value):
-            raise WriteInterrupted(f"Interrupted: {reason} after {self.n_written} of {req.n_images} images; "
+            raise WriteInterrupted(f"Interrupted: {reason} after {images_of(self.n_written, req.n_images)}; "
                                    f"{where}")
         if reason == REASON_KILLED:
             raise WriteInterrupted(
-                f"Interrupted: killed after {self.n_written} of {req.n_images} images; {where}"
+                f"Interrupted: killed after {images_of(self.n_written, req.n_images)}; {where}"
             )
         if reason.startswith(REASON_TIMEOUT_PREFIX):
             raise WriteInterrupted(f"Interrupted: {reason.removeprefix(REASON_TIMEOUT_PREFIX).strip()} "

@@ -64,7 +64,7 @@ import zmq
 from daq_backend import ipc
 from daq_backend.config import DetectorConfig, load_config
 from daq_backend.formats import StoreOp, StoreStream
-from daq_backend.messages import EndReason
+from daq_backend.messages import EndReason, images_of
 from daq_backend.ram_buffer import AttachedRing, RingBuffer, SlotOverwritten
 from daq_backend.stats import Counters, StatsReporter, service_name
 from daq_backend.writer import layout, roots
@@ -431,7 +431,7 @@ class H5Writer:
             if reason == REASON_COMPLETED and run.file.n_written == run.n_images:
                 self._finish(FILE_COMPLETED, "")
             elif reason == REASON_COMPLETED:
-                self._finish(FILE_INTERRUPTED, f"stopped after {run.file.n_written} of {run.n_images} images")
+                self._finish(FILE_INTERRUPTED, f"stopped after {images_of(run.file.n_written, run.n_images)}")
             elif reason == REASON_KILLED:
                 self._finish(FILE_INTERRUPTED, "killed by request")
             elif reason == REASON_FINISHED:

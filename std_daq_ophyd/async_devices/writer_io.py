@@ -22,7 +22,7 @@ from typing import Any
 
 from ophyd_async.core import Device, soft_signal_r_and_setter
 
-from daq_backend.messages import FINAL_STATES, RequestState
+from daq_backend.messages import FINAL_STATES, OPEN_ENDED, RequestState
 from daq_backend.rest.models import RequestStatus
 from daq_backend.writer.layout import COMPRESSIONS
 from daq_backend.writer.request import WriteRequest
@@ -37,7 +37,6 @@ from std_daq_ophyd.async_devices.steps import (
     poll_until,
 )
 from std_daq_ophyd.client import AsyncStdDaqClient, StdDaqError
-from std_daq_ophyd.writer import OPEN_ENDED
 
 #: the action the writer reports once it created the file and follows the images
 FOLLOWING = "request_progress"

@@ -5,6 +5,10 @@ from the built-in simulator on loopback.
 * ``kill -9`` of the assembler: the image ring is re-created by the restarted assembler and the
   writer follows it; the file holds the images of the old ring, then those of the new one (pixel
   for pixel), and only the outage is missing (a jump of the image ids), no row is lost;
+* ``kill -9`` of the receiver: the restarted receiver's new frame ring is followed; only the outage
+  is missing (one jump of the ids), the write completes;
+* ``kill -9`` of the REST API: the write goes on; the restarted API (same port) finds the request's
+  statuses in its status queue and answers its final state;
 * ``kill -9`` of the h5 writer and of the writer agent: the request reaches its final state in REST,
   the broker status and ``/writer/status`` within ``FAULT_BOUND``, REST's ``n_written`` equals the
   recovered file's complete rows, its ``end_reason`` names the process that died, a ``write_sync``
@@ -36,10 +40,9 @@ import requests
 
 from daq_backend.broker.protocol import Action
 from daq_backend.messages import FAULT_BOUND, EndReason
-from daq_backend.testing import (
-    wait_for,
-)
+from daq_backend.testing import healthy, wait_for
 from daq_backend.testing.up import (
+    FINAL,
     Broker,
     Daq,
     Detector,
@@ -140,6 +143,60 @@ class SyncCaller:
         assert not self.thread.is_alive() and self.answer["at"] - since <= FAULT_BOUND, self.answer
         assert self.answer["code"] == 200, self.answer
         return self.answer
+
+
+def test_kill_9_of_the_receiver_mid_write_only_the_outage_is_missing(daq: Daq) -> None:
+    """The restarted receiver re-creates its frame ring, the assembler follows it, and the write goes
+    on to its ``n_images``: images of the outage never became images (one jump of the ids), a frame
+    cut by the kill is flagged; before and after, every row is as sent."""
+    with Detector(daq.config), Broker(daq.config.detector_name) as broker:
+        request_id, path = submit(daq, "receiver.h5", N_IMAGES)
+        wait_for(lambda: rows(path) >= KILL_AT, f"{KILL_AT} images written", 180)
+        old = daq.services()["receiver-0"]["pid"]
+        killed = kill_service(daq, "receiver-0")
+        wait_for(lambda: (s := daq.services()["receiver-0"])["alive"] and s["pid"] != old,
+                 "the receiver restarted", 60)
+        rest, (action, message), _ = final_everywhere(daq, broker, request_id, time.monotonic(), 180)
+        took = time.monotonic() - killed
+    attrs, counts, ids = file_state(path)
+    assert rest["state"] == "completed" and action is Action.SUCCESS, (rest, message)
+    assert attrs["status"] == "completed" and counts["n_written"] == N_IMAGES
+    steps = np.diff(ids)
+    assert np.all(steps >= 1)
+    assert len(np.flatnonzero(steps > 1)) <= 1, "the ids jump once: the outage"
+    with h5py.File(path, "r") as h5:
+        status = h5[layout.STATUS][:]
+    flagged = np.flatnonzero(status != 0)
+    assert len(flagged) <= 2 and all(row >= KILL_AT for row in flagged), flagged  # the frames cut by the kill
+    good = [row for row in (0, KILL_AT - 1, N_IMAGES - 1) if row not in flagged]
+    assert_pixels(daq.config, path, good)
+    assert_balanced(rest, counts, N_IMAGES)
+    report("kill -9 receiver", rows_in_file=counts["n_written"], ids_skipped=int(np.sum(steps - 1)),
+           rows_flagged=len(flagged), final=rest["state"], seconds_from_kill_to_final=round(took, 1))
+
+
+def test_kill_9_of_the_rest_api_mid_write_the_request_goes_on(daq: Daq) -> None:
+    """The write does not depend on the REST process: it completes while the API restarts, and the
+    restarted API learns the request from its next status on the broker."""
+    with Detector(daq.config), Broker(daq.config.detector_name) as broker:
+        request_id, path = submit(daq, "rest.h5", N_IMAGES)
+        wait_for(lambda: rows(path) >= KILL_AT, f"{KILL_AT} images written", 180)
+        old = daq.services()["rest"]["pid"]
+        kill_service(daq, "rest")
+        wait_for(lambda: (s := daq.services()["rest"])["alive"] and s["pid"] != old and healthy(daq.url),
+                 "the REST API restarted", 60)
+
+        def known_and_final() -> dict[str, Any] | None:
+            answer = requests.get(f"{daq.url}/requests/{request_id}", timeout=30)
+            return answer.json() if answer.status_code == 200 and answer.json()["state"] in FINAL else None
+
+        rest = wait_for(known_and_final, "the restarted API's final state of the request", 180)
+        action, message = broker.final(request_id, timeout=60)
+        next_write_works(daq)
+    attrs, counts, ids = file_state(path)
+    assert rest["state"] == "completed" and action is Action.SUCCESS, (rest, message)
+    assert attrs["status"] == "completed" and counts["n_good"] == N_IMAGES and np.all(np.diff(ids) == 1)
+    assert_balanced(rest, counts, N_IMAGES)
 
 
 def test_kill_9_of_the_h5_writer_mid_write_ends_the_request_within_the_bound(daq: Daq) -> None:

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import h5py
 
+from daq_backend.messages import OPEN_ENDED
 from daq_backend.testing import wait_for
 from std_daq_ophyd.client import StdDaqClient
 from std_daq_ophyd.sim import EmbeddedDaq
-
-OPEN_ENDED = 2**31 - 1
 
 
 def acquire(client: StdDaqClient, daq: EmbeddedDaq, path: Path, n: int) -> str:
