@@ -65,17 +65,21 @@ WAIT_S = 120.0
 
 
 def wait_for(predicate: Callable[[], Any], what: str = "condition", timeout: float = WAIT_S, *,
-             interval: float = 0.01) -> Any:
+             interval: float = 0.01, ignore: tuple[type[BaseException], ...] = ()) -> Any:
     """Call ``predicate`` every ``interval`` seconds until it returns something truthy, and return that.
 
     Raises ``AssertionError("timed out after <timeout> s waiting for <what>")`` once ``timeout`` seconds
     have passed, so a test that waits for a condition fails naming it. The predicate is called one last
-    time after the deadline: a condition met just then still counts."""
+    time after the deadline: a condition met just then still counts. An exception of a type in
+    ``ignore`` (say ``requests.ConnectionError`` while a server starts) counts as "not yet"."""
     if not isinstance(what, str):
         raise TypeError(f"wait_for(predicate, what, timeout): what must name the condition, got {what!r}")
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except ignore:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:

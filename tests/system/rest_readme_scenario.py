@@ -44,7 +44,8 @@ def report(example: str, status: int, body: Any) -> None:
 def finished(request_id: str) -> None:
     """Wait for an async request to end, then free /tmp/test.h5 for the next example."""
     final = ("completed", "interrupted", "failed")
-    wait_for(lambda: requests.get(f"{BASE}/requests/{request_id}").json()["state"] in final, "request end")
+    wait_for(lambda: requests.get(f"{BASE}/requests/{request_id}").json()["state"] in final, "request end",
+             120.0, interval=0.05, ignore=(requests.ConnectionError,))
     Path("/tmp/test.h5").unlink(missing_ok=True)
 
 
@@ -124,7 +125,8 @@ def main() -> int:
                              "--output-root", "/tmp"])
     assembler = writer = transport = None
     try:
-        wait_for(lambda: requests.get(f"{BASE}/health").ok, "the REST API (and its embedded broker hub)")
+        wait_for(lambda: requests.get(f"{BASE}/health").ok, "the REST API (and its embedded broker hub)",
+                 120.0, interval=0.05, ignore=(requests.ConnectionError,))
         transport = EmbeddedTransport("default")
         writer = DetectorWriter(config, transport, output_roots=[Path("/tmp")]).start()
         assembler = FakeAssembler(config).start(rate_hz=2.0)  # 10 images take 5 s: the kill lands mid-file
