@@ -3,8 +3,9 @@
 - Detectors of their own: ``make_config`` (a unique detector name, free UDP ports, rings sized for a
   test), ``free_udp_base``, ``free_tcp_port``; the module positions of common layouts
   (``JF4_POSITIONS``, ``EIGER_POSITIONS``, ``EIGER_HALF_POSITIONS``).
-- Waiting: ``wait_for`` polls a condition with a deadline and names what it waited for; ``healthy``
-  asks a REST API's ``/health``; ``pid_alive``.
+- Waiting: ``wait_for(predicate, what, timeout)`` polls a condition with a deadline (``WAIT_S`` by
+  default) and names what it waited for; ``healthy`` asks a REST API's ``/health``; ``pid_alive``;
+  ``RABBITMQ_URL`` is the machine's broker.
 - Leftovers: ``shm_segments`` lists a detector's rings in ``/dev/shm``, ``assert_no_leftovers``
   checks that neither rings nor ipc sockets of a detector remain.
 - The readout in this process: ``UdpSender`` sends chosen datagrams to a detector's ports,
@@ -15,8 +16,10 @@
 Submodules: ``daq_backend.testing.writer`` (a stand-in assembler and a writer on an embedded broker),
 ``daq_backend.testing.rest`` (a whole DAQ behind a live REST API in this process),
 ``daq_backend.testing.stream`` (the two hosts of buffer replication),
-``daq_backend.testing.broker_proxy`` (a RabbitMQ proxy a test can cut). The ophyd devices' helpers
-are in ``std_daq_ophyd.testing``.
+``daq_backend.testing.broker_proxy`` (a RabbitMQ proxy a test can cut),
+``daq_backend.testing.epics`` (a synthetic EPICS buffer with known contents),
+``daq_backend.testing.up`` (``std-daq up`` as separate processes, driven over REST and the broker).
+The ophyd devices' helpers are in ``std_daq_ophyd.testing``.
 
 A process's ipc directory comes from ``STD_DAQ_IPC_DIR``: point it at a short private folder per test
 (unix socket paths are limited to 107 bytes), as the ``ipc_env`` fixture of this repository's
