@@ -24,6 +24,8 @@ JUNGFRAU_MODULE_SHAPE = (512, 1024)  # rows, columns of one Jungfrau module
 #: rows, columns of one Jungfrau module with the inter-chip gap pixels inserted (2 per chip border)
 JUNGFRAU_MODULE_SHAPE_WITH_GAPS = (514, 1030)
 EIGER_HALF_MODULE_SHAPE = (256, 512)  # rows, columns of one Eiger UDP "module" (half module)
+#: the Era B field names of the image size and the names they stand for (a new name given too wins)
+ERA_B_NAMES = {"image_height": "image_pixel_height", "image_width": "image_pixel_width"}
 
 
 class DetectorType(str, Enum):
@@ -116,7 +118,7 @@ class DetectorConfig(BaseModel):
     def _era_b_names(cls, data: Any) -> Any:
         if isinstance(data, dict):
             data = dict(data)
-            for old, new in (("image_height", "image_pixel_height"), ("image_width", "image_pixel_width")):
+            for old, new in ERA_B_NAMES.items():
                 if old in data and new not in data:
                     data[new] = data.pop(old)
             if data.get("detector_type") == "gf":

@@ -25,7 +25,7 @@ import requests
 from std_daq_client import StdDaqAdminException, StdDaqClient
 
 from daq_backend.control.sls import SlsDetectorControl
-from daq_backend.rest.backend import summarize_stats
+from daq_backend.rest.stats_summary import summarize_stats
 from daq_backend.writer import layout
 from tests.readout_fixtures import free_udp_base, wait_for
 from tests.rest_fixtures import WAIT_S, RestHarness, ipc_env, rest
