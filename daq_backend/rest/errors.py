@@ -1,10 +1,10 @@
 """Errors of the DAQ's operations, in the operations' own terms (no transport, no status codes).
 
 Request tracking, the config store, the detector controls' facade and the HTTP layer's body parsing
-raise these; ``daq_backend.rest.http`` maps each class to the HTTP status it is answered with. An
-error carries the message the client reads and optional extra fields that go into the answer next to
-it (``request_id`` of a request that was registered, ``running_request_id`` of the request that keeps
-the writer busy).
+raise these; ``daq_backend.rest.http_layer.STATUS_CODES`` maps each class to the HTTP status it is
+answered with. An error carries the message the client reads and optional extra fields that go into
+the answer next to it (``request_id`` of a request that was registered, ``running_request_id`` of
+the request that keeps the writer busy).
 """
 
 from __future__ import annotations
