@@ -51,7 +51,7 @@ from daq_backend.messages import FAULT_BOUND, FINAL_STATES, RequestState
 from daq_backend.rest.models import DetectorRequest, RequestKind
 from daq_backend.validation import explain as explain_validation
 from daq_backend.writer import roots as writer_roots
-from daq_backend.writer.request import RequestError, WriteRequest, parse_write_request
+from daq_backend.writer.request import RequestError, WriteRequest, parse_write_request, writer_services
 
 _logger = logging.getLogger(__name__)
 
@@ -140,6 +140,9 @@ class RequestRecord:
     run_id: int | str | None = None
     result: Any = None
     services: dict[str, str] = field(default_factory=dict)
+    #: services that must all end the request before it is final (a detector over several readout
+    #: hosts: each host's writer agent, the master file's first); empty: whichever services answered
+    expected_services: tuple[str, ...] = ()
     failures: dict[str, str] = field(default_factory=dict)
     kill_requested: bool = False
     finish_requested: bool = False
@@ -200,14 +203,17 @@ class RequestTracker:
         *,
         run_id: int | str | None = None,
         kind: RequestKind = DETECTOR,
+        expected_services: Sequence[str] = (),
     ) -> RequestRecord:
-        """Record a request before it is published (its first status may arrive at once)."""
+        """Record a request before it is published (its first status may arrive at once).
+        ``expected_services``: see :attr:`RequestRecord.expected_services`."""
         with self._lock:
             record = self._records.get(request_id)
             if record is None:
                 record = self._insert(RequestRecord(request_id, None, time.time(), kind))
             record.absorb_request(request)
             record.run_id = run_id
+            record.expected_services = tuple(expected_services)
             record.last_activity = time.monotonic()
             return record.copy()
 
@@ -329,7 +335,10 @@ class RequestTracker:
                 record.state = RequestState.RUNNING
                 record.init_timestamp = record.init_timestamp or now
             return record.kill_requested
-        if action in (Action.PROGRESS, Action.SUCCESS):
+        # several services: the request's numbers are those of the first expected one (the writer
+        # agent that writes the master file, whose counts at the end are the master's)
+        numbers = not record.expected_services or status.source == record.expected_services[0]
+        if action in (Action.PROGRESS, Action.SUCCESS) and numbers:
             self._apply_numbers(record, _as_dict(status.message))
             if action is Action.SUCCESS:
                 record.result = status.message
@@ -338,7 +347,7 @@ class RequestTracker:
             record.failures[status.source] = text or "failed (no reason given)"
         if action in FINAL_ACTIONS and all(
             a in (Action.SUCCESS.value, Action.FAIL.value) for a in record.services.values()
-        ):
+        ) and all(s in record.services for s in record.expected_services):
             self._finalize(record, now)
         return False
 
@@ -860,7 +869,8 @@ class DaqBackend:
 
     def _register(self, kind: RequestKind, body: dict[str, Any], run_id: Any = None) -> str:
         request_id = _new_request_id()
-        self.tracker.register(request_id, body, run_id=run_id, kind=kind)
+        expected = writer_services(list(self.config.host_regions)) if kind == DETECTOR else ()
+        self.tracker.register(request_id, body, run_id=run_id, kind=kind, expected_services=expected)
         return request_id
 
     def _publish(self, client: BrokerClient, kind: str, body: dict[str, Any], request_id: str) -> str:

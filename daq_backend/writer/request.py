@@ -51,6 +51,16 @@ MAX_IMAGES = 10**12
 MAX_IMAGE_ID = 2**64 - 1
 #: seconds of the idle ``timeout`` (about 11.6 days)
 MAX_TIMEOUT = 1e6
+#: the writer agent's service name (the ``source`` of its statuses); ``writer_agent@<host>`` for
+#: each readout host of a detector split over several
+WRITER_AGENT_SERVICE = "writer_agent"
+
+
+def writer_services(host_names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The writer agents every write request of a detector over ``host_names`` (its readout hosts,
+    in order; empty: one host) must end at: each host's ``writer_agent@<host>``, the first host's
+    (which writes the master file) first; () for one host (whichever agent answers)."""
+    return tuple(f"{WRITER_AGENT_SERVICE}@{host}" for host in host_names)
 
 
 class RequestError(ValueError):
