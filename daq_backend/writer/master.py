@@ -102,11 +102,12 @@ def _map(dcpl: h5p.PropDCID, part: Part, dataset: str, image_shape: tuple[int, .
 
 
 def _virtual_dataset(h5: h5py.File, path: str, parts: Sequence[Part], dtype: str | np.dtype[Any],
-                     image_shape: tuple[int, ...], fill: int) -> None:
+                     image_shape: tuple[int, ...], fill: int, source: str | None = None) -> None:
+    """A VDS at ``path`` over the parts' dataset ``source`` (default: the same path)."""
     dcpl = h5p.create(h5p.DATASET_CREATE)
     dcpl.set_fill_value(np.array(fill, dtype=dtype))
     for part in parts:
-        _map(dcpl, part, path, image_shape)
+        _map(dcpl, part, source or path, image_shape)
     space = h5s.create_simple((0, *image_shape), (h5s.UNLIMITED, *image_shape))
     group = h5.require_group(str(Path(path).parent))
     h5d.create(group.id, Path(path).name.encode(), h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl)
@@ -180,7 +181,7 @@ def _create_master(path: Path, parts: Sequence[Part], dir_fd: int, *, image_shap
                 _virtual_dataset(h5, dataset, heads, DTYPES[dataset], (), FILL[dataset])
                 for host, mine in host_parts.items():
                     _virtual_dataset(h5, host_dataset(host, dataset), mine, DTYPES[dataset], (),
-                                     FILL[dataset])
+                                     FILL[dataset], source=dataset)
             # the detector description (NeXus fields, config) is the first part's
             h5[layout.INSTRUMENT] = h5py.ExternalLink(parts[0].file, layout.INSTRUMENT)
         layout.publish_at(building, path, dir_fd, overwrite)
@@ -207,31 +208,32 @@ def combine_hosts(master: str | Path) -> int:
     ``ID_MISMATCH`` where their ``image_id`` differ), ``n_missing_packets`` their sum, ``image_id``
     the first host's. Rows are the longest host's extent (a row a host did not reach has its fill:
     status 255 = not written). Returns the rows combined (0: a master of one host, left as it is)."""
-    with h5py.File(master, "r+") as h5:
+    # read-only: the VDS sources (the parts) are opened with the master's access mode
+    with h5py.File(master, "r", swmr=True) as h5:
         hosts = master_hosts(h5)
         if not hosts:
             return 0
         per_host = {name: {d: h5[host_dataset(name, d)][:] for d in PER_IMAGE} for name in hosts}
-        n = max(len(v[layout.STATUS]) for v in per_host.values())
+    n = max(len(v[layout.STATUS]) for v in per_host.values())
 
-        def padded(values: np.ndarray, dataset: str) -> np.ndarray:
-            out = np.full(n, FILL[dataset], dtype=DTYPES[dataset])
-            out[:len(values)] = values
-            return out
+    def padded(values: np.ndarray, dataset: str) -> np.ndarray:
+        out = np.full(n, FILL[dataset], dtype=DTYPES[dataset])
+        out[:len(values)] = values
+        return out
 
-        status = np.zeros(n, dtype=DTYPES[layout.STATUS])
-        missing = np.zeros(n, dtype=DTYPES[layout.N_MISSING_PACKETS])
-        first_ids = padded(per_host[hosts[0]][layout.IMAGE_ID], layout.IMAGE_ID)
-        for values in per_host.values():
-            status = np.maximum(status, padded(values[layout.STATUS], layout.STATUS))
-            missing += padded(values[layout.N_MISSING_PACKETS], layout.N_MISSING_PACKETS)
-            ids = padded(values[layout.IMAGE_ID], layout.IMAGE_ID)
-            differ = (ids != first_ids) & (status < layout.STATUS_LOST)
-            status[differ] = int(ImageStatus.ID_MISMATCH)
-        for dataset, values in ((layout.STATUS, status), (layout.N_MISSING_PACKETS, missing),
-                                (layout.IMAGE_ID, first_ids)):
+    status = np.zeros(n, dtype=DTYPES[layout.STATUS])
+    missing = np.zeros(n, dtype=DTYPES[layout.N_MISSING_PACKETS])
+    first_ids = padded(per_host[hosts[0]][layout.IMAGE_ID], layout.IMAGE_ID)
+    for values in per_host.values():
+        status = np.maximum(status, padded(values[layout.STATUS], layout.STATUS))
+        missing += padded(values[layout.N_MISSING_PACKETS], layout.N_MISSING_PACKETS)
+        ids = padded(values[layout.IMAGE_ID], layout.IMAGE_ID)
+        status[(ids != first_ids) & (status < layout.STATUS_LOST)] = int(ImageStatus.ID_MISMATCH)
+    with h5py.File(master, "r+") as h5:
+        for dataset, combined in ((layout.STATUS, status), (layout.N_MISSING_PACKETS, missing),
+                                  (layout.IMAGE_ID, first_ids)):
             del h5[dataset]
-            h5.create_dataset(dataset, data=values, maxshape=(None,), chunks=True,
+            h5.create_dataset(dataset, data=combined, maxshape=(None,), chunks=True,
                               fillvalue=FILL[dataset])
         h5.attrs["combined"] = True
     return n

@@ -1,0 +1,185 @@
+"""One detector over two readout hosts: ``std-daq up CONFIG --host daq-a`` and ``--host daq-b`` on
+this machine, each "host" with its own ipc directory and ``/dev/shm`` prefix, both on one RabbitMQ.
+
+The UDP stream crosses loopback (each module its own port; no network namespaces: creating them
+needs root). One write request through the first host's REST API reaches both hosts' writer agents;
+each writes its part (its modules' partial image), the first host's agent writes the master. The
+master reads pixel-exact against what the simulator sent, and a packet dropped on one of daq-b's
+modules is flagged in the master for that image only, in daq-b's per-image status and the combined
+one, never in daq-a's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import requests
+
+from daq_backend.config import ConfigError
+from daq_backend.formats import ImageStatus
+from daq_backend.simulator.pattern import expected_image
+from daq_backend.supervisor import read_status
+from daq_backend.writer import layout, master
+from tests.readout_fixtures import free_tcp_port, make_config, pid_alive, wait_for
+from tests.test_rest_server import healthy
+
+CLI = (sys.executable, "-m", "daq_backend.cli")
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+HOSTS = {"daq-a": [0, 1], "daq-b": [2, 3]}
+N_IMAGES = 6
+#: image 3 loses packet 5 of module 2 (daq-b's first module): its rows 20..23, image rows 1044..1047
+DROP = (3, 2, 5)
+
+
+def _rabbitmq_up() -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_readout_hosts_are_checked_at_load() -> None:
+    with pytest.raises(ConfigError, match="module 3 is on both"):
+        make_config("jungfrau", n_modules=4, readout_hosts={"a": [0, 1, 3], "b": [2, 3]})
+    with pytest.raises(ConfigError, match=r"module\(s\) 3 on no host"):
+        make_config("jungfrau", n_modules=4, readout_hosts={"a": [0, 1], "b": [2]})
+    with pytest.raises(ConfigError, match="contains module 1 of b"):
+        make_config("jungfrau", n_modules=4, readout_hosts={"a": [0, 2], "b": [1, 3]})
+    config = make_config("jungfrau", n_modules=4, readout_hosts=HOSTS)
+    share = config.for_host("daq-b")
+    assert share.image_shape == (1024, 1024) and share.required_modules == (2, 3)
+    assert share.host_regions == {"daq-a": (0, 0, 1024, 1024), "daq-b": (1024, 0, 1024, 1024)}
+    assert share.full_image_shape == (2048, 1024)
+    with pytest.raises(ConfigError, match="not one of the config's readout_hosts"):
+        config.for_host("daq-c")
+
+
+@pytest.mark.skipif(not _rabbitmq_up(), reason="needs RabbitMQ on 127.0.0.1:5672")
+def test_two_hosts_one_write_request_one_master_file(tmp_path: Path) -> None:
+    config = make_config("jungfrau", n_modules=4, readout_hosts=HOSTS, frame_ring_slots=64,
+                         image_ring_slots=64)
+    path = tmp_path / "detector.json"
+    path.write_text(json.dumps(config.to_json_dict()))
+    out_dir = tmp_path / "data"
+    out_dir.mkdir()
+    port = free_tcp_port()
+    url = f"http://127.0.0.1:{port}"
+    hosts: dict[str, dict[str, Any]] = {}
+    for host in HOSTS:
+        ipc_dir = tempfile.mkdtemp(prefix="sdq", dir="/tmp")
+        prefix = f"{host}-{uuid.uuid4().hex[:6]}-"
+        env = dict(os.environ, STD_DAQ_IPC_DIR=ipc_dir, STD_DAQ_SHM_PREFIX=prefix)
+        hosts[host] = {"ipc": ipc_dir, "prefix": prefix, "env": env}
+    procs: list[subprocess.Popen[bytes]] = []
+    child_pids: list[int] = []
+    try:
+        for host, h in hosts.items():
+            rest = ["--rest-port", str(port)] if host == "daq-a" else ["--rest-port", "0"]
+            procs.append(subprocess.Popen(
+                [*CLI, "up", str(path), "--host", host, *rest, "--broker-url", RABBITMQ_URL,
+                 f"--output-root={out_dir}", "--status-interval", "0.2", "--log-level", "WARNING"],
+                env=h["env"]))
+
+        def up(host: str) -> list[int] | None:
+            status_path = Path(hosts[host]["ipc"]) / f"std-daq-{config.detector_name}-status.json"
+            if not status_path.exists():
+                return None
+            services = read_status(str(status_path))["services"]
+            names = {s["name"] for s in services}
+            wanted = {"receiver-0", "receiver-1"} if host == "daq-a" else {"receiver-2", "receiver-3"}
+            wanted |= {"assembler", "h5-writer", "writer-agent"} | ({"rest"} if host == "daq-a" else set())
+            if names == wanted and all(s["alive"] and (s["counters"] or s["name"] == "rest")
+                                       for s in services):
+                return [s["pid"] for s in services]
+            return None
+
+        for host in hosts:
+            child_pids += wait_for(lambda host=host: up(host), 240, f"{host}: every service alive")
+        wait_for(lambda: healthy(url), 120, "daq-a's REST API healthy")
+
+        # the write request takes the images from id 1 on (also those already in each host's ring),
+        # so both hosts write the same ids whatever the moment their agent got the request
+        sender = subprocess.run([*CLI, "simulate", str(path), "--rate", "10", "--n-images", str(N_IMAGES),
+                                 "--drop-packet", ":".join(map(str, DROP)), "--no-progress"],
+                                env=hosts["daq-a"]["env"], stdout=subprocess.DEVNULL, timeout=120)
+        assert sender.returncode == 0
+        output = out_dir / "run.h5"
+        answer = requests.post(f"{url}/write_sync", json={"output_file": str(output), "n_images": N_IMAGES,
+                                                          "start_id": 1, "timeout": 60}, timeout=240)
+        assert answer.status_code == 200, answer.text
+        response = answer.json()["response"]
+        assert response["state"] == "completed", json.dumps(response)
+        assert response["n_written"] == N_IMAGES
+        record = requests.get(f"{url}/requests/{answer.json()['request_id']}", timeout=30)
+        assert record.status_code == 200, record.text
+        tracked = record.json()
+        # the request ended only once both hosts' agents did; its counts are the master's
+        assert tracked["services"] == {"writer_agent@daq-a": "request_success",
+                                       "writer_agent@daq-b": "request_success"}, tracked
+        assert (tracked["n_written"], tracked["n_missing_images"], tracked["n_incomplete_images"]) == (
+            N_IMAGES, 0, 1)
+
+        names = sorted(p.name for p in out_dir.iterdir())
+        assert names == ["run.h5", "run_daq-a_part0.h5", "run_daq-b_part0.h5"]
+        with h5py.File(output, "r") as h5:
+            assert master.is_master(h5) and master.master_hosts(h5) == ["daq-a", "daq-b"]
+            assert h5.attrs["status"] == layout.FILE_COMPLETED
+            assert int(h5.attrs["n_written"]) == N_IMAGES
+            ids = h5[layout.IMAGE_ID][:]
+            assert list(ids) == list(range(1, N_IMAGES + 1))
+            data = h5[layout.DATA]
+            assert data.shape == (N_IMAGES, 2048, 1024)
+            for row, image_id in enumerate(ids):
+                expected = expected_image(config, int(image_id))
+                if image_id == DROP[0]:  # the lost packet's 4 rows of module 2 stay 0
+                    lost = slice(1024 + 4 * DROP[2], 1024 + 4 * DROP[2] + 4)
+                    assert not data[row, lost].any()
+                    expected[lost] = 0
+                np.testing.assert_array_equal(data[row], expected)
+            bad = ids == DROP[0]
+            status, missing = h5[layout.STATUS][:], h5[layout.N_MISSING_PACKETS][:]
+            assert list(status[bad]) == [ImageStatus.MISSING_PACKETS] and not status[~bad].any()
+            assert list(missing[bad]) == [1] and not missing[~bad].any()
+            b_status = h5[master.host_dataset("daq-b", layout.STATUS)][:]
+            b_missing = h5[master.host_dataset("daq-b", layout.N_MISSING_PACKETS)][:]
+            assert list(b_status[bad]) == [ImageStatus.MISSING_PACKETS] and not b_status[~bad].any()
+            assert list(b_missing[bad]) == [1] and not b_missing[~bad].any()
+            assert not h5[master.host_dataset("daq-a", layout.STATUS)][:].any()
+            assert not h5[master.host_dataset("daq-a", layout.N_MISSING_PACKETS)][:].any()
+            assert list(h5[master.host_dataset("daq-b", layout.IMAGE_ID)][:]) == list(ids)
+        # accounting: written + counted lost = requested
+        counts = master.master_accounting(output)
+        assert counts["n_written"] + counts["n_lost"] == N_IMAGES
+        assert (counts["n_good"], counts["n_incomplete"]) == (N_IMAGES - 1, 1)
+        for host in HOSTS:  # no host held the full image: each part is its host's region
+            with h5py.File(out_dir / master.part_file_name(output, 0, host), "r") as part:
+                assert part[layout.DATA].shape == (N_IMAGES, 1024, 1024)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+        for h in hosts.values():
+            for name in os.listdir("/dev/shm"):
+                if name.startswith(h["prefix"]):
+                    os.unlink(f"/dev/shm/{name}")
+            subprocess.run(["rm", "-rf", h["ipc"]], check=False)
+    assert all(p.returncode == 0 for p in procs)
+    assert child_pids and not any(pid_alive(p) for p in child_pids)
