@@ -67,6 +67,68 @@ def test_readout_hosts_are_checked_at_load() -> None:
         config.for_host("daq-c")
 
 
+def test_combined_status_is_the_worst_of_the_hosts(tmp_path: Path) -> None:
+    """The master's per-image status after the request: the worst host's per row, ``ID_MISMATCH``
+    where the hosts wrote different image ids, 255 (not written) where a host has no row; the missing
+    packets summed; each host's own datasets stay readable under ``/entry/data/parts/<host>``."""
+    config = make_config("jungfrau", n_modules=2, readout_hosts={"daq-a": [0], "daq-b": [1]})
+    output = tmp_path / "run.h5"
+    host_parts = {host: [master.Part(master.part_file_name(output, 0, host), 0, 1,
+                                     region=config.host_region(host))] for host in config.readout_hosts}
+    master.create_master(output, [p for mine in host_parts.values() for p in mine],
+                         image_shape=config.image_shape, image_dtype=config.image_dtype, n_images=4,
+                         status_parts=host_parts["daq-a"], host_parts=host_parts)
+    rows = {"daq-a": [(1, 0, 0), (2, 1, 3), (3, 0, 0), (4, 0, 0)],  # (image id, status, missing)
+            "daq-b": [(1, 1, 2), (2, 0, 0), (7, 0, 0)]}  # daq-b wrote another id in row 2, no row 3
+    for host, written in rows.items():
+        share = config.for_host(host)
+        part = layout.ImageFile.create(output.parent / host_parts[host][0].file, share, n_images=4)
+        for image_id, status, missing in written:
+            part.append(image_id, status, missing,
+                        part.encode(np.zeros(share.image_shape, dtype=share.image_dtype)))
+        part.close(layout.FILE_COMPLETED)
+    with h5py.File(output, "r", swmr=True) as h5:  # while writing: the first host's per-image status
+        assert list(h5[layout.STATUS][:]) == [0, 1, 0, 0]
+    assert master.combine_hosts(output) == 4
+    assert master.finish_master(output, layout.FILE_COMPLETED) == 3  # daq-b's part has 3 rows
+    with h5py.File(output, "r") as h5:
+        assert list(h5[layout.STATUS][:]) == [1, 1, ImageStatus.ID_MISMATCH, layout.STATUS_NOT_WRITTEN]
+        assert list(h5[layout.N_MISSING_PACKETS][:]) == [2, 3, 0, 0]
+        assert list(h5[layout.IMAGE_ID][:]) == [1, 2, 3, 4]
+        assert list(h5[master.host_dataset("daq-b", layout.IMAGE_ID)][:]) == [1, 2, 7]
+        assert list(h5[master.host_dataset("daq-a", layout.STATUS)][:]) == [0, 1, 0, 0]
+    counts = master.master_accounting(output)
+    assert counts == {"n_written": 3, "n_good": 0, "n_lost": 0, "n_incomplete": 3}
+
+
+def test_a_request_of_several_hosts_ends_when_every_host_did() -> None:
+    """The REST tracker: one host's success does not end the request; its numbers are the first
+    (master-writing) host's agent's."""
+    from daq_backend.broker.aggregator import StatusMessage
+    from daq_backend.broker.protocol import Action
+    from daq_backend.messages import RequestState
+    from daq_backend.rest.backend import RequestTracker
+    from daq_backend.writer.request import writer_services
+
+    tracker = RequestTracker()
+    first, second = writer_services(["daq-a", "daq-b"])
+    assert (first, second) == ("writer_agent@daq-a", "writer_agent@daq-b")
+    tracker.register("r1", {"n_images": 5, "output_file": "/x/run.h5"}, expected_services=(first, second))
+
+    def status(source: str, action: Action, message: Any) -> StatusMessage:
+        return StatusMessage(request_id="r1", source=source, action=action, message=message,
+                             request={"n_images": 5})
+
+    tracker.on_status(status(first, Action.START, None))
+    tracker.on_status(status(first, Action.SUCCESS, {"n_written": 4, "status": "completed"}))
+    record = tracker.get("r1")
+    assert record is not None and record.state is RequestState.RUNNING
+    tracker.on_status(status(second, Action.START, None))
+    tracker.on_status(status(second, Action.SUCCESS, {"n_written": 5, "status": "completed"}))
+    record = tracker.get("r1")
+    assert record is not None and record.state is RequestState.COMPLETED and record.n_written == 4
+
+
 @pytest.mark.skipif(not _rabbitmq_up(), reason="needs RabbitMQ on 127.0.0.1:5672")
 def test_two_hosts_one_write_request_one_master_file(tmp_path: Path) -> None:
     config = make_config("jungfrau", n_modules=4, readout_hosts=HOSTS, frame_ring_slots=64,

@@ -34,7 +34,9 @@ and call ``dataset.refresh()`` to see rows the parts flushed since; count only t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -229,7 +231,7 @@ def combine_hosts(master: str | Path) -> int:
         missing += padded(values[layout.N_MISSING_PACKETS], layout.N_MISSING_PACKETS)
         ids = padded(values[layout.IMAGE_ID], layout.IMAGE_ID)
         status[(ids != first_ids) & (status < layout.STATUS_LOST)] = int(ImageStatus.ID_MISMATCH)
-    with h5py.File(master, "r+") as h5:
+    with _open_for_update(master) as h5:
         for dataset, combined in ((layout.STATUS, status), (layout.N_MISSING_PACKETS, missing),
                                   (layout.IMAGE_ID, first_ids)):
             del h5[dataset]
@@ -237,6 +239,23 @@ def combine_hosts(master: str | Path) -> int:
                               fillvalue=FILL[dataset])
         h5.attrs["combined"] = True
     return n
+
+
+#: seconds an update of the master waits for readers that hold it open (HDF5's file lock)
+UPDATE_LOCK_WAIT = 2.0
+
+
+def _open_for_update(path: str | Path) -> h5py.File:
+    """Open the master ``r+``. A reader that has it open (a client following the parts, which opens
+    the master for a moment to find them) holds HDF5's file lock: retried for ``UPDATE_LOCK_WAIT`` s."""
+    deadline = time.monotonic() + UPDATE_LOCK_WAIT
+    while True:
+        try:
+            return h5py.File(path, "r+")
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def leading_rows(part_rows: Sequence[int]) -> int:
@@ -279,7 +298,7 @@ def finish_master(master: str | Path, status: str, reason: str = "", n_images: i
     ``end_reason`` say how the request ended (``n_images``: the request's length, if it changed: an
     open-ended request finished with what it has). Returns ``n_written``."""
     n_written = leading_rows(part_rows(master))
-    with h5py.File(master, "r+") as h5:
+    with _open_for_update(master) as h5:
         h5.attrs.update({"status": status, "end_reason": reason, "n_written": np.uint64(n_written)})
         if n_images is not None:
             h5.attrs["n_images"] = np.uint64(n_images)
