@@ -67,6 +67,16 @@ def test_readout_hosts_are_checked_at_load() -> None:
         config.for_host("daq-c")
 
 
+def test_up_of_a_split_detector_needs_its_host(tmp_path: Path) -> None:
+    config = make_config("jungfrau", n_modules=4, readout_hosts=HOSTS)
+    path = tmp_path / "detector.json"
+    path.write_text(json.dumps(config.to_json_dict()))
+    for args, message in (([], "give --host NAME on each"), (["--host", "daq-c"], "not one of")):
+        done = subprocess.run([*CLI, "up", str(path), "--rest-port", "0", *args], capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, STD_DAQ_IPC_DIR=str(tmp_path)))
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
 def test_combined_status_is_the_worst_of_the_hosts(tmp_path: Path) -> None:
     """The master's per-image status after the request: the worst host's per row, ``ID_MISMATCH``
     where the hosts wrote different image ids, 255 (not written) where a host has no row; the missing
@@ -127,6 +137,18 @@ def test_a_request_of_several_hosts_ends_when_every_host_did() -> None:
     tracker.on_status(status(second, Action.SUCCESS, {"n_written": 5, "status": "completed"}))
     record = tracker.get("r1")
     assert record is not None and record.state is RequestState.COMPLETED and record.n_written == 4
+
+    # a host that never ends the request: failed, naming it, once the first host's agent ended it and
+    # nothing came for the bound
+    tracker.register("r2", {"n_images": 5}, expected_services=(first, second))
+    for action, message in ((Action.START, None), (Action.SUCCESS, {"n_written": 5})):
+        tracker.on_status(StatusMessage(request_id="r2", source=first, action=action, message=message,
+                                        request={"n_images": 5}))
+    assert tracker.fail_unstarted("detector", 3600) == []
+    assert tracker.fail_unstarted("detector", 0.0) == ["r2"]
+    record = tracker.get("r2")
+    assert record is not None and record.state is RequestState.FAILED
+    assert record.message is not None and record.message.startswith("writer_agent@daq-b did not end")
 
 
 @pytest.mark.skipif(not _rabbitmq_up(), reason="needs RabbitMQ on 127.0.0.1:5672")

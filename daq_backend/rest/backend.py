@@ -268,16 +268,29 @@ class RequestTracker:
 
     def fail_unstarted(self, kind: str, older_than: float) -> list[str]:
         """Mark failed the requests of ``kind`` that no service answered at all for ``older_than``
-        seconds since they were registered; returns their ids."""
+        seconds since they were registered, and those with several expected services whose first one
+        ended while another has not ended for ``older_than`` s since the last status; returns their
+        ids."""
         limit = time.monotonic() - older_than
         with self._lock:
             ids = [r.request_id for r in self._records.values()
                    if r.kind == kind and r.state is RequestState.QUEUED and not r.services
                    and r.last_activity < limit]
+            ended = (Action.SUCCESS.value, Action.FAIL.value)
+            # several expected services (readout hosts): the first one ended, others stay silent
+            silent = {r.request_id: [s for s in r.expected_services if r.services.get(s) not in ended]
+                      for r in self._records.values()
+                      if r.kind == kind and not r.final and r.expected_services
+                      and r.services.get(r.expected_services[0]) in ended and r.last_activity < limit}
         for request_id in ids:
             self.mark_failed(request_id, f"no service started the request within {older_than:g} s (the "
                                          "broker lost it, or no service took it); its deadline has passed")
-        return ids
+        for request_id, names in silent.items():
+            self.mark_failed(request_id, f"{', '.join(names)} did not end the request within "
+                                         f"{older_than:g} s after the first host's writer agent did (that "
+                                         "host's DAQ is down or cut off from the broker); the master file "
+                                         "says what was written")
+        return ids + list(silent)
 
     def mark_failed(self, request_id: str, message: str) -> None:
         """Give up on a request whose services never reported an end (e.g. the writer died)."""

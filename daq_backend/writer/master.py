@@ -48,6 +48,7 @@ import numpy as np
 from h5py import h5d, h5p, h5s, h5t
 
 from daq_backend.formats import ImageStatus
+from daq_backend.messages import FAULT_BOUND
 from daq_backend.writer import layout
 
 #: the per-image datasets the master presents, with the parts' dtypes and fill values
@@ -241,8 +242,10 @@ def combine_hosts(master: str | Path) -> int:
     return n
 
 
-#: seconds an update of the master waits for readers that hold it open (HDF5's file lock)
-UPDATE_LOCK_WAIT = 2.0
+#: seconds an update of the master waits for readers that hold it open (HDF5's file lock): a
+#: reader following the request (SWMR, ``refresh()``) closes it soon after the last rows; half the
+#: fault bound, so a request still ends within ``FAULT_BOUND``
+UPDATE_LOCK_WAIT = 0.5 * FAULT_BOUND
 
 
 def _open_for_update(path: str | Path) -> h5py.File:
