@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +26,10 @@ import numpy as np
 import pytest
 import requests
 
-from daq_backend.config import ConfigError
+from daq_backend.config import ConfigError, DetectorConfig
 from daq_backend.formats import ImageStatus
+from daq_backend.messages import FAULT_BOUND, ImageAccounting
+from daq_backend.rest.backend import UNSTARTED_BOUND
 from daq_backend.simulator.pattern import expected_image
 from daq_backend.supervisor import read_status
 from daq_backend.writer import layout, master
@@ -151,55 +154,92 @@ def test_a_request_of_several_hosts_ends_when_every_host_did() -> None:
     assert record.message is not None and record.message.startswith("writer_agent@daq-b did not end")
 
 
+class SplitDaq:
+    """``std-daq up CONFIG --host H`` for each of ``hosts`` (each its own ipc directory and
+    ``/dev/shm`` prefix; the first host has the REST API), on RabbitMQ."""
+
+    def __init__(self, config: DetectorConfig, tmp_path: Path, hosts: list[str]) -> None:
+        self.config = config
+        self.path = tmp_path / "detector.json"
+        self.path.write_text(json.dumps(config.to_json_dict()))
+        self.out_dir = tmp_path / "data"
+        self.out_dir.mkdir()
+        self.url = f"http://127.0.0.1:{free_tcp_port()}"
+        self.hosts: dict[str, dict[str, Any]] = {}
+        for host in hosts:
+            ipc_dir = tempfile.mkdtemp(prefix="sdq", dir="/tmp")
+            prefix = f"{host}-{uuid.uuid4().hex[:6]}-"
+            env = dict(os.environ, STD_DAQ_IPC_DIR=ipc_dir, STD_DAQ_SHM_PREFIX=prefix)
+            self.hosts[host] = {"ipc": ipc_dir, "prefix": prefix, "env": env}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.child_pids: list[int] = []
+
+    def _up(self, host: str, rest: bool) -> list[int] | None:
+        status_path = Path(self.hosts[host]["ipc"]) / f"std-daq-{self.config.detector_name}-status.json"
+        if not status_path.exists():
+            return None
+        services = read_status(str(status_path))["services"]
+        wanted = {f"receiver-{m}" for m in self.config.readout_hosts[host]}
+        wanted |= {"assembler", "h5-writer", "writer-agent"} | ({"rest"} if rest else set())
+        if {s["name"] for s in services} == wanted and all(
+                s["alive"] and (s["counters"] or s["name"] == "rest") for s in services):
+            return [s["pid"] for s in services]
+        return None
+
+    def __enter__(self) -> SplitDaq:
+        try:
+            for k, (host, h) in enumerate(self.hosts.items()):
+                rest = ["--rest-port", self.url.rsplit(":", 1)[1] if k == 0 else "0"]
+                self.procs.append(subprocess.Popen(
+                    [*CLI, "up", str(self.path), "--host", host, *rest, "--broker-url", RABBITMQ_URL,
+                     f"--output-root={self.out_dir}", "--status-interval", "0.2", "--log-level", "WARNING"],
+                    env=h["env"]))
+            for k, host in enumerate(self.hosts):
+                self.child_pids += wait_for(lambda host=host, k=k: self._up(host, k == 0), 240,
+                                            f"{host}: every service alive")
+            wait_for(lambda: healthy(self.url), 120, "the first host's REST API healthy")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def send(self, n_images: int, *args: str) -> None:
+        """The simulator sends every module of the detector (to each module's port)."""
+        first = next(iter(self.hosts.values()))
+        sender = subprocess.run([*CLI, "simulate", str(self.path), "--rate", "10", "--n-images",
+                                 str(n_images), *args, "--no-progress"], env=first["env"],
+                                stdout=subprocess.DEVNULL, timeout=120)
+        assert sender.returncode == 0
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+        for h in self.hosts.values():
+            for name in os.listdir("/dev/shm"):
+                if name.startswith(h["prefix"]):
+                    os.unlink(f"/dev/shm/{name}")
+            shutil.rmtree(h["ipc"], ignore_errors=True)
+
+    def stopped_cleanly(self) -> bool:
+        return all(p.returncode == 0 for p in self.procs) and bool(self.child_pids) and not any(
+            pid_alive(p) for p in self.child_pids)
+
+
 @pytest.mark.skipif(not _rabbitmq_up(), reason="needs RabbitMQ on 127.0.0.1:5672")
 def test_two_hosts_one_write_request_one_master_file(tmp_path: Path) -> None:
     config = make_config("jungfrau", n_modules=4, readout_hosts=HOSTS, frame_ring_slots=64,
                          image_ring_slots=64)
-    path = tmp_path / "detector.json"
-    path.write_text(json.dumps(config.to_json_dict()))
-    out_dir = tmp_path / "data"
-    out_dir.mkdir()
-    port = free_tcp_port()
-    url = f"http://127.0.0.1:{port}"
-    hosts: dict[str, dict[str, Any]] = {}
-    for host in HOSTS:
-        ipc_dir = tempfile.mkdtemp(prefix="sdq", dir="/tmp")
-        prefix = f"{host}-{uuid.uuid4().hex[:6]}-"
-        env = dict(os.environ, STD_DAQ_IPC_DIR=ipc_dir, STD_DAQ_SHM_PREFIX=prefix)
-        hosts[host] = {"ipc": ipc_dir, "prefix": prefix, "env": env}
-    procs: list[subprocess.Popen[bytes]] = []
-    child_pids: list[int] = []
-    try:
-        for host, h in hosts.items():
-            rest = ["--rest-port", str(port)] if host == "daq-a" else ["--rest-port", "0"]
-            procs.append(subprocess.Popen(
-                [*CLI, "up", str(path), "--host", host, *rest, "--broker-url", RABBITMQ_URL,
-                 f"--output-root={out_dir}", "--status-interval", "0.2", "--log-level", "WARNING"],
-                env=h["env"]))
-
-        def up(host: str) -> list[int] | None:
-            status_path = Path(hosts[host]["ipc"]) / f"std-daq-{config.detector_name}-status.json"
-            if not status_path.exists():
-                return None
-            services = read_status(str(status_path))["services"]
-            names = {s["name"] for s in services}
-            wanted = {"receiver-0", "receiver-1"} if host == "daq-a" else {"receiver-2", "receiver-3"}
-            wanted |= {"assembler", "h5-writer", "writer-agent"} | ({"rest"} if host == "daq-a" else set())
-            if names == wanted and all(s["alive"] and (s["counters"] or s["name"] == "rest")
-                                       for s in services):
-                return [s["pid"] for s in services]
-            return None
-
-        for host in hosts:
-            child_pids += wait_for(lambda host=host: up(host), 240, f"{host}: every service alive")
-        wait_for(lambda: healthy(url), 120, "daq-a's REST API healthy")
-
+    with SplitDaq(config, tmp_path, list(HOSTS)) as daq:
+        url, out_dir = daq.url, daq.out_dir
         # the write request takes the images from id 1 on (also those already in each host's ring),
         # so both hosts write the same ids whatever the moment their agent got the request
-        sender = subprocess.run([*CLI, "simulate", str(path), "--rate", "10", "--n-images", str(N_IMAGES),
-                                 "--drop-packet", ":".join(map(str, DROP)), "--no-progress"],
-                                env=hosts["daq-a"]["env"], stdout=subprocess.DEVNULL, timeout=120)
-        assert sender.returncode == 0
+        daq.send(N_IMAGES, "--drop-packet", ":".join(map(str, DROP)))
         output = out_dir / "run.h5"
         answer = requests.post(f"{url}/write_sync", json={"output_file": str(output), "n_images": N_IMAGES,
                                                           "start_id": 1, "timeout": 60}, timeout=240)
@@ -244,26 +284,52 @@ def test_two_hosts_one_write_request_one_master_file(tmp_path: Path) -> None:
             assert not h5[master.host_dataset("daq-a", layout.STATUS)][:].any()
             assert not h5[master.host_dataset("daq-a", layout.N_MISSING_PACKETS)][:].any()
             assert list(h5[master.host_dataset("daq-b", layout.IMAGE_ID)][:]) == list(ids)
-        # accounting: written + counted lost = requested
+        # accounting: written + not written = requested, the rows' statuses add up, REST agrees
         counts = master.master_accounting(output)
-        assert counts["n_written"] + counts["n_lost"] == N_IMAGES
+        assert ImageAccounting(n_requested=N_IMAGES, n_written=counts["n_written"], n_good=counts["n_good"],
+                               n_incomplete=counts["n_incomplete"], n_lost=counts["n_lost"],
+                               n_not_written=N_IMAGES - tracked["n_written"]).balanced()
+        assert counts["n_written"] == N_IMAGES
         assert (counts["n_good"], counts["n_incomplete"]) == (N_IMAGES - 1, 1)
         for host in HOSTS:  # no host held the full image: each part is its host's region
             with h5py.File(out_dir / master.part_file_name(output, 0, host), "r") as part:
                 assert part[layout.DATA].shape == (N_IMAGES, 1024, 1024)
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
-        for h in hosts.values():
-            for name in os.listdir("/dev/shm"):
-                if name.startswith(h["prefix"]):
-                    os.unlink(f"/dev/shm/{name}")
-            subprocess.run(["rm", "-rf", h["ipc"]], check=False)
-    assert all(p.returncode == 0 for p in procs)
-    assert child_pids and not any(pid_alive(p) for p in child_pids)
+    assert daq.stopped_cleanly()
+
+
+@pytest.mark.skipif(not _rabbitmq_up(), reason="needs RabbitMQ on 127.0.0.1:5672")
+def test_a_host_that_is_down_fails_the_request_naming_it(tmp_path: Path) -> None:
+    """Only daq-a runs: its agent writes its part and the master, waits ``FAULT_BOUND`` for daq-b's
+    part, finishes the master ``interrupted`` naming it; REST fails the request naming daq-b's
+    writer agent. File and REST agree: no leading row is complete in every part."""
+    config = make_config("jungfrau", n_modules=4, readout_hosts=HOSTS, frame_ring_slots=64,
+                         image_ring_slots=64)
+    with SplitDaq(config, tmp_path, ["daq-a"]) as daq:
+        daq.send(N_IMAGES)
+        output = daq.out_dir / "run.h5"
+        answer = requests.post(f"{daq.url}/write_async", json={"output_file": str(output),
+                                                               "n_images": N_IMAGES, "start_id": 1})
+        assert answer.status_code == 200, answer.text
+        request_id = answer.json()["request_id"]
+
+        def final() -> dict[str, Any] | None:
+            state = requests.get(f"{daq.url}/requests/{request_id}", timeout=30).json()
+            return state if state["state"] in ("completed", "failed", "interrupted") else None
+
+        bound = UNSTARTED_BOUND + 2 * FAULT_BOUND + 60  # the master's wait, REST's bound, a loaded machine
+        tracked = wait_for(final, bound, "the request final")
+        assert tracked["state"] == "failed", tracked
+        assert "writer_agent@daq-b did not end the request" in tracked["message"], tracked
+        assert tracked["services"] == {"writer_agent@daq-a": "request_success"}, tracked
+        with h5py.File(output, "r") as h5:
+            assert h5.attrs["status"] == layout.FILE_INTERRUPTED
+            assert "run_daq-b_part0.h5 of another readout host is missing" in h5.attrs["end_reason"]
+            assert int(h5.attrs["n_written"]) == 0  # no row is in every part
+            assert list(h5[master.host_dataset("daq-a", layout.IMAGE_ID)][:]) == list(range(1, N_IMAGES + 1))
+            assert list(h5[layout.STATUS][:]) == [layout.STATUS_NOT_WRITTEN] * N_IMAGES
+        counts = master.master_accounting(output)
+        assert (tracked["n_written"], counts["n_written"]) == (0, 0)
+        assert ImageAccounting(n_requested=N_IMAGES, n_written=counts["n_written"], n_good=counts["n_good"],
+                               n_incomplete=counts["n_incomplete"], n_lost=counts["n_lost"],
+                               n_not_written=N_IMAGES - tracked["n_written"]).balanced()
+    assert daq.stopped_cleanly()

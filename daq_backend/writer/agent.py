@@ -496,7 +496,8 @@ class WriterAgent:
         """``on_request`` of the broker service: write one file; returns the result message."""
         init_timestamp = time.time()
         self.counters.requests += 1
-        request = parse_write_request(ctx.request, output_roots=self.output_roots)
+        request = parse_write_request(ctx.request, output_roots=self.output_roots,
+                                      master_elsewhere=not self.writes_master)
         run = _Request(self, ctx, request, next(self._run_ids), init_timestamp)
         run.warning = space_warning(request, self.config)
         if run.warning is not None:
