@@ -66,7 +66,7 @@ from daq_backend.rest.request_tracker import (
 from daq_backend.rest.stats_summary import StatsProvider, summarize_stats
 from daq_backend.validation import explain as explain_validation
 from daq_backend.writer import roots as writer_roots
-from daq_backend.writer.request import RequestError, WriteRequest, parse_write_request
+from daq_backend.writer.request import RequestError, WriteRequest, parse_write_request, writer_services
 
 _logger = logging.getLogger(__name__)
 
@@ -253,7 +253,8 @@ class DaqBackend:
 
     def _register(self, kind: RequestKind, body: dict[str, Any], run_id: Any = None) -> str:
         request_id = _new_request_id()
-        self.tracker.register(request_id, body, run_id=run_id, kind=kind)
+        expected = writer_services(list(self.config.host_regions)) if kind == DETECTOR else ()
+        self.tracker.register(request_id, body, run_id=run_id, kind=kind, expected_services=expected)
         return request_id
 
     def _publish(self, client: BrokerClient, kind: str, body: dict[str, Any], request_id: str) -> str:

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,9 @@ class RequestRecord:
     run_id: int | str | None = None
     result: Any = None
     services: dict[str, str] = field(default_factory=dict)
+    #: services that must all end the request before it is final (a detector over several readout
+    #: hosts: each host's writer agent, the master file's first); empty: whichever services answered
+    expected_services: tuple[str, ...] = ()
     failures: dict[str, str] = field(default_factory=dict)
     kill_requested: bool = False
     finish_requested: bool = False
@@ -144,14 +147,17 @@ class RequestTracker:
         *,
         run_id: int | str | None = None,
         kind: RequestKind = DETECTOR,
+        expected_services: Sequence[str] = (),
     ) -> RequestRecord:
-        """Record a request before it is published (its first status may arrive at once)."""
+        """Record a request before it is published (its first status may arrive at once).
+        ``expected_services``: see :attr:`RequestRecord.expected_services`."""
         with self._lock:
             record = self._records.get(request_id)
             if record is None:
                 record = self._insert(RequestRecord(request_id, None, time.time(), kind))
             record.absorb_request(request)
             record.run_id = run_id
+            record.expected_services = tuple(expected_services)
             record.last_activity = time.monotonic()
             return record.copy()
 
@@ -206,16 +212,29 @@ class RequestTracker:
 
     def fail_unstarted(self, kind: str, older_than: float) -> list[str]:
         """Mark failed the requests of ``kind`` that no service answered at all for ``older_than``
-        seconds since they were registered; returns their ids."""
+        seconds since they were registered, and those with several expected services whose first one
+        ended while another has not ended for ``older_than`` s since the last status; returns their
+        ids."""
         limit = time.monotonic() - older_than
         with self._lock:
             ids = [r.request_id for r in self._records.values()
                    if r.kind == kind and r.state is RequestState.QUEUED and not r.services
                    and r.last_activity < limit]
+            ended = (Action.SUCCESS.value, Action.FAIL.value)
+            # several expected services (readout hosts): the first one ended, others stay silent
+            silent = {r.request_id: [s for s in r.expected_services if r.services.get(s) not in ended]
+                      for r in self._records.values()
+                      if r.kind == kind and not r.final and r.expected_services
+                      and r.services.get(r.expected_services[0]) in ended and r.last_activity < limit}
         for request_id in ids:
             self.mark_failed(request_id, f"no service started the request within {older_than:g} s (the "
                                          "broker lost it, or no service took it); its deadline has passed")
-        return ids
+        for request_id, names in silent.items():
+            self.mark_failed(request_id, f"{', '.join(names)} did not end the request within "
+                                         f"{older_than:g} s after the first host's writer agent did (that "
+                                         "host's DAQ is down or cut off from the broker); the master file "
+                                         "says what was written")
+        return ids + list(silent)
 
     def mark_failed(self, request_id: str, message: str) -> None:
         """Give up on a request whose services never reported an end (e.g. the writer died)."""
@@ -273,7 +292,10 @@ class RequestTracker:
                 record.state = RequestState.RUNNING
                 record.init_timestamp = record.init_timestamp or now
             return record.kill_requested
-        if action in (Action.PROGRESS, Action.SUCCESS):
+        # several services: the request's numbers are those of the first expected one (the writer
+        # agent that writes the master file, whose counts at the end are the master's)
+        numbers = not record.expected_services or status.source == record.expected_services[0]
+        if action in (Action.PROGRESS, Action.SUCCESS) and numbers:
             self._apply_numbers(record, _as_dict(status.message))
             if action is Action.SUCCESS:
                 record.result = status.message
@@ -282,7 +304,7 @@ class RequestTracker:
             record.failures[status.source] = text or "failed (no reason given)"
         if action in FINAL_ACTIONS and all(
             a in (Action.SUCCESS.value, Action.FAIL.value) for a in record.services.values()
-        ):
+        ) and all(s in record.services for s in record.expected_services):
             self._finalize(record, now)
         return False
 
