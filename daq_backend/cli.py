@@ -68,6 +68,9 @@ def add_up(sub: Subparsers) -> None:
     p.add_argument("--token-file", "--token_file", dest="token_file", default=None, metavar="PATH",
                    help="file holding the token REST commands need (default: env STD_DAQ_TOKEN, "
                         "else no token: then the API listens on loopback only)")
+    p.add_argument("--host", dest="readout_host", default=None, metavar="NAME",
+                   help="run only this host's share of a detector split over readout_hosts (its "
+                        "receivers, an assembler of its modules' partial image, its writers)")
     p.add_argument("--no-writer", dest="writer", action="store_false", help="do not start the writer agent")
     p.add_argument("--detector-control", "--detector_control", default="simulated",
                    choices=("simulated", "sls", "none"),
@@ -123,6 +126,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     config_path = Path(args.config).resolve()
     config = load_config(config_path)
+    user_config: Path | None = config_path
+    if args.readout_host is not None:
+        try:
+            config = config.for_host(args.readout_host)
+        except ValueError as exc:
+            print(f"std-daq up: {exc}", file=sys.stderr)
+            return 2
+        user_config = None  # a host's share is never saved over the whole detector's file
+    elif config.readout_hosts:
+        print(f"std-daq up: {config_path} splits {config.detector_name} over readout_hosts "
+              f"({', '.join(config.readout_hosts)}): give --host NAME on each", file=sys.stderr)
+        return 2
     if args.rest_port:
         from daq_backend.auth import TokenError, listen_problem, server_token
 
@@ -138,7 +153,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if embedded:
         name = broker_url.removeprefix(EMBEDDED).removeprefix("://").strip("/") or DEFAULT_EMBEDDED_NAME
         broker_url = f"{EMBEDDED}://{name}"
-    supervisor = Supervisor(config, config_path, topology=up_topology(args, config, broker_url),
+    supervisor = Supervisor(config, user_config, topology=up_topology(args, config, broker_url),
                             status_interval=args.status_interval)
     try:
         # before anything is claimed (the broker hub, the status file): the detector is not up already

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 from enum import Enum
 from pathlib import Path
@@ -24,6 +25,8 @@ JUNGFRAU_MODULE_SHAPE = (512, 1024)  # rows, columns of one Jungfrau module
 #: rows, columns of one Jungfrau module with the inter-chip gap pixels inserted (2 per chip border)
 JUNGFRAU_MODULE_SHAPE_WITH_GAPS = (514, 1030)
 EIGER_HALF_MODULE_SHAPE = (256, 512)  # rows, columns of one Eiger UDP "module" (half module)
+#: the Era B field names of the image size and the names they stand for (a new name given too wins)
+ERA_B_NAMES = {"image_height": "image_pixel_height", "image_width": "image_pixel_width"}
 
 
 class DetectorType(str, Enum):
@@ -90,6 +93,21 @@ class DetectorConfig(BaseModel):
         description="module -> the module id its UDP headers carry (slsDetector module_id, GigaFRoST "
                     "2*quadrant+link); a module not listed follows the id of the first stream on its port")
 
+    readout_hosts: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="host name -> the modules it reads out (every module on exactly one host); each "
+                    "host runs `std-daq up CONFIG --host NAME` and assembles only its modules into the "
+                    "partial image of their bounding region; the first host writes the master file")
+    readout_host: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="set by DetectorConfig.for_host: this config is that host's share of the detector "
+                    "(its image is the host's region; host_regions and full_image_shape place it)")
+    host_regions: dict[str, tuple[int, int, int, int]] = Field(
+        default_factory=dict, description="set by for_host: each host's region (y, x, h, w) in the full "
+                                          "image, in readout_hosts order (the first writes the master)")
+    full_image_shape: tuple[int, int] | None = Field(
+        default=None, description="set by for_host: (height, width) of the whole detector's image")
+
     @field_validator("header_module_ids", mode="before")
     @classmethod
     def _header_ids_keys(cls, value: Any) -> Any:
@@ -116,7 +134,7 @@ class DetectorConfig(BaseModel):
     def _era_b_names(cls, data: Any) -> Any:
         if isinstance(data, dict):
             data = dict(data)
-            for old, new in (("image_height", "image_pixel_height"), ("image_width", "image_pixel_width")):
+            for old, new in ERA_B_NAMES.items():
                 if old in data and new not in data:
                     data[new] = data.pop(old)
             if data.get("detector_type") == "gf":
@@ -194,6 +212,7 @@ class DetectorConfig(BaseModel):
                     f"{', gap pixels inserted' if self.gap_pixels else ''})"
                 )
         self._no_overlap()
+        self._readout_hosts()
         if self.detector_type is DetectorType.JUNGFRAU and self.bit_depth != 16:
             raise ValueError(f"bit_depth: jungfrau sends 16-bit pixels, got {self.bit_depth}")
         if self.detector_type is DetectorType.GIGAFROST:
@@ -232,6 +251,95 @@ class DetectorConfig(BaseModel):
                         f"{min(bottom, bottom2)}, columns {max(left, left2)}..{min(right, right2)}); "
                         "each pixel of the image belongs to one module"
                     )
+
+    def _readout_hosts(self) -> None:
+        """Every module on exactly one host; each host's region (the bounding box of its modules)
+        holds no other host's module, so the master file can place each host's partial image as one
+        rectangle. A host's share (``readout_host``) must be the size of its region."""
+        if self.readout_host is not None:
+            region = self.host_regions.get(self.readout_host)
+            if region is None or self.full_image_shape is None:
+                raise ValueError(f"readout_host: {self.readout_host!r} needs host_regions naming it and "
+                                 "full_image_shape (use DetectorConfig.for_host)")
+            if tuple(region[2:]) != self.image_shape:
+                raise ValueError(f"readout_host: region {region} of {self.readout_host!r} is not the "
+                                 f"{self.image_shape[0]}x{self.image_shape[1]} image")
+            return
+        if not self.readout_hosts:
+            return
+        if self.detector_type is DetectorType.GIGAFROST:
+            raise ValueError("readout_hosts: a gigafrost's 8 links each carry pixels spread over the "
+                             "whole image; it cannot be split over hosts")
+        if self.converted:
+            raise ValueError("readout_hosts: pedestal/gain conversion tables cover the whole image; "
+                             "a detector split over hosts is written unconverted")
+        owner: dict[int, str] = {}
+        for host, modules in self.readout_hosts.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", host):
+                raise ValueError(f"readout_hosts: host name {host!r} may hold only letters, digits, "
+                                 "'_', '.', '-' (it names the host's part files)")
+            if not modules:
+                raise ValueError(f"readout_hosts[{host}]: no modules")
+            for module in modules:
+                if module not in self.required_modules:
+                    raise ValueError(f"readout_hosts[{host}]: module {module} is not a module of this "
+                                     f"detector ({', '.join(map(str, self.required_modules))})")
+                if module in owner:
+                    raise ValueError(f"readout_hosts: module {module} is on both {owner[module]} and {host}")
+                owner[module] = host
+        missing = [m for m in self.required_modules if m not in owner]
+        if missing:
+            raise ValueError(f"readout_hosts: module(s) {', '.join(map(str, missing))} on no host "
+                             "(every module must be on exactly one)")
+        boxes = self.module_boxes()
+        regions = {h: self.host_region(h) for h in self.readout_hosts}
+        for host, (y, x, h, w) in regions.items():
+            for module, (top, left, bottom, right) in boxes.items():
+                if owner[module] != host and top < y + h and bottom >= y and left < x + w and right >= x:
+                    raise ValueError(
+                        f"readout_hosts[{host}]: its modules' bounding region (rows {y}..{y + h - 1}, "
+                        f"columns {x}..{x + w - 1}) contains module {module} of {owner[module]}; each "
+                        "host's modules must form a rectangle of the image holding no other host's module")
+
+    def module_boxes(self) -> dict[int, tuple[int, int, int, int]]:
+        """Each required module's box ``(top, left, bottom, right)`` (inclusive) in the image."""
+        if self.module_positions:
+            return {m: (min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1))
+                    for m, (x0, y0, x1, y1) in self.module_positions.items()}
+        rows, cols = self.jungfrau_module_box  # a jungfrau without positions: modules stacked
+        return {m: (m * rows, 0, m * rows + rows - 1, cols - 1) for m in range(self.n_modules)}
+
+    def host_region(self, host: str) -> tuple[int, int, int, int]:
+        """``(y, x, h, w)``: the bounding region of ``host``'s modules in the full image."""
+        boxes = self.module_boxes()
+        mine = [boxes[m] for m in self.readout_hosts[host]]
+        top, left = min(b[0] for b in mine), min(b[1] for b in mine)
+        bottom, right = max(b[2] for b in mine), max(b[3] for b in mine)
+        return (top, left, bottom - top + 1, right - left + 1)
+
+    def for_host(self, host: str) -> DetectorConfig:
+        """This detector as ``host`` reads it out: only its modules, placed in its region's partial
+        image (``image_pixel_height/width`` = the region's size, ``module_positions`` shifted into
+        it), with ``readout_host``, every host's region and the full image shape kept for the writer
+        agent. The config the processes of ``std-daq up CONFIG --host HOST`` run with."""
+        if host not in self.readout_hosts:
+            known = ", ".join(self.readout_hosts) or "none: the config has no readout_hosts"
+            raise ConfigError(f"--host {host}: not one of the config's readout_hosts ({known})")
+        y, x, h, w = self.host_region(host)
+        positions: dict[str, list[int]] = {}
+        for m in self.readout_hosts[host]:
+            if self.module_positions:
+                x0, y0, x1, y1 = self.module_positions[m]
+            else:
+                top, left, bottom, right = self.module_boxes()[m]
+                x0, y0, x1, y1 = left, top, right, bottom
+            positions[str(m)] = [x0 - x, y0 - y, x1 - x, y1 - y]
+        data = self.to_json_dict()
+        data.update(image_pixel_height=h, image_pixel_width=w, module_positions=positions,
+                    readout_hosts={}, readout_host=host,
+                    host_regions={name: list(self.host_region(name)) for name in self.readout_hosts},
+                    full_image_shape=list(self.image_shape))
+        return parse_config(data)
 
     # -- derived values -------------------------------------------------------------------
     @property
@@ -281,6 +389,9 @@ class DetectorConfig(BaseModel):
         data = self.model_dump(mode="json")
         data["module_positions"] = {str(k): list(v) for k, v in self.module_positions.items()}
         data["header_module_ids"] = {str(k): v for k, v in self.header_module_ids.items()}
+        for name in ("readout_hosts", "readout_host", "host_regions", "full_image_shape"):
+            if not data.get(name):
+                data.pop(name, None)  # a single-host config reads as it always did
         return data
 
 

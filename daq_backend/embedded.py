@@ -159,7 +159,8 @@ class LocalDaq:
     ``stop()`` stops them all and removes what they left. ``output_roots``: folders files may be
     written in, given to the h5 writer, writer agent and REST API (None: ``STD_DAQ_OUTPUT_ROOTS``,
     else the default data root). ``log_level``: of the processes (their output goes to this process's
-    stderr)."""
+    stderr). ``host``: run only that host's share of a config with ``readout_hosts``
+    (``DetectorConfig.for_host``), as ``std-daq up CONFIG --host HOST`` does."""
 
     def __init__(
         self,
@@ -170,8 +171,11 @@ class LocalDaq:
         output_roots: Sequence[str | Path] | None = None,
         log_level: str = "warning",
         startup_timeout: float = STARTUP_TIMEOUT,
+        host: str | None = None,
     ) -> None:
         self.config = config or simulated_config()
+        if host is not None:  # one host's share of a detector split over readout_hosts
+            self.config = self.config.for_host(host)
         self.port = port
         self.output_roots = output_roots
         self.log_level = log_level

@@ -40,9 +40,11 @@ from pydantic import BaseModel, Field
 from daq_backend import ipc
 from daq_backend.logtail import parse_lines
 from daq_backend.messages import RequestState
-from daq_backend.rest.backend import DETECTOR, DaqBackend, RequestRecord, summarize_stats
+from daq_backend.rest.backend import DaqBackend
 from daq_backend.rest.dashboard_image import ImageInfo, ImageRenderer
 from daq_backend.rest.models import StatsResponse
+from daq_backend.rest.request_tracker import DETECTOR, RequestRecord
+from daq_backend.rest.stats_summary import summarize_stats
 
 _logger = logging.getLogger(__name__)
 

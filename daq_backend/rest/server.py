@@ -30,8 +30,9 @@ from daq_backend.broker.transport import DEFAULT_EMBEDDED_NAME, EMBEDDED
 from daq_backend.config import DetectorConfig, load_config
 from daq_backend.control.base import DetectorControl
 from daq_backend.rest.app import create_app
-from daq_backend.rest.backend import DaqBackend, PreviewProvider, status_file_stats
+from daq_backend.rest.backend import DaqBackend, PreviewProvider
 from daq_backend.rest.dashboard import close_dashboard
+from daq_backend.rest.stats_summary import status_file_stats
 from daq_backend.writer.roots import add_output_root_option
 
 _logger = logging.getLogger(__name__)

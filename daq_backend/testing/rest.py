@@ -27,8 +27,6 @@ from daq_backend.writer.h5_writer import journal_path
 __all__ = ["RestHarness", "WAIT_S"]
 
 
-
-
 class RestHarness:
     """One detector's DAQ behind a live REST API; every part can be left out or replaced."""
 

@@ -97,11 +97,16 @@ from daq_backend.writer.h5_writer import (
     H5Writer,
 )
 from daq_backend.writer.layout import FILE_COMPLETED, FILE_INTERRUPTED
-from daq_backend.writer.request import WriteRequest, parse_write_request
+from daq_backend.writer.request import (
+    WRITER_AGENT_SERVICE,
+    WriteRequest,
+    parse_write_request,
+    writer_services,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SERVICE_NAME = "writer_agent"
+DEFAULT_SERVICE_NAME = WRITER_AGENT_SERVICE
 
 
 class WriteInterrupted(RuntimeError):
@@ -185,11 +190,22 @@ class WriterAgent:
         writer_timeout: float = 30.0,
         progress_interval: float = 0.2,
         recovery_wait: float = 0.6 * FAULT_BOUND,
+        host_wait: float = FAULT_BOUND,
         context: zmq.Context | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
+        #: a detector split over readout hosts: this host's share (None: one host has it all)
+        self.readout_host = config.readout_host
+        #: the readout hosts in order; the first one's agent writes the master file
+        self.hosts = list(config.host_regions)
+        self.writes_master = self.readout_host is None or self.hosts[0] == self.readout_host
+        if self.readout_host is not None and service_name == DEFAULT_SERVICE_NAME:
+            # each host's own status source, as the REST API expects them (``writer_services``)
+            service_name = writer_services(self.hosts)[self.hosts.index(self.readout_host)]
         self.service_name = service_name
+        #: seconds the master's agent waits, after its own parts closed, for the other hosts' parts
+        self.host_wait = host_wait
         self.tag = tag or config.detector_name
         #: folders files may be written in (None: those in force, see ``roots.output_roots``)
         self.output_roots = roots.output_roots(output_roots)
@@ -481,7 +497,8 @@ class WriterAgent:
         """``on_request`` of the broker service: write one file; returns the result message."""
         init_timestamp = time.time()
         self.counters.requests += 1
-        request = parse_write_request(ctx.request, output_roots=self.output_roots)
+        request = parse_write_request(ctx.request, output_roots=self.output_roots,
+                                      master_elsewhere=not self.writes_master)
         run = _Request(self, ctx, request, next(self._run_ids), init_timestamp)
         run.warning = space_warning(request, self.config)
         if run.warning is not None:
@@ -516,11 +533,11 @@ class WriterAgent:
         why = f"{EndReason.AGENT_DIED.value}: the writer agent process died during the request"
         counts: dict[str, Any] = {}
         deadline = time.monotonic() + self.recovery_wait
-        split = int(entry.get("n_writers", 1)) > 1
+        split = int(entry.get("n_writers", 1)) > 1 or self.readout_host is not None
         n = self.n_writers if split else 1
         out = Path(output_file)
-        files = [str(out.with_name(master.part_file_name(out, k))) for k in range(n)] if split \
-            else [output_file]
+        files = [str(out.with_name(master.part_file_name(out, k, self.readout_host))) for k in range(n)] \
+            if split else [output_file]
         with self._active(request_id) as events:
             with self._writer_seen:  # the h5 writers' first heartbeats tell they are there
                 while any(c.last_seen is None for c in self._channels[:n]) and time.monotonic() < deadline:
@@ -541,8 +558,10 @@ class WriterAgent:
                         counts = item
             except WriterFailed as exc:
                 log.warning("writer agent: cannot stop %s left by a dead agent: %s", output_file, exc)
-        if split and os.path.exists(output_file):
+        if split and self.writes_master and os.path.exists(output_file):
             try:
+                if self.readout_host is not None:
+                    master.combine_hosts(output_file)
                 master.finish_master(output_file, FILE_INTERRUPTED, why)
                 found = master.master_accounting(output_file)
                 counts = {"n_written": found["n_written"], "n_missing_images": found["n_lost"],
@@ -575,6 +594,16 @@ def _file_counts(path: str) -> dict[str, Any] | None:
         return None
     return {"n_written": counts["n_written"], "n_missing_images": counts["n_lost"],
             "n_incomplete_images": counts["n_incomplete"], "status": status}
+
+
+def _part_status(path: Path) -> str:
+    """The ``status`` attribute of a part file ("" while it does not exist or cannot be read)."""
+    try:
+        with layout.open_image_file(path) as h5:
+            value = h5.attrs.get("status", "")
+    except (OSError, KeyError):
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class _Request:
@@ -615,13 +644,14 @@ class _Request:
 
     @property
     def split(self) -> bool:
-        """The request is written as part files of several h5 writers and a master file."""
-        return self.agent.n_writers > 1
+        """The request is written as part files (of several h5 writers, or of several readout hosts)
+        and a master file."""
+        return self.agent.n_writers > 1 or self.agent.readout_host is not None
 
     def part_file(self, position: int) -> str:
         """The part file of writer ``position`` (beside the master at the requested ``output_file``)."""
         out = Path(self.request.output_file)
-        return str(out.with_name(master.part_file_name(out, position)))
+        return str(out.with_name(master.part_file_name(out, position, self.agent.readout_host)))
 
     def part_images(self, position: int) -> int:
         """The length a part is created with: its share of the request's rows; a part with no rows
@@ -700,19 +730,17 @@ class _Request:
         folder = roots.open_folder(out.parent, agent.output_roots)
         try:
             for position in range(n):
-                name = master.part_file_name(out, position)
+                name = master.part_file_name(out, position, agent.readout_host)
                 problem = layout.replace_problem(name, folder, req.overwrite)
                 if problem:
                     raise WriterFailed(f"cannot create the part file {out.with_name(name)}: {problem}")
-            parts = [master.Part(master.part_file_name(out, k), k, n) for k in range(n)]
-            master.create_master(out, parts, image_shape=agent.config.image_shape,
-                                 image_dtype=agent.config.image_dtype, n_images=req.n_images,
-                                 request_id=self.ctx.request_id, overwrite=req.overwrite, dir_fd=folder)
+            if agent.writes_master:
+                self._create_master(out, folder)
         except layout.FileCreateError as exc:
             raise WriterFailed(str(exc)) from None
         finally:
             os.close(folder)
-        self.master_created = True
+        self.master_created = agent.writes_master
         self._send_all(StoreOp.START, request=req.to_json_dict())
         started: set[int] = set()
         while len(started) + len(self.parts_finished) < n:
@@ -726,8 +754,30 @@ class _Request:
             why = f"part {self.part_file(position)}: {failed.get('message') or failed.get('status')}"
             with contextlib.suppress(WriterFailed):
                 self._send_all(StoreOp.STOP, skip=set(self.parts_finished), reason=why)
-            master.finish_master(req.output_file, f"failed: {why}", why)
+            if agent.writes_master:
+                master.finish_master(req.output_file, f"failed: {why}", why)
             raise WriterFailed(why)
+
+    def _create_master(self, out: Path, folder: int) -> None:
+        """The master file over every part: this host's, or with ``readout_hosts`` every host's,
+        each mapped to the host's region of the full image."""
+        agent, req = self.agent, self.request
+        n, config = agent.n_writers, agent.config
+        if agent.readout_host is None:
+            parts = [master.Part(master.part_file_name(out, k), k, n) for k in range(n)]
+            master.create_master(out, parts, image_shape=config.image_shape, image_dtype=config.image_dtype,
+                                 n_images=req.n_images, request_id=self.ctx.request_id,
+                                 overwrite=req.overwrite, dir_fd=folder)
+            return
+        assert config.full_image_shape is not None
+        host_parts = {host: [master.Part(master.part_file_name(out, k, host), k, n, region=region)
+                             for k in range(n)]
+                      for host, region in config.host_regions.items()}
+        master.create_master(out, [p for mine in host_parts.values() for p in mine],
+                             image_shape=config.full_image_shape, image_dtype=config.image_dtype,
+                             n_images=req.n_images, request_id=self.ctx.request_id,
+                             status_parts=host_parts[agent.hosts[0]], overwrite=req.overwrite,
+                             dir_fd=folder, host_parts=host_parts)
 
     def _file_closed(self) -> None:
         """The file is closed: a later death of this agent leaves nothing for the next one to end
@@ -832,17 +882,56 @@ class _Request:
                 return k
         return None
 
-    def _finish_master(self, status: str, reason: str, n_images: int | None = None) -> None:
-        """Close the master: ``n_written`` and the counts of the request are then the master's."""
+    def _finish_master(self, status: str, reason: str, n_images: int | None = None) -> tuple[str, str]:
+        """Close the master: ``n_written`` and the counts of the request are then the master's. With
+        ``readout_hosts``, the agent of the first host waits (``host_wait``) for the other hosts'
+        parts to close, takes the worst of their statuses and combines the per-image datasets
+        (``master.combine_hosts``); another host's agent has no master: its counts are its parts'."""
+        if not self.agent.writes_master:
+            self.master_created = False
+            return status, reason
         try:
+            if self.agent.readout_host is not None:
+                status, reason = self._other_hosts(status, reason)
+                master.combine_hosts(self.request.output_file)
             self.n_written = master.finish_master(self.request.output_file, status, reason, n_images)
             counts = master.master_accounting(self.request.output_file)
         except (OSError, KeyError, ValueError) as exc:
             log.warning("writer agent: cannot finish the master file %s: %s", self.request.output_file, exc)
-            return
+            return status, reason
         finally:
             self.master_created = False
         self.n_missing, self.n_incomplete = counts["n_lost"], counts["n_incomplete"]
+        return status, reason
+
+    def _other_hosts(self, status: str, reason: str) -> tuple[str, str]:
+        """Wait until every other host's part is closed (at most ``host_wait`` s), then the worst of
+        ``status`` and theirs (a part still open or missing then: ``interrupted``, the reason naming
+        it)."""
+        agent = self.agent
+        out = Path(self.request.output_file)
+        others = [out.with_name(master.part_file_name(out, k, host))
+                  for host in agent.hosts if host != agent.readout_host for k in range(agent.n_writers)]
+        deadline = time.monotonic() + agent.host_wait
+        states: dict[Path, str] = {}
+        while True:
+            states = {path: _part_status(path) for path in others}
+            if all(s not in ("", layout.FILE_WRITING) for s in states.values()) or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # the other hosts' agents tell this one nothing: their files do
+        rank = {FILE_COMPLETED: 0, FILE_INTERRUPTED: 1}
+        worst_rank = rank.get(status, 2)
+        for path, state in states.items():
+            if state in ("", layout.FILE_WRITING):
+                state, why = FILE_INTERRUPTED, (f"part {path} of another readout host "
+                                                f"{'is missing' if not state else 'is still open'} "
+                                                f"{agent.host_wait:g} s after this host's parts closed")
+            else:
+                why = f"part {path}: {state}"
+            if rank.get(state, 2) > worst_rank:
+                status, reason, worst_rank = state, why, rank.get(state, 2)
+        return status, reason
 
     def _end(self, events: queue.Queue[tuple[str, Any]], reason: str) -> dict[str, Any]:
         """``STOP`` the file and wait until the writer closed it."""
@@ -878,7 +967,7 @@ class _Request:
                 worst, worst_rank = status, r
                 message = f"part {self.part_file(position)}: {final.get('message') or status}"
         n_images = self.n_forwarded if reason == REASON_FINISHED else None
-        self._finish_master(worst, message, n_images)
+        worst, message = self._finish_master(worst, message, n_images)
         return {"status": worst, "message": message, "n_written": self.n_written,
                 "n_images": n_images if n_images is not None else self.request.n_images,
                 "n_missing_images": self.n_missing, "n_incomplete_images": self.n_incomplete}

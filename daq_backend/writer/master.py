@@ -17,6 +17,14 @@ reached yet read as the fill values (pixels 0, ``status`` 255 = not written).
 A part's region may be less than the full image (a detector read out by several hosts: each host's
 part holds its modules' rows/columns): the mapping then places it at its ``(y, x)`` offset.
 
+A detector read out by several hosts (``readout_hosts``): each host's parts are mapped to its
+region; ``/entry/data/parts/<host>/image_id``, ``status`` and ``n_missing_packets`` are VDS over
+that host's parts (its own per-image accounting). A VDS cannot combine sources, so while the parts
+are written ``/entry/data/status``, ``n_missing_packets`` and ``image_id`` map the first host's
+parts; when the request ends :func:`combine_hosts` replaces them with ordinary datasets: per image
+the worst status of the hosts (``ID_MISMATCH`` where the hosts wrote different image ids in one
+row), the sum of their missing packets.
+
 The part files are named by relative paths in the master (next to it), so a copy of the output folder
 moved elsewhere still reads. Reading while the parts are written: open the master with ``swmr=True``
 and call ``dataset.refresh()`` to see rows the parts flushed since; count only the first
@@ -26,9 +34,11 @@ and call ``dataset.refresh()`` to see rows the parts flushed since; count only t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +47,8 @@ import h5py
 import numpy as np
 from h5py import h5d, h5p, h5s, h5t
 
+from daq_backend.formats import ImageStatus
+from daq_backend.messages import FAULT_BOUND
 from daq_backend.writer import layout
 
 #: the per-image datasets the master presents, with the parts' dtypes and fill values
@@ -93,11 +105,12 @@ def _map(dcpl: h5p.PropDCID, part: Part, dataset: str, image_shape: tuple[int, .
 
 
 def _virtual_dataset(h5: h5py.File, path: str, parts: Sequence[Part], dtype: str | np.dtype[Any],
-                     image_shape: tuple[int, ...], fill: int) -> None:
+                     image_shape: tuple[int, ...], fill: int, source: str | None = None) -> None:
+    """A VDS at ``path`` over the parts' dataset ``source`` (default: the same path)."""
     dcpl = h5p.create(h5p.DATASET_CREATE)
     dcpl.set_fill_value(np.array(fill, dtype=dtype))
     for part in parts:
-        _map(dcpl, part, path, image_shape)
+        _map(dcpl, part, source or path, image_shape)
     space = h5s.create_simple((0, *image_shape), (h5s.UNLIMITED, *image_shape))
     group = h5.require_group(str(Path(path).parent))
     h5d.create(group.id, Path(path).name.encode(), h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl)
@@ -106,7 +119,7 @@ def _virtual_dataset(h5: h5py.File, path: str, parts: Sequence[Part], dtype: str
 def create_master(path: str | Path, parts: Sequence[Part], *, image_shape: tuple[int, int],
                   image_dtype: str | np.dtype[Any], n_images: int, request_id: str = "",
                   status_parts: Sequence[Part] | None = None, overwrite: bool = False,
-                  dir_fd: int | None = None) -> Path:
+                  dir_fd: int | None = None, host_parts: Mapping[str, Sequence[Part]] | None = None) -> Path:
     """Write the master file at ``path`` (built under a hidden name, then renamed, as the parts are).
 
     ``parts``: every part file, with the writer and region it covers; the per-image datasets map
@@ -115,7 +128,9 @@ def create_master(path: str | Path, parts: Sequence[Part], *, image_shape: tuple
     need not exist yet. ``n_images``: the request's length (0: open-ended). ``dir_fd``: a descriptor
     of the master's folder (the writer agent passes the one it opened inside its output root with
     ``roots.open_folder``): the master is built and named in that folder, never through a symlink;
-    ``overwrite`` replaces only a file this DAQ wrote (``layout.replace_problem``)."""
+    ``overwrite`` replaces only a file this DAQ wrote (``layout.replace_problem``). ``host_parts``:
+    each readout host's parts (a detector split over hosts): ``/entry/data/parts/<host>/...`` present
+    each host's per-image datasets and the ``hosts`` attribute lists them in order."""
     path = Path(path)
     if not parts:
         raise ValueError("a master file needs at least one part")
@@ -133,7 +148,8 @@ def create_master(path: str | Path, parts: Sequence[Part], *, image_shape: tuple
     try:
         return _create_master(path, parts, dir_fd, image_shape=image_shape, image_dtype=image_dtype,
                               n_images=n_images, request_id=request_id, status_parts=status_parts,
-                              overwrite=overwrite, n_writers=next(iter(writers)))
+                              overwrite=overwrite, n_writers=next(iter(writers)),
+                              host_parts=host_parts or {})
     finally:
         if own_fd is not None:
             os.close(own_fd)
@@ -141,7 +157,8 @@ def create_master(path: str | Path, parts: Sequence[Part], *, image_shape: tuple
 
 def _create_master(path: Path, parts: Sequence[Part], dir_fd: int, *, image_shape: tuple[int, int],
                    image_dtype: str | np.dtype[Any], n_images: int, request_id: str,
-                   status_parts: Sequence[Part] | None, overwrite: bool, n_writers: int) -> Path:
+                   status_parts: Sequence[Part] | None, overwrite: bool, n_writers: int,
+                   host_parts: Mapping[str, Sequence[Part]]) -> Path:
     problem = layout.replace_problem(path.name, dir_fd, overwrite)
     if problem:
         raise layout.FileCreateError(f"cannot create {path}: {problem}")
@@ -156,7 +173,7 @@ def _create_master(path: Path, parts: Sequence[Part], dir_fd: int, *, image_shap
                 "default": "entry", "creator": "std-daq-bluesky daq_backend.writer", "kind": MASTER_KIND,
                 "file_name": path.name, "status": layout.FILE_WRITING, "n_written": np.uint64(0),
                 "n_images": np.uint64(n_images), "request_id": request_id, "n_writers": n_writers,
-                "parts": [p.file for p in parts], "end_reason": "",
+                "parts": [p.file for p in parts], "end_reason": "", "hosts": list(host_parts),
             })
             entry = h5.create_group(layout.ENTRY)
             entry.attrs.update({"NX_class": "NXentry", "default": "data"})
@@ -165,6 +182,9 @@ def _create_master(path: Path, parts: Sequence[Part], dir_fd: int, *, image_shap
             _virtual_dataset(h5, layout.DATA, parts, image_dtype, tuple(image_shape), 0)
             for dataset in PER_IMAGE:
                 _virtual_dataset(h5, dataset, heads, DTYPES[dataset], (), FILL[dataset])
+                for host, mine in host_parts.items():
+                    _virtual_dataset(h5, host_dataset(host, dataset), mine, DTYPES[dataset], (),
+                                     FILL[dataset], source=dataset)
             # the detector description (NeXus fields, config) is the first part's
             h5[layout.INSTRUMENT] = h5py.ExternalLink(parts[0].file, layout.INSTRUMENT)
         layout.publish_at(building, path, dir_fd, overwrite)
@@ -172,6 +192,73 @@ def _create_master(path: Path, parts: Sequence[Part], dir_fd: int, *, image_shap
         with contextlib.suppress(FileNotFoundError):
             os.unlink(building, dir_fd=dir_fd)
     return path
+
+
+def host_dataset(host: str, dataset: str) -> str:
+    """Where the master presents ``host``'s own per-image ``dataset`` (e.g. ``layout.STATUS`` ->
+    ``/entry/data/parts/<host>/status``)."""
+    return f"{layout.DATA_GROUP}/parts/{host}/{Path(dataset).name}"
+
+
+def master_hosts(h5: h5py.File) -> list[str]:
+    """The readout hosts of a master (empty: one host)."""
+    return [h.decode() if isinstance(h, bytes) else str(h) for h in h5.attrs.get("hosts", [])]
+
+
+def combine_hosts(master: str | Path) -> int:
+    """Replace the master's per-image datasets by the hosts' combination (a detector split over
+    hosts, at the end of the request): ``status`` the worst of the hosts' (the highest code;
+    ``ID_MISMATCH`` where their ``image_id`` differ), ``n_missing_packets`` their sum, ``image_id``
+    the first host's. Rows are the longest host's extent (a row a host did not reach has its fill:
+    status 255 = not written). Returns the rows combined (0: a master of one host, left as it is)."""
+    # read-only: the VDS sources (the parts) are opened with the master's access mode
+    with h5py.File(master, "r", swmr=True) as h5:
+        hosts = master_hosts(h5)
+        if not hosts:
+            return 0
+        per_host = {name: {d: h5[host_dataset(name, d)][:] for d in PER_IMAGE} for name in hosts}
+    n = max(len(v[layout.STATUS]) for v in per_host.values())
+
+    def padded(values: np.ndarray, dataset: str) -> np.ndarray:
+        out = np.full(n, FILL[dataset], dtype=DTYPES[dataset])
+        out[:len(values)] = values
+        return out
+
+    status = np.zeros(n, dtype=DTYPES[layout.STATUS])
+    missing = np.zeros(n, dtype=DTYPES[layout.N_MISSING_PACKETS])
+    first_ids = padded(per_host[hosts[0]][layout.IMAGE_ID], layout.IMAGE_ID)
+    for values in per_host.values():
+        status = np.maximum(status, padded(values[layout.STATUS], layout.STATUS))
+        missing += padded(values[layout.N_MISSING_PACKETS], layout.N_MISSING_PACKETS)
+        ids = padded(values[layout.IMAGE_ID], layout.IMAGE_ID)
+        status[(ids != first_ids) & (status < layout.STATUS_LOST)] = int(ImageStatus.ID_MISMATCH)
+    with _open_for_update(master) as h5:
+        for dataset, combined in ((layout.STATUS, status), (layout.N_MISSING_PACKETS, missing),
+                                  (layout.IMAGE_ID, first_ids)):
+            del h5[dataset]
+            h5.create_dataset(dataset, data=combined, maxshape=(None,), chunks=True,
+                              fillvalue=FILL[dataset])
+        h5.attrs["combined"] = True
+    return n
+
+
+#: seconds an update of the master waits for readers that hold it open (HDF5's file lock): a
+#: reader following the request (SWMR, ``refresh()``) closes it soon after the last rows; half the
+#: fault bound, so a request still ends within ``FAULT_BOUND``
+UPDATE_LOCK_WAIT = 0.5 * FAULT_BOUND
+
+
+def _open_for_update(path: str | Path) -> h5py.File:
+    """Open the master ``r+``. A reader that has it open (a client following the parts, which opens
+    the master for a moment to find them) holds HDF5's file lock: retried for ``UPDATE_LOCK_WAIT`` s."""
+    deadline = time.monotonic() + UPDATE_LOCK_WAIT
+    while True:
+        try:
+            return h5py.File(path, "r+")
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def leading_rows(part_rows: Sequence[int]) -> int:
@@ -214,7 +301,7 @@ def finish_master(master: str | Path, status: str, reason: str = "", n_images: i
     ``end_reason`` say how the request ended (``n_images``: the request's length, if it changed: an
     open-ended request finished with what it has). Returns ``n_written``."""
     n_written = leading_rows(part_rows(master))
-    with h5py.File(master, "r+") as h5:
+    with _open_for_update(master) as h5:
         h5.attrs.update({"status": status, "end_reason": reason, "n_written": np.uint64(n_written)})
         if n_images is not None:
             h5.attrs["n_images"] = np.uint64(n_images)

@@ -51,6 +51,16 @@ MAX_IMAGES = 10**12
 MAX_IMAGE_ID = 2**64 - 1
 #: seconds of the idle ``timeout`` (about 11.6 days)
 MAX_TIMEOUT = 1e6
+#: the writer agent's service name (the ``source`` of its statuses); ``writer_agent@<host>`` for
+#: each readout host of a detector split over several
+WRITER_AGENT_SERVICE = "writer_agent"
+
+
+def writer_services(host_names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The writer agents every write request of a detector over ``host_names`` (its readout hosts,
+    in order; empty: one host) must end at: each host's ``writer_agent@<host>``, the first host's
+    (which writes the master file) first; () for one host (whichever agent answers)."""
+    return tuple(f"{WRITER_AGENT_SERVICE}@{host}" for host in host_names)
 
 
 class RequestError(ValueError):
@@ -183,7 +193,8 @@ class WriteRequest(BaseModel):
             if found:
                 roots.confine(self.output_file, found)
             if (info.context or {}).get("check_filesystem", True):
-                check_output_file(Path(self.output_file), overwrite=self.overwrite)
+                check_output_file(Path(self.output_file), overwrite=self.overwrite,
+                                  master_elsewhere=bool((info.context or {}).get("master_elsewhere")))
         except ValueError as exc:
             raise ValueError(f"output_file: {exc}") from None
         return self
@@ -202,10 +213,12 @@ def _context_roots(info: ValidationInfo) -> list[Path]:
     return roots.output_roots() if context.get("check_filesystem", True) else []
 
 
-def check_output_file(path: Path, *, overwrite: bool) -> None:
+def check_output_file(path: Path, *, overwrite: bool, master_elsewhere: bool = False) -> None:
     """Refuse a file whose folder is missing, not a folder or unwritable, and an existing file unless
     ``overwrite`` and it is an HDF5 file this DAQ wrote. Raises ``ValueError`` with a message for the
-    user. (Where the file may be is :func:`daq_backend.writer.roots.confine`.)"""
+    user. (Where the file may be is :func:`daq_backend.writer.roots.confine`.) ``master_elsewhere``:
+    another readout host's agent writes the file at ``path`` (the master; it may exist already):
+    only the folder is checked here, this host's part names are checked when they are created."""
     folder = path.parent
     if not folder.exists():
         raise ValueError(f"folder {folder} does not exist")
@@ -213,7 +226,7 @@ def check_output_file(path: Path, *, overwrite: bool) -> None:
         raise ValueError(f"{folder} is not a folder")
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a file")
-    if os.path.lexists(path):
+    if os.path.lexists(path) and not master_elsewhere:
         if not overwrite:
             raise ValueError(f"file {path} already exists (set overwrite: true to replace it)")
         problem = replace_problem(str(path), None, overwrite)
@@ -230,9 +243,11 @@ def check_output_file(path: Path, *, overwrite: bool) -> None:
 
 
 def parse_write_request(
-    body: Any, *, output_roots: list[Path] | None = None, check_filesystem: bool = True
+    body: Any, *, output_roots: list[Path] | None = None, check_filesystem: bool = True,
+    master_elsewhere: bool = False,
 ) -> WriteRequest:
-    """Validate a request (dict, JSON text or bytes). Raises ``RequestError`` naming each bad field."""
+    """Validate a request (dict, JSON text or bytes). Raises ``RequestError`` naming each bad field.
+    ``master_elsewhere``: see :func:`check_output_file`."""
     if isinstance(body, bytes | bytearray | str):
         try:
             body = json.loads(body)
@@ -242,7 +257,7 @@ def parse_write_request(
             raise RequestError("invalid write request: JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError(f"invalid write request: expected a JSON object, got {type(body).__name__}")
-    context: dict[str, Any] = {"check_filesystem": check_filesystem}
+    context: dict[str, Any] = {"check_filesystem": check_filesystem, "master_elsewhere": master_elsewhere}
     if output_roots is not None:
         context["output_roots"] = output_roots
     try:

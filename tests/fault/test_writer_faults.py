@@ -75,21 +75,31 @@ def daq(ipc_env: str, tmp_path: Path) -> Iterator[Daq]:
 # -- a process dies ---------------------------------------------------------------------------------
 
 
-def test_kill_9_of_the_assembler_mid_write_the_writer_follows_the_new_ring(daq: Daq) -> None:
+def write_through_a_restart(daq: Daq, service: str, name: str
+                            ) -> tuple[dict[str, Any], Any, dict[str, int], np.ndarray, float, Path]:
+    """A write of ``N_IMAGES`` during which ``service`` is killed at ``KILL_AT`` rows and restarted by
+    the supervisor; the write must still complete (REST and broker). Returns REST's final status, the
+    broker's final message, the file's counts and image ids, the seconds from the kill to the final
+    state, and the file."""
     with Detector(daq.config), Broker(daq.config.detector_name) as broker:
-        request_id, path = submit(daq, "assembler.h5", N_IMAGES)
+        request_id, path = submit(daq, name, N_IMAGES)
         wait_for(lambda: rows(path) >= KILL_AT, f"{KILL_AT} images written", 180)
-        old = daq.services()["assembler"]["pid"]
-        killed = kill_service(daq, "assembler")
-        wait_for(lambda: (s := daq.services()["assembler"])["alive"] and s["pid"] != old,
-                 "the assembler restarted", 60)
+        old = daq.services()[service]["pid"]
+        killed = kill_service(daq, service)
+        wait_for(lambda: (s := daq.services()[service])["alive"] and s["pid"] != old, f"{service} restarted",
+                 60)
         rest, (action, message), _ = final_everywhere(daq, broker, request_id, time.monotonic(), 180)
         took = time.monotonic() - killed
     attrs, counts, ids = file_state(path)
     assert rest["state"] == "completed" and action is Action.SUCCESS, (rest, message)
     assert attrs["status"] == "completed" and counts["n_written"] == N_IMAGES
+    assert np.all(np.diff(ids) >= 1)  # increasing
+    return rest, message, counts, ids, took, path
+
+
+def test_kill_9_of_the_assembler_mid_write_the_writer_follows_the_new_ring(daq: Daq) -> None:
+    rest, message, counts, ids, took, path = write_through_a_restart(daq, "assembler", "assembler.h5")
     steps = np.diff(ids)
-    assert np.all(steps >= 1)  # increasing
     with h5py.File(path, "r") as h5:
         status = h5[layout.STATUS][:]
         missing = h5[layout.N_MISSING_PACKETS][:]
@@ -149,20 +159,8 @@ def test_kill_9_of_the_receiver_mid_write_only_the_outage_is_missing(daq: Daq) -
     """The restarted receiver re-creates its frame ring, the assembler follows it, and the write goes
     on to its ``n_images``: images of the outage never became images (one jump of the ids), a frame
     cut by the kill is flagged; before and after, every row is as sent."""
-    with Detector(daq.config), Broker(daq.config.detector_name) as broker:
-        request_id, path = submit(daq, "receiver.h5", N_IMAGES)
-        wait_for(lambda: rows(path) >= KILL_AT, f"{KILL_AT} images written", 180)
-        old = daq.services()["receiver-0"]["pid"]
-        killed = kill_service(daq, "receiver-0")
-        wait_for(lambda: (s := daq.services()["receiver-0"])["alive"] and s["pid"] != old,
-                 "the receiver restarted", 60)
-        rest, (action, message), _ = final_everywhere(daq, broker, request_id, time.monotonic(), 180)
-        took = time.monotonic() - killed
-    attrs, counts, ids = file_state(path)
-    assert rest["state"] == "completed" and action is Action.SUCCESS, (rest, message)
-    assert attrs["status"] == "completed" and counts["n_written"] == N_IMAGES
+    rest, _, counts, ids, took, path = write_through_a_restart(daq, "receiver-0", "receiver.h5")
     steps = np.diff(ids)
-    assert np.all(steps >= 1)
     assert len(np.flatnonzero(steps > 1)) <= 1, "the ids jump once: the outage"
     with h5py.File(path, "r") as h5:
         status = h5[layout.STATUS][:]

@@ -25,7 +25,7 @@ import requests
 from std_daq_client import StdDaqAdminException, StdDaqClient
 
 from daq_backend.control.sls import SlsDetectorControl
-from daq_backend.rest.backend import summarize_stats
+from daq_backend.rest.stats_summary import summarize_stats
 from daq_backend.testing import free_udp_base, wait_for
 from daq_backend.testing.rest import WAIT_S, RestHarness
 from daq_backend.testing.writer import expected_pixels

@@ -24,8 +24,6 @@ JUNGFRAU_1M = {
 }
 
 
-
-
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.json")), ids=lambda p: p.name)
 def test_seed_configs_load(path: Path) -> None:
     cfg = load_config(path)

@@ -22,7 +22,6 @@ from daq_backend import ipc
 from daq_backend.formats import DTYPE_CODES, ImageMetadata, ImageStatus
 from daq_backend.messages import RequestState
 from daq_backend.ram_buffer import RingBuffer
-from daq_backend.rest.backend import RequestRecord
 from daq_backend.rest.dashboard import (
     Dashboard,
     DashboardSnapshot,
@@ -37,6 +36,7 @@ from daq_backend.rest.dashboard import (
 )
 from daq_backend.rest.dashboard_image import NO_VALUE_COLOR, ImageRenderer, colour_scale, encode_png, shrink
 from daq_backend.rest.models import StatsResponse
+from daq_backend.rest.request_tracker import RequestRecord
 from daq_backend.testing import make_config, wait_for
 from daq_backend.testing.rest import WAIT_S, RestHarness
 
