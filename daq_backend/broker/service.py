@@ -201,7 +201,7 @@ class BrokerService:
             if killed_early:
                 del self._killed_early[request_id]
             elif duplicate or (late is not None and late > 0):
-                pass
+                pass  # answered (or ignored) below, outside the lock; it never becomes the current request
             elif self._current is not None and self.reject_when_busy:
                 busy = self._current
             else:

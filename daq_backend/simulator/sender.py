@@ -462,7 +462,8 @@ class ParallelSimulator:
         )
 
     def close(self) -> None:
-        pass
+        """Nothing to release: each ``run`` starts and joins its own sender processes, which close
+        their sockets when they end (kept so it is used like :class:`DetectorSimulator`)."""
 
     def __enter__(self) -> ParallelSimulator:
         return self

@@ -80,10 +80,13 @@ class Daq:
         return requests.get(f"{self.url}/writer/status", timeout=30).json()["writer"]["state"]
 
 
-def start_daq(ipc_dir: str, folder: Path, output: Path) -> tuple[subprocess.Popen[bytes], Daq]:
-    """Start ``std-daq up`` of a one-module Jungfrau on RabbitMQ in the background; returns the process
-    and its ``Daq``."""
-    config = make_config("jungfrau", frame_ring_slots=64, image_ring_slots=256, module_sync_timeout=2.0)
+def start_daq(ipc_dir: str, folder: Path, output: Path,
+              n_writers: int = 1) -> tuple[subprocess.Popen[bytes], Daq]:
+    """Start ``std-daq up`` of a one-module Jungfrau (with ``n_writers`` h5 writers) on RabbitMQ in
+    the background; returns the process and its ``Daq``."""
+    fields: dict[str, Any] = {"n_writers": n_writers} if n_writers != 1 else {}
+    config = make_config("jungfrau", frame_ring_slots=64, image_ring_slots=256, module_sync_timeout=2.0,
+                         **fields)
     path = folder / "detector.json"
     path.write_text(json.dumps(config.to_json_dict()))
     port = free_tcp_port()
@@ -96,16 +99,18 @@ def start_daq(ipc_dir: str, folder: Path, output: Path) -> tuple[subprocess.Pope
 
 
 @contextlib.contextmanager
-def running_daq(ipc_dir: str, folder: Path, output: Path) -> Iterator[Daq]:
-    """``std-daq up`` of a 1-module Jungfrau on RabbitMQ, every service alive, REST healthy."""
-    proc, daq = start_daq(ipc_dir, folder, output)
+def running_daq(ipc_dir: str, folder: Path, output: Path, n_writers: int = 1) -> Iterator[Daq]:
+    """``std-daq up`` of a 1-module Jungfrau (with ``n_writers`` h5 writers) on RabbitMQ, every
+    service alive, REST healthy."""
+    proc, daq = start_daq(ipc_dir, folder, output, n_writers)
+    expected = SERVICES if n_writers == 1 else {*SERVICES - {"h5-writer"}, *writer_names(n_writers)}
     pids: list[int] = []
     try:
         def up() -> list[int] | None:
             if not os.path.exists(ipc.status_file(daq.config.detector_name)):
                 return None
             services = daq.services()
-            if set(services) == SERVICES and all(s["alive"] for s in services.values()):
+            if set(services) == expected and all(s["alive"] for s in services.values()):
                 return [s["pid"] for s in services.values()]
             return None
 
@@ -303,40 +308,12 @@ def writer_names(n_writers: int) -> set[str]:
 
 @contextlib.contextmanager
 def scaled_daq(ipc_dir: str, folder: Path, n_writers: int) -> Iterator[Daq]:
-    """``std-daq up`` of a 1-module Jungfrau with ``n_writers`` h5 writers on RabbitMQ, every service
-    alive, REST healthy."""
+    """``std-daq up`` of a 1-module Jungfrau with ``n_writers`` h5 writers on RabbitMQ (files in
+    ``folder/data``), every service alive, REST healthy."""
     output = folder / "data"
     output.mkdir()
-    config = make_config("jungfrau", frame_ring_slots=64, image_ring_slots=256, module_sync_timeout=2.0,
-                         n_writers=n_writers)
-    path = folder / "detector.json"
-    path.write_text(json.dumps(config.to_json_dict()))
-    port = free_tcp_port()
-    env = dict(os.environ, STD_DAQ_IPC_DIR=ipc_dir)
-    proc = subprocess.Popen([*CLI, "up", str(path), "--rest-port", str(port), "--status-interval", "0.2",
-                             "--broker-url", RABBITMQ_URL, "--output-root", str(output),
-                             "--log-level", "WARNING"], env=env)
-    daq = Daq(config, f"http://127.0.0.1:{port}", output)
-    expected = {"receiver-0", "assembler", "writer-agent", "rest", *writer_names(n_writers)}
-    pids: list[int] = []
-    try:
-        def up() -> list[int] | None:
-            if not os.path.exists(ipc.status_file(config.detector_name)):
-                return None
-            services = daq.services()
-            if set(services) == expected and all(s["alive"] for s in services.values()):
-                return [s["pid"] for s in services.values()]
-            return None
-
-        pids = wait_for(up, "every service of std-daq up alive", 180)
-        wait_for(lambda: healthy(daq.url), "REST API healthy", 120)
+    with running_daq(ipc_dir, folder, output, n_writers) as daq:
         yield daq
-        pids = [s["pid"] for s in daq.services().values()]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(90) == 0
-    assert pids and not any(pid_alive(p) for p in pids)
-    assert_no_leftovers(config, ipc_dir)
 
 
 def part_paths(output: Path, n_writers: int) -> list[Path]:

@@ -26,8 +26,9 @@ import requests
 from daq_backend.broker.protocol import Action
 from daq_backend.messages import ImageAccounting
 from daq_backend.testing import wait_for
+from daq_backend.testing.up import Detector
 from daq_backend.writer import layout
-from tests.fault.up_fixtures import Streaming, Up, running_up
+from tests.fault.up_fixtures import Up, running_up
 
 
 def nested(levels: int) -> Any:
@@ -123,7 +124,7 @@ def accounted(up: Up, request_id: str, path: Path, n_requested: int) -> tuple[di
 
 def test_requests_at_the_limits_are_served_and_the_writer_survives(up: Up) -> None:
     folder = data(up)
-    with Streaming(up.config):
+    with Detector(up.config, rate=50.0):
         # n_images at its maximum: written until killed; the kill is answered (the writer is alive)
         r = up.post("/write_async", {"output_file": "huge.h5", "n_images": 10**12})
         assert r.status_code == 200, r.text

@@ -24,8 +24,9 @@ import pytest
 from daq_backend.broker.protocol import Action
 from daq_backend.messages import FAULT_BOUND, ImageAccounting
 from daq_backend.testing import wait_for
+from daq_backend.testing.up import Detector
 from daq_backend.writer import layout
-from tests.fault.up_fixtures import Streaming, Up, running_up
+from tests.fault.up_fixtures import Up, running_up
 
 ROOT_ENV = "STD_DAQ_OUTPUT_ROOTS"
 
@@ -67,7 +68,7 @@ def check_agree(up: Up, request_id: str, path: Path, n_images: int) -> dict[str,
 def test_by_default_files_go_into_the_data_root_created_on_demand(default_up: Up, home: Path) -> None:
     root = data_root(home)
     assert not root.exists()  # nothing is created before a request needs it
-    with Streaming(default_up.config):
+    with Detector(default_up.config, rate=50.0):
         r = default_up.post("/write_sync", {"output_file": "run1.h5", "n_images": 5, "timeout": 60})
         assert r.status_code == 200, r.text
         done = time.monotonic()
@@ -152,7 +153,7 @@ def test_overwrite_replaces_only_a_file_this_daq_wrote(default_up: Up, home: Pat
     with h5py.File(foreign, "r") as h5:
         assert list(h5["x"]) == [0, 1, 2]
     # a file of this DAQ is replaced
-    with Streaming(default_up.config):
+    with Detector(default_up.config, rate=50.0):
         first = default_up.post("/write_sync", {"output_file": "again.h5", "n_images": 2, "timeout": 60})
         assert first.status_code == 200, first.text
         r = default_up.post("/write_sync", {"output_file": "again.h5", "n_images": 4, "timeout": 60,
@@ -172,7 +173,7 @@ def test_output_roots_reach_every_writing_process(tmp_path: Path) -> None:
     xdg = tmp_path / "xdg"
     with running_up(tmp_path, "--output-root", str(first), "--output-root", str(second),
                     env={"XDG_DATA_HOME": str(xdg)}, unset=[ROOT_ENV]) as up:
-        with Streaming(up.config):
+        with Detector(up.config, rate=50.0):
             r = up.post("/write_sync", {"output_file": "rel.h5", "n_images": 2, "timeout": 60})
             assert r.status_code == 200, r.text
             check_agree(up, r.json()["request_id"], first / "rel.h5", 2)

@@ -14,8 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +32,6 @@ from daq_backend.broker import (
     make_transport,
 )
 from daq_backend.config import DetectorConfig
-from daq_backend.simulator.sender import DetectorSimulator
 from daq_backend.supervisor import read_status
 from daq_backend.testing import (
     RABBITMQ_URL,
@@ -50,33 +47,6 @@ CLI = (sys.executable, "-m", "daq_backend.cli")
 SERVICES = {"receiver-0", "assembler", "h5-writer", "writer-agent", "rest"}
 FINAL = ("completed", "interrupted", "failed")
 WAIT_S = 120.0
-
-
-class Streaming:
-    """A simulated detector sending images 1, 2, 3, ... at ``rate`` Hz while the block runs."""
-
-    def __init__(self, config: DetectorConfig, rate: float = 50.0) -> None:
-        self.sim = DetectorSimulator(config)
-        self.period = 1.0 / rate
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        while not self._stop.is_set():
-            self.sent += 1
-            self.sim.send_image(self.sent)
-            self._stop.wait(max(0.0, t0 + self.sent * self.period - time.monotonic()))
-
-    def __enter__(self) -> Streaming:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        self.sim.close()
 
 
 @dataclass

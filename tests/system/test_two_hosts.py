@@ -43,16 +43,6 @@ N_IMAGES = 6
 DROP = (3, 2, 5)
 
 
-def _rabbitmq_up() -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 def test_readout_hosts_are_checked_at_load() -> None:
     with pytest.raises(ConfigError, match="module 3 is on both"):
         make_config("jungfrau", n_modules=4, readout_hosts={"a": [0, 1, 3], "b": [2, 3]})
@@ -230,7 +220,6 @@ class SplitDaq:
             pid_alive(p) for p in self.child_pids)
 
 
-@pytest.mark.skipif(not _rabbitmq_up(), reason="needs RabbitMQ on 127.0.0.1:5672")
 def test_two_hosts_one_write_request_one_master_file(tmp_path: Path) -> None:
     config = make_config("jungfrau", n_modules=4, readout_hosts=HOSTS, frame_ring_slots=64,
                          image_ring_slots=64)
@@ -296,7 +285,6 @@ def test_two_hosts_one_write_request_one_master_file(tmp_path: Path) -> None:
     assert daq.stopped_cleanly()
 
 
-@pytest.mark.skipif(not _rabbitmq_up(), reason="needs RabbitMQ on 127.0.0.1:5672")
 def test_a_host_that_is_down_fails_the_request_naming_it(tmp_path: Path) -> None:
     """Only daq-a runs: its agent writes its part and the master, waits ``FAULT_BOUND`` for daq-b's
     part, finishes the master ``interrupted`` naming it; REST fails the request naming daq-b's

@@ -176,7 +176,6 @@ def test_follower_wakes_on_commits_made_by_another_process(ring_name: str) -> No
         owner.close()
 
 
-@pytest.mark.skipif(not futex.available(), reason="futex(2) is Linux-only")
 def test_shared_word_wait_returns_on_bump_from_another_thread() -> None:
     mm = mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED)
     word = SharedWord(mm, 0)
@@ -227,7 +226,6 @@ def test_shared_word_across_fork() -> None:
     mm.close()
 
 
-@pytest.mark.skipif(not futex.available(), reason="futex(2) is Linux-only")
 def test_wait_any_returns_on_a_bump_of_any_word() -> None:
     words = [futex.private_word() for _ in range(3)]
     seen = [w.value for w in words]
@@ -241,7 +239,6 @@ def test_wait_any_returns_on_a_bump_of_any_word() -> None:
         futex.wait_any(words, seen[:2], 0.0)
 
 
-@pytest.mark.skipif(not futex.available(), reason="futex(2) is Linux-only")
 def test_group_wakes_for_whichever_ring_commits_and_takes_per_key(ring_names: list[str]) -> None:
     rings = [RingBuffer.create(name, slot_nbytes=16, n_slots=8) for name in ring_names]
     _commit(rings[0], 1)  # before the group: not its business
@@ -274,8 +271,7 @@ def test_group_follows_a_ring_created_later_and_a_recreated_one_at_once(ring_nam
     group = FollowerGroup({"a": ring_names[0], "b": ring_names[1]}, recheck=3600.0)
     late: RingBuffer | None = None
     try:
-        if not group._watcher.available:
-            pytest.skip("no inotify")
+        assert group._watcher.available, "inotify is what finds re-created rings (Linux)"
         late = RingBuffer.create(ring_names[1], slot_nbytes=16, n_slots=8)  # created after the group
         _commit(late, 5)
         assert group.wait(60.0)
@@ -305,8 +301,7 @@ def test_shm_watcher_reports_only_its_names(ring_names: list[str]) -> None:
 
     watcher = ShmWatcher([ring_names[1]], on_appear)
     try:
-        if not watcher.available:
-            pytest.skip("no inotify")
+        assert watcher.available, "inotify is what finds re-created rings (Linux)"
         with RingBuffer.create(ring_names[0], slot_nbytes=16, n_slots=4), \
                 RingBuffer.create(ring_names[1], slot_nbytes=16, n_slots=4):
             assert appeared.wait(60.0)
