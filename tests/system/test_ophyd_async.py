@@ -125,24 +125,6 @@ def up_daq() -> Iterator[UpDaq]:
         os.rmdir(ipc_dir)
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-def RE(recorder: Recorder) -> RunEngine:
-    engine = RunEngine({}, call_returns_result=False)
-    engine.subscribe(recorder)
-    return engine
-
 
 @pytest.fixture
 def tiled_client(tmp_path: Path, data_dir: Path) -> Iterator[Any]:
